@@ -1,0 +1,288 @@
+"""Command line: `python -m core COMMAND`. Everything the dashboard does, headless.
+
+This is an edge like the pages and the API: it imports `jobs` (and so Huey)
+for the commands that touch the queue; the core library itself never does.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from sqlmodel import col, select
+
+from core import registry, review, training
+from core.config import get_settings
+from core.db import session_scope
+from core.errors import UserError
+from core.ingest import import_folder
+from core.models import FINISHED_STATUSES, Category, ImageStatus, RoundStatus, TrainingImage
+
+WHO = "cli"
+
+
+def cmd_demo(args) -> int:
+    from core.demo import load_demo_dataset
+
+    status = ImageStatus.pending if args.pending else ImageStatus.validated
+    with session_scope() as session:
+        report = load_demo_dataset(session=session, per_category=args.per_category, size=args.size, status=status)
+    print(f"Demo dataset: {report.summary()} ({status.value}).")
+    return 0
+
+
+def cmd_import(args) -> int:
+    status = ImageStatus.validated if args.validated else ImageStatus.pending
+    with session_scope() as session:
+        report = import_folder(Path(args.folder), session=session, status=status, uploaded_by=WHO)
+    print(f"Imported from {args.folder}: {report.summary()} ({status.value}).")
+    for result in report.refused:
+        print(f"  refused {result.reason}")
+    return 0
+
+
+def cmd_images(args) -> int:
+    with session_scope() as session:
+        query = select(TrainingImage, Category.name).join(Category).order_by(col(TrainingImage.id).desc())
+        if args.status:
+            query = query.where(TrainingImage.status == ImageStatus(args.status))
+        rows = session.exec(query.limit(args.limit)).all()
+        print(f"{'id':>6}  {'status':<10} {'category':<16} {'source':<7} {'size':>9}  file")
+        for image, name in rows:
+            size = f"{image.width}x{image.height}"
+            print(
+                f"{image.id:>6}  {image.status.value:<10} {name:<16} {image.source.value:<7} {size:>9}  {image.original_filename}"
+            )
+        counts = review.status_counts(session=session)
+    print("Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_review(args) -> int:
+    with session_scope() as session:
+        if args.command == "relabel":
+            n = review.relabel_images(args.ids, args.category, session=session, reviewer=WHO)
+        else:
+            status = {"validate": ImageStatus.validated, "reject": ImageStatus.rejected}[args.command]
+            n = review.set_status(args.ids, status, session=session, reviewer=WHO)
+    print(f"{args.command}: {n} image(s) updated.")
+    return 0
+
+
+def cmd_categories(args) -> int:
+    with session_scope() as session:
+        if args.add:
+            review.add_category(args.add, session=session)
+        if args.rename:
+            review.rename_category(args.rename[0], args.rename[1], session=session)
+        counts = review.validated_counts(session=session)
+    for name, n in counts.items():
+        print(f"{name:<20} {n:>6} validated")
+    return 0
+
+
+def _train_params(args) -> dict:
+    names = ("epochs", "batch_size", "learning_rate", "architecture", "image_size", "val_split", "seed")
+    params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.use_existing_model is not None:
+        params["use_existing_model"] = args.use_existing_model
+    return params
+
+
+def cmd_train(args) -> int:
+    from jobs import submit_training
+
+    round_ = submit_training(_train_params(args), requested_by=WHO)
+    print(f"Training job {round_.job_id} queued with {round_.total_images} images (round {round_.id}).")
+    for warning in round_.warnings:
+        print(f"  note: {warning}")
+    if not args.wait:
+        print(f"Follow it with: python -m core status {round_.job_id}")
+        return 0
+    return _wait(round_.job_id)
+
+
+def _wait(job_id: str) -> int:
+    last = None
+    while True:
+        with session_scope() as session:
+            round_ = training.get_round(job_id, session=session)
+            version = (
+                registry.get_version_by_id(round_.model_version_id, session=session)
+                if round_.model_version_id
+                else None
+            )
+        line = (
+            f"{round_.status.value}: epoch {round_.current_epoch}/{round_.parameters['epochs']}, {round_.progress:.0%}"
+        )
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if round_.status in FINISHED_STATUSES:
+            break
+        time.sleep(1)
+    if round_.status == RoundStatus.completed:
+        print(f"Model {version.version}: validation accuracy {version.metrics['val_accuracy']:.1f}%")
+        return 0
+    print(f"Job {round_.status.value}: {round_.error or ''}", file=sys.stderr)
+    return 1
+
+
+def cmd_status(args) -> int:
+    with session_scope() as session:
+        round_ = training.get_round(args.job_id, session=session)
+        metrics = training.epoch_metrics(round_.id, session=session)
+        version = (
+            registry.get_version_by_id(round_.model_version_id, session=session) if round_.model_version_id else None
+        )
+    print(f"Job {round_.job_id} (round {round_.id}): {round_.status.value}")
+    print(f"  images {round_.total_images}, categories {round_.category_distribution}")
+    print(
+        f"  epoch {round_.current_epoch}/{round_.parameters['epochs']}, progress {round_.progress:.0%}, attempts {round_.attempts}"
+    )
+    for m in metrics:
+        print(
+            f"  epoch {m.epoch:>3}: train loss {m.train_loss:.3f} acc {m.train_accuracy:5.1f}%  "
+            f"val loss {m.val_loss:.3f} acc {m.val_accuracy:5.1f}%  ({m.seconds:.1f}s)"
+        )
+    if version:
+        print(f"  model {version.version}: validation accuracy {version.metrics['val_accuracy']:.1f}%")
+    for warning in round_.warnings:
+        print(f"  warning: {warning}")
+    if round_.error:
+        print(f"  error: {round_.error}")
+    for line in round_.history:
+        print(f"  | {line}")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from jobs import cancel_training
+
+    round_ = cancel_training(args.job_id, by=WHO)
+    print(
+        f"Job {round_.job_id}: {round_.status.value}"
+        + (" (cancel requested)" if round_.status == RoundStatus.in_progress else "")
+    )
+    return 0
+
+
+def cmd_versions(args) -> int:
+    with session_scope() as session:
+        versions = registry.list_versions(session=session)
+    if not versions:
+        print("No model versions yet: train one with `python -m core train`.")
+        return 0
+    print(f"{'version':<10} {'prod':<5} {'val acc':>8} {'size MB':>8}  {'architecture':<20} classes")
+    for v in versions:
+        prod = "*" if v.is_production else ""
+        print(
+            f"{v.version:<10} {prod:<5} {v.metrics.get('val_accuracy', 0):>7.1f}% {v.metrics.get('model_size_mb', 0):>8.2f}  "
+            f"{v.architecture:<20} {', '.join(v.classes)}"
+        )
+    return 0
+
+
+def cmd_promote(args) -> int:
+    with session_scope() as session:
+        version = registry.promote(args.version, session=session, by=WHO)
+    print(f"Model {version.version} is now in production.")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    with session_scope() as session:
+        version = registry.rollback(session=session, by=WHO)
+    print(f"Rolled back: model {version.version} is in production again.")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from jobs.worker import run_worker
+
+    run_worker(workers=args.workers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="Training dashboard, from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="load the demo dataset (5 categories x 60 drawn images, validated)")
+    p.add_argument("--per-category", type=int, default=60)
+    p.add_argument("--size", type=int, default=96, help="picture size in pixels (default 96)")
+    p.add_argument("--pending", action="store_true", help="leave the images pending review")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("import", help="import DIR/<category>/<image> files")
+    p.add_argument("folder")
+    p.add_argument("--validated", action="store_true", help="mark the images validated (default: pending)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("images", help="list images")
+    p.add_argument("--status", choices=[s.value for s in ImageStatus])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_images)
+
+    for name, text in (("validate", "mark images validated"), ("reject", "mark images rejected")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("ids", nargs="+", type=int)
+        p.set_defaults(func=cmd_review)
+    p = sub.add_parser("relabel", help="move images to another category")
+    p.add_argument("ids", nargs="+", type=int)
+    p.add_argument("--category", required=True)
+    p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("categories", help="list, add or rename categories")
+    p.add_argument("--add", metavar="NAME")
+    p.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"))
+    p.set_defaults(func=cmd_categories)
+
+    defaults = training.TrainingConfig()
+    p = sub.add_parser("train", help="queue a training job")
+    p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    p.add_argument("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
+    p.add_argument("--architecture", choices=training.ARCHITECTURES, help=f"default {defaults.architecture}")
+    p.add_argument("--image-size", type=int, help=f"default {defaults.image_size}")
+    p.add_argument("--val-split", type=float, help=f"default {defaults.val_split}")
+    p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    p.add_argument("--use-existing-model", dest="use_existing_model", action="store_true", default=None)
+    p.add_argument("--no-existing-model", dest="use_existing_model", action="store_false", help="train from scratch")
+    p.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", help="show a training job")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_cancel)
+
+    sub.add_parser("versions", help="list model versions").set_defaults(func=cmd_versions)
+    p = sub.add_parser("promote", help="put a version in production")
+    p.add_argument("version")
+    p.set_defaults(func=cmd_promote)
+    sub.add_parser("rollback", help="put the previous production version back").set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("worker", help="run a queue consumer (training jobs)")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

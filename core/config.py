@@ -1,0 +1,78 @@
+"""One settings object, read from the environment (and an optional `.env`)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Each field maps to an upper-case variable."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Everything the product writes lives under this folder.
+    data_dir: Path = REPO_ROOT
+    # Default: the SQLite file `data.db` inside DATA_DIR.
+    database_url: str = ""
+    min_training_images: int = Field(50, ge=2)
+    # Each category needs one image to train on and one to validate with.
+    min_images_per_category: int = Field(2, ge=2)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Larger images are refused as decompression bombs (default 50 megapixels).
+    max_image_pixels: int = Field(50_000_000, ge=1024)
+    # SQLite waits this long for a lock before reporting "database is locked".
+    sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
+    # How often an idle consumer looks for new work (seconds).
+    queue_poll_interval: float = Field(0.1, gt=0, le=5)
+    training_retries: int = Field(2, ge=0)
+    # Whether a finished model becomes production by itself: only when nothing
+    # is in production yet (`first`), every time (`always`) or never (`never`).
+    auto_promote: Literal["first", "always", "never"] = "first"
+    # Folder searched for torchvision's ImageNet weight files (besides the torch
+    # hub cache); nothing is ever downloaded.
+    weights_dir: Path | None = None
+    torch_threads: int = Field(0, ge=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'data.db'}"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.data_dir / "queue.db"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.data_dir / "thumbnails"
+
+    @property
+    def rounds_dir(self) -> Path:
+        return self.data_dir / "rounds"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def mobile_models_dir(self) -> Path:
+        return self.data_dir / "mobile_models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests clear the cache after changing the env."""
+    return Settings()

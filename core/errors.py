@@ -1,0 +1,35 @@
+"""Exceptions a user can cause, translated once at each edge (CLI, UI, API)."""
+
+
+class UserError(Exception):
+    """Something the caller can fix; the message says what to do."""
+
+    status_code = 400
+
+
+class NotFoundError(UserError):
+    """A job, version, image or category that does not exist."""
+
+    status_code = 404
+
+
+class ConflictError(UserError):
+    """The request is valid but the current state does not allow it."""
+
+    status_code = 409
+
+
+class InvalidImageError(UserError):
+    """An uploaded file that is not a usable image."""
+
+    status_code = 422
+
+
+class FileTooLargeError(InvalidImageError):
+    """An upload over the configured byte limit."""
+
+    status_code = 413
+
+
+class TrainingCancelled(Exception):
+    """Raised inside the training loop when someone cancelled the round."""

@@ -1,0 +1,149 @@
+"""Mobile artifacts: `.ptl` (lite interpreter) and `.pte` (ExecuTorch, XNNPACK).
+
+Each file is written under a temporary name, loaded back in its own runtime,
+checked against the eager model on the validation images, and only then
+renamed into place. A file that fails the check never appears.
+"""
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.config import get_settings
+from core.ingest import file_sha256
+from core.storage import commit_temp, temp_path_for
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("ptl", "pte")
+MAX_LOGIT_DIFF = 1e-3
+
+
+class ExportError(RuntimeError):
+    """An artifact could not be produced or failed its parity check."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    images: int
+    top1_agreement: float
+    max_abs_logit_diff: float
+
+    @property
+    def passed(self) -> bool:
+        return self.top1_agreement == 1.0 and self.max_abs_logit_diff < MAX_LOGIT_DIFF
+
+    def as_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "top1_agreement": self.top1_agreement,
+            "max_abs_logit_diff": self.max_abs_logit_diff,
+            "threshold": MAX_LOGIT_DIFF,
+            "passed": self.passed,
+        }
+
+
+def artifact_path(version: str, fmt: str) -> Path:
+    return get_settings().mobile_models_dir / f"model_{version}.{fmt}"
+
+
+def runtime_version(fmt: str) -> str:
+    if fmt == "ptl":
+        return f"torch {torch.__version__.split('+')[0]} lite interpreter"
+    return f"executorch {importlib.metadata.version('executorch')}"
+
+
+def _write_ptl(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    traced = torch.jit.trace(model, example)
+    traced._save_for_lite_interpreter(str(path))
+
+
+def _write_pte(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
+    from executorch.exir import to_edge_transform_and_lower
+
+    exported = torch.export.export(model, (example,))
+    program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+    path.write_bytes(program.buffer)
+
+
+def load_runner(path: Path, fmt: str):
+    """A callable (1, 3, H, W) -> logits running `path` in its own runtime."""
+    if fmt == "ptl":
+        from torch.jit.mobile import _load_for_lite_interpreter
+
+        module = _load_for_lite_interpreter(str(path))
+        return lambda x: module(x)
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    return lambda x: method.execute([x])[0]
+
+
+def check_parity(path: Path, fmt: str, images: torch.Tensor, eager_logits: torch.Tensor) -> Parity:
+    """Run every image through the artifact and compare with the eager logits."""
+    run = load_runner(path, fmt)
+    agree, worst = 0, 0.0
+    with torch.inference_mode():
+        for i in range(images.shape[0]):
+            out = run(images[i : i + 1].contiguous())
+            worst = max(worst, float((out - eager_logits[i : i + 1]).abs().max()))
+            agree += int(out.argmax(1).item() == eager_logits[i].argmax().item())
+    return Parity(images.shape[0], agree / max(1, images.shape[0]), worst)
+
+
+def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[dict]:
+    """Write, verify and publish both artifacts for `version`.
+
+    `images` are normalised validation images (N, 3, H, W). Returns one record
+    per artifact; raises ExportError (leaving no file behind) on any failure.
+    """
+    model = model.eval()
+    with torch.inference_mode():
+        eager = model(images)
+    example = images[:1].contiguous()
+    records, published = [], []
+    try:
+        for fmt in FORMATS:
+            final = artifact_path(version, fmt)
+            tmp = temp_path_for(final)
+            try:
+                (_write_ptl if fmt == "ptl" else _write_pte)(model, example, tmp)
+                parity = check_parity(tmp, fmt, images, eager)
+                if not parity.passed:
+                    raise ExportError(
+                        f".{fmt} export does not match the trained model: top-1 agreement "
+                        f"{parity.top1_agreement:.1%}, largest logit difference {parity.max_abs_logit_diff:.2e}"
+                    )
+                commit_temp(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            published.append(final)
+            records.append(
+                {
+                    "format": fmt,
+                    "path": final.relative_to(get_settings().data_dir).as_posix(),
+                    "sha256": file_sha256(final),
+                    "size_bytes": final.stat().st_size,
+                    "runtime": runtime_version(fmt),
+                    "parity": parity.as_dict(),
+                }
+            )
+    except ExportError:
+        remove_files(published)
+        raise
+    except Exception as exc:
+        remove_files(published)
+        raise ExportError(f"export of model {version} failed: {exc}") from exc
+    return records
+
+
+def remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)

@@ -1,0 +1,270 @@
+"""Getting image files into the dataset: checked, content-addressed, deduplicated."""
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sqlmodel import Session, select
+
+from core.config import get_settings
+from core.errors import FileTooLargeError, InvalidImageError, UserError
+from core.models import Category, ImageSource, ImageStatus, TrainingImage
+from core.storage import write_atomic
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_FORMAT_SUFFIX = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "GIF": ".gif",
+    "TIFF": ".tif",
+}
+
+
+@dataclass
+class IngestResult:
+    """What happened to one file: `stored`, `duplicate` or `refused`."""
+
+    filename: str
+    outcome: str
+    image_id: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class IngestReport:
+    results: list[IngestResult] = field(default_factory=list)
+
+    def count(self, outcome: str) -> int:
+        return sum(r.outcome == outcome for r in self.results)
+
+    @property
+    def refused(self) -> list[IngestResult]:
+        return [r for r in self.results if r.outcome == "refused"]
+
+    def summary(self) -> str:
+        return f"{self.count('stored')} stored, {self.count('duplicate')} duplicates, {self.count('refused')} refused"
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    width: int
+    height: int
+    format: str
+
+
+def safe_filename(name: str) -> str:
+    """The last path component only, so `../../etc/passwd` becomes `passwd`."""
+    base = PurePosixPath(name.replace("\\", "/")).name
+    return base or "unnamed"
+
+
+def check_image(data: bytes, filename: str = "file") -> CheckedImage:
+    """Decode `data` fully; raise InvalidImageError saying why it is unusable."""
+    settings = get_settings()
+    if not data:
+        raise InvalidImageError(f"{filename}: the file is empty (0 bytes)")
+    if len(data) > settings.max_upload_bytes:
+        raise FileTooLargeError(
+            f"{filename}: the file is {len(data) / 1e6:.1f} MB; the limit is {settings.max_upload_bytes / 1e6:.1f} MB"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = im.width * im.height
+            # Checked before decoding, so a bomb never gets to allocate memory.
+            if pixels > settings.max_image_pixels:
+                raise InvalidImageError(
+                    f"{filename}: {im.width} x {im.height} pixels is over the limit of "
+                    f"{settings.max_image_pixels:,} pixels (a possible decompression bomb); resize it first"
+                )
+            fmt = im.format or "unknown"
+            im.load()
+            oriented = ImageOps.exif_transpose(im)
+            width, height = oriented.size
+    except InvalidImageError:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImageError(f"{filename}: not an image (JPEG, PNG, WebP, BMP, GIF or TIFF expected)") from None
+    except Image.DecompressionBombError:
+        raise InvalidImageError(f"{filename}: too many pixels (a possible decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImageError(f"{filename}: the image is damaged or truncated ({exc})") from None
+    if fmt not in _FORMAT_SUFFIX:
+        raise InvalidImageError(f"{filename}: image format {fmt} is not supported")
+    return CheckedImage(width=width, height=height, format=fmt)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open a stored image upright (EXIF orientation applied) in RGB."""
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def get_or_create_category(name: str, *, session: Session, create: bool = True) -> Category:
+    """The category called `name`; created if missing and `create` is set."""
+    clean = name.strip()
+    if not clean:
+        raise UserError("A category name is required")
+    if len(clean) > 100:
+        raise UserError("A category name can be at most 100 characters")
+    category = session.exec(select(Category).where(Category.name == clean)).first()
+    if category is None:
+        if not create:
+            known = ", ".join(c.name for c in session.exec(select(Category).order_by(Category.name))) or "none yet"
+            raise UserError(f"Unknown category '{clean}'. Known categories: {known}")
+        category = Category(name=clean)
+        session.add(category)
+        session.flush()
+    return category
+
+
+def ingest_bytes(
+    data: bytes,
+    filename: str,
+    *,
+    session: Session,
+    category: str,
+    status: ImageStatus = ImageStatus.pending,
+    source: ImageSource = ImageSource.upload,
+    device_id: str | None = None,
+    uploaded_by: str | None = None,
+    create_category: bool = True,
+) -> IngestResult:
+    """Check and store one file. Bad files are refused, not raised."""
+    name = safe_filename(filename)
+    try:
+        checked = check_image(data, name)
+    except InvalidImageError as exc:
+        return IngestResult(name, "refused", reason=str(exc))
+    digest = hashlib.sha256(data).hexdigest()
+    existing = session.exec(select(TrainingImage).where(TrainingImage.sha256 == digest)).first()
+    if existing is not None:
+        return IngestResult(name, "duplicate", image_id=existing.id)
+    cat = get_or_create_category(category, session=session, create=create_category)
+    rel = Path("images") / digest[:2] / f"{digest}{_FORMAT_SUFFIX[checked.format]}"
+    target = get_settings().data_dir / rel
+    if not target.exists():
+        write_atomic(target, data)
+    image = TrainingImage(
+        sha256=digest,
+        path=rel.as_posix(),
+        original_filename=name,
+        category_id=cat.id,
+        status=status,
+        source=source,
+        device_id=device_id,
+        width=checked.width,
+        height=checked.height,
+        size_bytes=len(data),
+        uploaded_by=uploaded_by,
+    )
+    session.add(image)
+    session.flush()
+    return IngestResult(name, "stored", image_id=image.id)
+
+
+def import_folder(
+    folder: Path,
+    *,
+    session: Session,
+    status: ImageStatus = ImageStatus.pending,
+    source: ImageSource = ImageSource.import_,
+    uploaded_by: str | None = None,
+) -> IngestReport:
+    """Import `folder/<category>/<image>` (torchvision's ImageFolder layout)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder")
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise UserError(f"{folder} has no sub-folders: put each category's images in a sub-folder named after it")
+    report = IngestReport()
+    for sub in subdirs:
+        for path in sorted(p for p in sub.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            result = ingest_bytes(
+                path.read_bytes(),
+                path.name,
+                session=session,
+                category=sub.name,
+                status=status,
+                source=source,
+                uploaded_by=uploaded_by,
+            )
+            report.results.append(result)
+    return report
+
+
+def import_zip(
+    data: bytes,
+    *,
+    session: Session,
+    status: ImageStatus = ImageStatus.pending,
+    source: ImageSource = ImageSource.upload,
+    uploaded_by: str | None = None,
+    default_category: str | None = None,
+) -> IngestReport:
+    """Import a .zip of category folders; entries outside its root are refused."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise UserError("The archive is not a valid .zip file") from None
+    report = IngestReport()
+    limit = get_settings().max_upload_bytes
+    with archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+            if info.filename.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
+                report.results.append(
+                    IngestResult(
+                        info.filename,
+                        "refused",
+                        reason=f"{info.filename}: path leaves the archive's root",
+                    )
+                )
+                continue
+            if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+                continue
+            category = parts[-2] if len(parts) >= 2 else default_category
+            if category is None:
+                report.results.append(
+                    IngestResult(
+                        info.filename,
+                        "refused",
+                        reason=f"{info.filename}: not inside a category folder",
+                    )
+                )
+                continue
+            if info.file_size > limit:
+                reason = f"{info.filename}: {info.file_size / 1e6:.1f} MB is over the {limit / 1e6:.1f} MB limit"
+                report.results.append(IngestResult(info.filename, "refused", reason=reason))
+                continue
+            result = ingest_bytes(
+                archive.read(info),
+                info.filename,
+                session=session,
+                category=category,
+                status=status,
+                source=source,
+                uploaded_by=uploaded_by,
+            )
+            report.results.append(result)
+    return report
+
+
+def image_path(image: TrainingImage) -> Path:
+    """Absolute path of a stored image."""
+    return get_settings().data_dir / image.path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,149 @@
+"""The tables (see ARCHITECTURE.md, "Data model")."""
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ImageStatus(StrEnum):
+    pending = "pending"
+    validated = "validated"
+    rejected = "rejected"
+
+
+class ImageSource(StrEnum):
+    upload = "upload"
+    mobile = "mobile"
+    import_ = "import"
+
+
+class RoundStatus(StrEnum):
+    queued = "queued"
+    in_progress = "in_progress"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINISHED_STATUSES = (RoundStatus.completed, RoundStatus.failed, RoundStatus.cancelled)
+
+
+def _json(default_factory: Any) -> Any:
+    return Field(default_factory=default_factory, sa_column=Column(JSON, nullable=False))
+
+
+# A class label.
+class Category(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+# A content-addressed image file and its review state.
+class TrainingImage(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    sha256: str = Field(unique=True, index=True, max_length=64)
+    # Relative to the data folder.
+    path: str
+    original_filename: str = ""
+    category_id: int = Field(foreign_key="category.id", index=True)
+    status: ImageStatus = Field(default=ImageStatus.pending, index=True)
+    source: ImageSource = Field(default=ImageSource.upload, index=True)
+    device_id: str | None = Field(default=None, index=True)
+    width: int
+    height: int
+    size_bytes: int
+    uploaded_at: datetime = Field(default_factory=utcnow, index=True)
+    uploaded_by: str | None = None
+    reviewed_by: str | None = None
+    reviewed_at: datetime | None = None
+
+
+# One training job: parameters, life cycle and the exact dataset it saw.
+class TrainingRound(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(default_factory=lambda: str(uuid.uuid4()), unique=True, index=True)
+    parameters: dict = _json(dict)
+    status: RoundStatus = Field(default=RoundStatus.queued, index=True)
+    queue_task_id: str | None = None
+    attempts: int = 0
+    requested_by: str | None = None
+    heartbeat_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    # [{"id", "sha256", "label"}, ...] in a stable order, and its hash.
+    snapshot: list = _json(list)
+    snapshot_hash: str = ""
+    total_images: int = 0
+    category_distribution: dict = _json(dict)
+    classes: list = _json(list)
+    warnings: list = _json(list)
+    # Timestamped lines: attempts, resumes, fallbacks, the outcome.
+    history: list = _json(list)
+    current_epoch: int = 0
+    current_batch: int = 0
+    total_batches: int = 0
+    # Fraction of the whole job done, 0..1, updated while training.
+    progress: float = 0.0
+    model_version_id: int | None = Field(default=None, foreign_key="modelversion.id")
+
+
+# Metrics of one epoch of one round, written while training runs.
+class EpochMetric(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("round_id", "epoch"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    round_id: int = Field(foreign_key="traininground.id", index=True)
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float
+    seconds: float
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+# A trained, exported model: MAJOR.MINOR.PATCH.
+class ModelVersion(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("major", "minor", "patch"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    version: str = Field(unique=True, index=True)
+    major: int
+    minor: int
+    patch: int
+    round_id: int | None = Field(default=None, foreign_key="traininground.id")
+    classes: list = _json(list)
+    architecture: str
+    image_size: int
+    # Weights and config, relative to the data folder.
+    checkpoint_path: str
+    # train/val accuracy (percent), per-class accuracy, confusion matrix, ...
+    metrics: dict = _json(dict)
+    # [{"format", "path", "sha256", "size_bytes", "runtime", "parity"}, ...]
+    artifacts: list = _json(list)
+    is_production: bool = Field(default=False, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    promoted_at: datetime | None = None
+
+
+# Who moved production from one version to another, and when.
+class PromotionEvent(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    from_version: str | None = None
+    to_version: str | None = None
+    action: str  # promote | rollback | auto
+    by: str | None = None
+    at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,169 @@
+"""Model versions: numbering, production flag, promotion and rollback."""
+
+from pathlib import Path
+
+import torch
+from sqlmodel import Session, col, select
+
+from core.config import get_settings
+from core.errors import ConflictError, NotFoundError, UserError
+from core.models import ModelVersion, PromotionEvent, utcnow
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """'1.2.3' -> (1, 2, 3); a clear error for anything else."""
+    parts = text.strip().lstrip("v").split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise UserError(f"'{text}' is not a version: use MAJOR.MINOR.PATCH, e.g. 1.0.0")
+    major, minor, patch = (int(p) for p in parts)
+    return major, minor, patch
+
+
+def format_version(major: int, minor: int, patch: int) -> str:
+    return f"{major}.{minor}.{patch}"
+
+
+def list_versions(*, session: Session) -> list[ModelVersion]:
+    """All versions, newest (highest) first."""
+    order = (
+        col(ModelVersion.major).desc(),
+        col(ModelVersion.minor).desc(),
+        col(ModelVersion.patch).desc(),
+    )
+    return list(session.exec(select(ModelVersion).order_by(*order)))
+
+
+def latest_version(*, session: Session) -> ModelVersion | None:
+    versions = list_versions(session=session)
+    return versions[0] if versions else None
+
+
+def get_version(version: str, *, session: Session) -> ModelVersion:
+    major, minor, patch = parse_version(version)
+    found = session.exec(
+        select(ModelVersion).where(
+            ModelVersion.major == major,
+            ModelVersion.minor == minor,
+            ModelVersion.patch == patch,
+        )
+    ).first()
+    if found is None:
+        known = ", ".join(v.version for v in list_versions(session=session)) or "none yet"
+        raise NotFoundError(f"No model version {version}. Known versions: {known}")
+    return found
+
+
+def production_version(*, session: Session) -> ModelVersion | None:
+    return session.exec(select(ModelVersion).where(ModelVersion.is_production)).first()
+
+
+def next_version(classes: list[str], *, session: Session) -> str:
+    """1.0.0 first; same class list as the latest: MINOR + 1; else MAJOR + 1."""
+    latest = latest_version(session=session)
+    if latest is None:
+        return "1.0.0"
+    if list(latest.classes) == list(classes):
+        return format_version(latest.major, latest.minor + 1, 0)
+    return format_version(latest.major + 1, 0, 0)
+
+
+def next_patch(version: ModelVersion, *, session: Session) -> str:
+    """The next free PATCH of `version`'s MAJOR.MINOR (for a re-export)."""
+    patches = session.exec(
+        select(ModelVersion.patch).where(ModelVersion.major == version.major, ModelVersion.minor == version.minor)
+    ).all()
+    return format_version(version.major, version.minor, max(patches) + 1)
+
+
+def _set_production(target: ModelVersion | None, *, session: Session, action: str, by: str | None) -> PromotionEvent:
+    current = production_version(session=session)
+    if current is not None:
+        current.is_production = False
+        session.add(current)
+        # The flag must be cleared before another row sets it.
+        session.flush()
+    if target is not None:
+        target.is_production = True
+        target.promoted_at = utcnow()
+        session.add(target)
+    event = PromotionEvent(
+        from_version=current.version if current else None,
+        to_version=target.version if target else None,
+        action=action,
+        by=by,
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def promote(version: str, *, session: Session, by: str | None, action: str = "promote") -> ModelVersion:
+    """Make `version` the production model (the previous one stays, for rollback)."""
+    target = get_version(version, session=session)
+    if target.is_production:
+        raise ConflictError(f"Model {version} is already in production")
+    _set_production(target, session=session, action=action, by=by)
+    return target
+
+
+def rollback(*, session: Session, by: str | None) -> ModelVersion:
+    """Put back the version that was in production before the current one."""
+    current = production_version(session=session)
+    if current is None:
+        raise ConflictError("Nothing is in production, so there is nothing to roll back")
+    events = session.exec(
+        select(PromotionEvent)
+        .where(PromotionEvent.to_version == current.version)
+        .order_by(col(PromotionEvent.id).desc())
+    ).first()
+    previous = events.from_version if events else None
+    if previous is None:
+        raise ConflictError(
+            f"Model {current.version} was the first in production; there is no earlier one to roll back to"
+        )
+    target = get_version(previous, session=session)
+    _set_production(target, session=session, action="rollback", by=by)
+    return target
+
+
+def promotion_history(*, session: Session) -> list[PromotionEvent]:
+    return list(session.exec(select(PromotionEvent).order_by(col(PromotionEvent.id).desc())))
+
+
+def checkpoint_path(version: str) -> Path:
+    return get_settings().checkpoints_dir / f"model_{version}.pt"
+
+
+def load_checkpoint(version: ModelVersion) -> dict:
+    """The weights and config a version was exported from."""
+    return torch.load(
+        get_settings().data_dir / version.checkpoint_path,
+        map_location="cpu",
+        weights_only=False,
+    )
+
+
+def cleanup_orphan_files(*, session: Session) -> list[Path]:
+    """Delete model files that no committed version refers to (a crash between
+    writing them and committing the version leaves such files)."""
+    settings = get_settings()
+    known = set()
+    for version in list_versions(session=session):
+        known.add((settings.data_dir / version.checkpoint_path).resolve())
+        known.update((settings.data_dir / a["path"]).resolve() for a in version.artifacts)
+    removed = []
+    for folder in (settings.mobile_models_dir, settings.checkpoints_dir):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_file() and path.name != ".gitkeep" and path.resolve() not in known:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def get_version_by_id(version_id: int, *, session: Session) -> ModelVersion:
+    found = session.get(ModelVersion, version_id)
+    if found is None:
+        raise NotFoundError(f"No model version with id {version_id}")
+    return found

@@ -1,0 +1,735 @@
+"""Training rounds: validate and snapshot a request, then train, export, register.
+
+A round's life: `start_training` checks the request and freezes the dataset
+(status `queued`); `run_training_round` (called by the queue worker) trains,
+writes an `EpochMetric` and a checkpoint per epoch, exports the best epoch and
+commits the `ModelVersion` together with the round's `completed` status.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torchvision
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+from torch import nn
+
+from core import registry
+from core.config import get_settings
+from core.dataset import load_images, normalize
+from core.errors import ConflictError, NotFoundError, TrainingCancelled, UserError
+from core.export import artifact_path, export_model, remove_files
+from core.ingest import image_path
+from core.models import (
+    FINISHED_STATUSES,
+    Category,
+    EpochMetric,
+    ImageStatus,
+    ModelVersion,
+    RoundStatus,
+    TrainingImage,
+    TrainingRound,
+    utcnow,
+)
+from core.storage import commit_temp, temp_path_for
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A job's parameters; checkpoints carry it so a model can be rebuilt."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    use_existing_model: bool = True
+    architecture: str = "mobilenet_v3_small"
+    image_size: int = 224
+    val_split: float = 0.2
+    seed: int = 42
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: Mapping | None) -> "TrainingConfig":
+        """Validate user-supplied parameters; unknown, missing-typed or
+        out-of-range values raise UserError naming the field and the range."""
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise UserError(f"Unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        values = {}
+        for name, value in params.items():
+            if value is None:
+                continue
+            values[name] = _check_param(name, value)
+        return cls(**values)
+
+
+# name -> (type, minimum, maximum)
+PARAM_RANGES: dict[str, tuple[type, float, float]] = {
+    "epochs": (int, 1, 500),
+    "batch_size": (int, 2, 1024),
+    "learning_rate": (float, 1e-6, 1.0),
+    "image_size": (int, 32, 512),
+    "val_split": (float, 0.05, 0.5),
+    "seed": (int, 0, 2**31 - 1),
+}
+
+
+def _check_param(name: str, value):
+    if name == "use_existing_model":
+        if not isinstance(value, bool):
+            raise UserError(f"use_existing_model must be true or false (got {value!r})")
+        return value
+    if name == "architecture":
+        if value not in ARCHITECTURES:
+            raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
+        return value
+    kind, low, high = PARAM_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name} must be a number between {low:g} and {high:g} (got {value!r})")
+    if kind is int and (isinstance(value, float) and not value.is_integer()):
+        raise UserError(f"{name} must be a whole number between {low:g} and {high:g} (got {value!r})")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise UserError(f"{name} must be between {low:g} and {high:g} (got {value!r})")
+    return kind(value)
+
+
+@dataclass
+class Preflight:
+    """What training would use now, and why it cannot start (if it cannot)."""
+
+    total: int
+    per_category: dict[str, int]
+    problems: list[str]
+    notices: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validated_images(*, session: Session) -> list[tuple[TrainingImage, str]]:
+    rows = session.exec(
+        select(TrainingImage, Category.name)
+        .join(Category, Category.id == TrainingImage.category_id)
+        .where(TrainingImage.status == ImageStatus.validated)
+        .order_by(TrainingImage.id)
+    ).all()
+    return list(rows)
+
+
+def preflight(config: TrainingConfig | None = None, *, session: Session) -> Preflight:
+    """Check the dataset rules (and, given a config, the existing-model choice)."""
+    settings = get_settings()
+    rows = validated_images(session=session)
+    per_category = dict(sorted(Counter(label for _, label in rows).items()))
+    problems = []
+    if len(rows) < settings.min_training_images:
+        problems.append(
+            f"Training needs at least {settings.min_training_images} validated images; "
+            f"there are {len(rows)}. Validate {settings.min_training_images - len(rows)} more."
+        )
+    if len(per_category) < 2:
+        have = ", ".join(per_category) or "none"
+        problems.append(
+            f"Training needs validated images in at least 2 categories; found {len(per_category)} ({have})."
+        )
+    small = {c: n for c, n in per_category.items() if n < settings.min_images_per_category}
+    if small:
+        listed = ", ".join(f"'{c}' has {n}" for c, n in small.items())
+        problems.append(
+            f"Each category needs at least {settings.min_images_per_category} validated images "
+            f"(one to train on, one to validate with): {listed}. Add images or reject them."
+        )
+    notices = []
+    if config is not None and config.use_existing_model:
+        notices.extend(_existing_model_notice(config, sorted(per_category), session=session))
+    return Preflight(len(rows), per_category, problems, notices)
+
+
+def _existing_model_notice(config: TrainingConfig, classes: list[str], *, session: Session) -> list[str]:
+    production = registry.production_version(session=session)
+    if production is None:
+        return ["use_existing_model: no model is in production yet, so a new model is trained from scratch."]
+    if list(production.classes) != classes:
+        text = (
+            f"use_existing_model: production model {production.version} knows {len(production.classes)} "
+            f"categories ({', '.join(production.classes)}) but the dataset has {len(classes)} "
+            f"({', '.join(classes)}), so a new model is trained from scratch."
+        )
+        return [text]
+    if production.architecture != config.architecture:
+        text = (
+            f"use_existing_model: production model {production.version} is a {production.architecture}, "
+            f"not a {config.architecture}, so a new model is trained from scratch."
+        )
+        return [text]
+    return []
+
+
+def snapshot_hash(snapshot: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(snapshot, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def start_training(params: Mapping | None, *, session: Session, requested_by: str | None = None) -> TrainingRound:
+    """Validate a request and create a `queued` round with a frozen dataset snapshot.
+
+    The caller enqueues the round (see `jobs.submit_training`)."""
+    config = TrainingConfig.from_params(params)
+    check = preflight(config, session=session)
+    if not check.ok:
+        raise UserError(" ".join(check.problems))
+    rows = validated_images(session=session)
+    snapshot = [{"id": img.id, "sha256": img.sha256, "label": label} for img, label in rows]
+    round_ = TrainingRound(
+        parameters=config.to_dict(),
+        requested_by=requested_by,
+        snapshot=snapshot,
+        snapshot_hash=snapshot_hash(snapshot),
+        total_images=len(snapshot),
+        category_distribution=check.per_category,
+        classes=sorted(check.per_category),
+        warnings=check.notices,
+        history=[_line(f"queued by {requested_by or 'unknown'} with {len(snapshot)} images")],
+    )
+    session.add(round_)
+    session.flush()
+    return round_
+
+
+def _line(text: str) -> str:
+    return f"{utcnow():%Y-%m-%d %H:%M:%S}Z {text}"
+
+
+def get_round(job_id_or_id: str | int, *, session: Session) -> TrainingRound:
+    """A round by public job id (UUID) or numeric id."""
+    text = str(job_id_or_id).strip()
+    query = select(TrainingRound).where(
+        (TrainingRound.job_id == text)
+        | (TrainingRound.id == int(text) if text.isdigit() else TrainingRound.job_id == text)
+    )
+    found = session.exec(query).first()
+    if found is None:
+        raise NotFoundError(f"No training job with id '{text}'")
+    return found
+
+
+def list_rounds(*, session: Session, limit: int = 50) -> list[TrainingRound]:
+    return list(session.exec(select(TrainingRound).order_by(col(TrainingRound.id).desc()).limit(limit)))
+
+
+def epoch_metrics(round_id: int, *, session: Session) -> list[EpochMetric]:
+    return list(session.exec(select(EpochMetric).where(EpochMetric.round_id == round_id).order_by(EpochMetric.epoch)))
+
+
+def request_cancel(job_id: str, *, session: Session, by: str | None = None) -> TrainingRound:
+    """Cancel a queued round now, or ask a running one to stop after its batch."""
+    round_ = get_round(job_id, session=session)
+    if round_.status in FINISHED_STATUSES:
+        raise ConflictError(
+            f"Job {round_.job_id} is already {round_.status.value}; only queued or running jobs can be cancelled"
+        )
+    round_.cancel_requested = True
+    if round_.status == RoundStatus.queued:
+        _finish(
+            round_,
+            RoundStatus.cancelled,
+            f"cancelled by {by or 'unknown'} before it started",
+        )
+    else:
+        round_.history = [
+            *round_.history,
+            _line(f"cancel requested by {by or 'unknown'}"),
+        ]
+    session.add(round_)
+    session.flush()
+    return round_
+
+
+def _finish(round_: TrainingRound, status: RoundStatus, note: str) -> None:
+    round_.status = status
+    round_.finished_at = utcnow()
+    round_.history = [*round_.history, _line(note)]
+    shutil.rmtree(round_dir(round_), ignore_errors=True)
+
+
+def round_dir(round_: TrainingRound) -> Path:
+    return get_settings().rounds_dir / round_.job_id
+
+
+# --- the job itself ---------------------------------------------------------
+
+
+class RoundReporter:
+    """Writes progress, heartbeats and epoch rows; notices cancellation."""
+
+    def __init__(self, round_: TrainingRound, session: Session, min_interval: float = 1.0):
+        self.round = round_
+        self.session = session
+        self.min_interval = min_interval
+        self._last = 0.0
+
+    def batch(self, epoch: int, batch: int, total_batches: int, epochs: int) -> None:
+        self.session.refresh(self.round, ["cancel_requested"])
+        if self.round.cancel_requested:
+            raise TrainingCancelled()
+        now = time.monotonic()
+        if now - self._last >= self.min_interval or batch == total_batches:
+            self._last = now
+            self.round.current_epoch = epoch
+            self.round.current_batch = batch
+            self.round.total_batches = total_batches
+            self.round.progress = ((epoch - 1) + batch / total_batches) / epochs
+            self.round.heartbeat_at = utcnow()
+            self.session.add(self.round)
+            self.session.commit()
+
+    def epoch(self, metric: EpochMetric) -> None:
+        self.session.add(metric)
+        self.round.heartbeat_at = utcnow()
+        self.session.add(self.round)
+        self.session.commit()
+
+    def note(self, text: str, warning: bool = False) -> None:
+        self.round.history = [*self.round.history, _line(text)]
+        if warning:
+            self.round.warnings = [*self.round.warnings, text]
+        self.session.add(self.round)
+        self.session.commit()
+
+
+def build_model(architecture: str, num_classes: int) -> nn.Module:
+    """A torchvision model with a `num_classes` head, randomly initialised."""
+    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+
+
+def _head(model: nn.Module) -> nn.Linear:
+    return model.fc if hasattr(model, "fc") else model.classifier[-1]
+
+
+def find_pretrained_weights(architecture: str) -> Path | None:
+    """torchvision's ImageNet weight file for `architecture` if it is on disk
+    (WEIGHTS_DIR or the torch hub cache). Never downloads."""
+    weights = torchvision.models.get_model_weights(architecture).DEFAULT
+    filename = weights.url.rsplit("/", 1)[-1]
+    folders = [get_settings().weights_dir, Path(torch.hub.get_dir()) / "checkpoints"]
+    for folder in folders:
+        if folder is not None and (folder / filename).is_file():
+            return folder / filename
+    return None
+
+
+def initial_model(
+    config: TrainingConfig,
+    classes: list[str],
+    reporter: RoundReporter,
+    *,
+    session: Session,
+) -> nn.Module:
+    """The production model to fine-tune, else ImageNet weights, else random."""
+    model = build_model(config.architecture, len(classes))
+    if config.use_existing_model:
+        notice = _existing_model_notice(config, classes, session=session)
+        production = registry.production_version(session=session)
+        if not notice and production is not None:
+            model.load_state_dict(registry.load_checkpoint(production)["state_dict"])
+            reporter.note(f"fine-tuning production model {production.version}")
+            return model
+    weights_file = find_pretrained_weights(config.architecture)
+    if weights_file is None:
+        reporter.note(
+            f"No ImageNet weights for {config.architecture} found on this machine (put them in WEIGHTS_DIR or "
+            f"the torch hub cache): the model starts from random initialisation, so it needs more epochs and data.",
+            warning=True,
+        )
+        return model
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    head = _head(model)
+    # Keep our freshly initialised head; ImageNet's has 1000 outputs.
+    state = {k: v for k, v in state.items() if not k.startswith(_head_prefix(model))}
+    state.update({f"{_head_prefix(model)}.{k}": v for k, v in head.state_dict().items()})
+    model.load_state_dict(state)
+    reporter.note(f"starting from ImageNet weights ({weights_file.name})")
+    return model
+
+
+def _head_prefix(model: nn.Module) -> str:
+    return "fc" if hasattr(model, "fc") else f"classifier.{len(model.classifier) - 1}"
+
+
+def stratified_split(labels: list[int], val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices for training and validation, the same for the same inputs.
+
+    Every class gets at least one validation and one training image."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = by_class[label][:]
+        rng.shuffle(members)
+        n_val = min(max(1, round(len(members) * val_split)), len(members) - 1)
+        val.extend(members[:n_val])
+        train.extend(members[n_val:])
+    return sorted(train), sorted(val)
+
+
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, max_images: int = 512, batch_size: int = 64) -> None:
+    """Recompute BatchNorm running statistics from the current weights.
+
+    The running averages lag behind weights that change quickly (a model
+    trained from scratch), so evaluation with them is far worse than the
+    training accuracy; a no-grad pass over training images fixes that."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or x.shape[0] < 2:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+    # A fixed random sample: the rows of `x` are grouped by class.
+    sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_images]]
+    model.train()
+    with torch.no_grad():
+        for start in range(0, sample.shape[0], batch_size):
+            chunk = sample[start : start + batch_size]
+            if chunk.shape[0] > 1:
+                model(normalize(chunk))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> tuple[float, torch.Tensor]:
+    """Mean loss and the logits of every image (eval mode, no autograd)."""
+    model.eval()
+    logits = []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], batch_size):
+            logits.append(model(normalize(x[start : start + batch_size])))
+    out = torch.cat(logits) if logits else torch.empty(0)
+    loss = float(nn.functional.cross_entropy(out, y)) if len(y) else 0.0
+    return loss, out
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean() * 100) if len(y) else 0.0
+
+
+def summarise(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
+    """Per-class accuracy (percent) and the confusion matrix (rows: truth)."""
+    n = len(classes)
+    matrix = torch.zeros((n, n), dtype=torch.long)
+    for truth, pred in zip(y.tolist(), logits.argmax(1).tolist(), strict=True):
+        matrix[truth, pred] += 1
+    per_class = {}
+    for i, name in enumerate(classes):
+        total = int(matrix[i].sum())
+        per_class[name] = round(100.0 * int(matrix[i, i]) / total, 2) if total else None
+    return {"per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = temp_path_for(path)
+    try:
+        torch.save(payload, tmp)
+        commit_temp(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_training_round(round_id: int, *, session: Session, final_attempt: bool = True) -> ModelVersion | None:
+    """Train one queued round to a registered ModelVersion.
+
+    Commits as it goes (progress, epoch rows), since other processes watch the
+    round. On error the round goes back to `queued` for a retry, or `failed`
+    when `final_attempt`; the error is re-raised either way. Returns None when
+    the round was cancelled or is already finished."""
+    round_ = session.get(TrainingRound, round_id)
+    if round_ is None:
+        raise NotFoundError(f"No training round {round_id}")
+    if round_.status in FINISHED_STATUSES:
+        return None
+    if round_.cancel_requested:
+        _finish(round_, RoundStatus.cancelled, "cancelled before it started")
+        session.add(round_)
+        session.commit()
+        return None
+    round_.status = RoundStatus.in_progress
+    round_.attempts += 1
+    round_.started_at = round_.started_at or utcnow()
+    round_.heartbeat_at = utcnow()
+    round_.error = None
+    round_.history = [*round_.history, _line(f"attempt {round_.attempts} started")]
+    session.add(round_)
+    session.commit()
+    reporter = RoundReporter(round_, session)
+    try:
+        return _train_and_register(round_, reporter, session=session)
+    except TrainingCancelled:
+        session.rollback()
+        _finish(round_, RoundStatus.cancelled, "cancelled while training; no model was made")
+        session.add(round_)
+        session.commit()
+        return None
+    except Exception as exc:
+        session.rollback()
+        round_.error = f"{type(exc).__name__}: {exc}"
+        if final_attempt:
+            _finish(
+                round_,
+                RoundStatus.failed,
+                f"attempt {round_.attempts} failed, giving up: {round_.error}",
+            )
+        else:
+            round_.status = RoundStatus.queued
+            round_.history = [
+                *round_.history,
+                _line(f"attempt {round_.attempts} failed, will retry: {round_.error}"),
+            ]
+        session.add(round_)
+        session.commit()
+        raise
+
+
+def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, session: Session) -> ModelVersion:
+    config = TrainingConfig(**round_.parameters)
+    classes = list(round_.classes)
+    index = {name: i for i, name in enumerate(classes)}
+    settings = get_settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    images = {
+        img.id: img
+        for img in session.exec(
+            select(TrainingImage).where(col(TrainingImage.id).in_([s["id"] for s in round_.snapshot]))
+        )
+    }
+    missing = [s["id"] for s in round_.snapshot if s["id"] not in images]
+    if missing:
+        raise RuntimeError(f"{len(missing)} image(s) of the snapshot are no longer in the database (ids {missing[:5]})")
+    paths = [image_path(images[s["id"]]) for s in round_.snapshot]
+    labels = [index[s["label"]] for s in round_.snapshot]
+    train_idx, val_idx = stratified_split(labels, config.val_split, config.seed)
+    x_all = load_images(paths, config.image_size)
+    y_all = torch.tensor(labels, dtype=torch.long)
+    x_train, y_train = x_all[train_idx], y_all[train_idx]
+    x_val, y_val = x_all[val_idx], y_all[val_idx]
+
+    model = initial_model(config, classes, reporter, session=session)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(config.seed)
+    best_acc, best_state, best_epoch = -1.0, None, 0
+    n_train = len(train_idx)
+    n_batches = max(1, math.ceil(n_train / config.batch_size))
+
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(n_train, generator=generator)
+        total_loss, correct, seen = 0.0, 0, 0
+        lr = optimizer.param_groups[0]["lr"]
+        for b in range(n_batches):
+            reporter.batch(epoch, b + 1, n_batches, config.epochs)
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm cannot train on a single image
+            x = normalize(x_train[idx])
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            y = y_train[idx]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        scheduler.step()
+        recalibrate_batchnorm(model, x_train)
+        val_loss, val_logits = evaluate(model, x_val, y_val)
+        val_acc = accuracy(val_logits, y_val)
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        reporter.epoch(
+            EpochMetric(
+                round_id=round_.id,
+                epoch=epoch,
+                train_loss=total_loss / max(1, seen),
+                train_accuracy=100.0 * correct / max(1, seen),
+                val_loss=val_loss,
+                val_accuracy=val_acc,
+                learning_rate=lr,
+                seconds=time.perf_counter() - started,
+            )
+        )
+
+    model.load_state_dict(best_state)
+    reporter.note(f"training done; best epoch {best_epoch} with validation accuracy {best_acc:.1f}%")
+    _, train_logits = evaluate(model, x_train, y_train)
+    _, val_logits = evaluate(model, x_val, y_val)
+    metrics = {
+        "train_accuracy": round(accuracy(train_logits, y_train), 2),
+        "val_accuracy": round(accuracy(val_logits, y_val), 2),
+        "best_epoch": best_epoch,
+        "train_images": n_train,
+        "val_images": len(val_idx),
+        **summarise(val_logits, y_val, classes),
+        "misclassified": _misclassified(val_logits, y_val, [round_.snapshot[i]["id"] for i in val_idx], classes),
+    }
+    val_images = normalize(x_val)
+    return _export_and_register(round_, model, config, classes, metrics, val_images, reporter, session=session)
+
+
+def _misclassified(logits: torch.Tensor, y: torch.Tensor, image_ids: list[int], classes: list[str]) -> list[dict]:
+    probs = logits.softmax(1)
+    out = []
+    for i, (truth, pred) in enumerate(zip(y.tolist(), probs.argmax(1).tolist(), strict=True)):
+        if truth != pred:
+            out.append(
+                {
+                    "image_id": image_ids[i],
+                    "true": classes[truth],
+                    "predicted": classes[pred],
+                    "confidence": round(float(probs[i, pred]), 4),
+                }
+            )
+    return out
+
+
+def _export_and_register(
+    round_: TrainingRound,
+    model: nn.Module,
+    config: TrainingConfig,
+    classes: list[str],
+    metrics: dict,
+    val_images: torch.Tensor,
+    reporter: RoundReporter,
+    *,
+    session: Session,
+) -> ModelVersion:
+    settings = get_settings()
+    version = registry.next_version(classes, session=session)
+    session.rollback()  # release the read transaction while exporting
+    reporter.note(f"exporting model {version}")
+    artifacts = export_model(model, version, val_images)
+    ckpt = registry.checkpoint_path(version)
+    _save_checkpoint(
+        ckpt,
+        {
+            "config": config.to_dict(),
+            "classes": classes,
+            "state_dict": model.state_dict(),
+        },
+    )
+    files = [settings.data_dir / a["path"] for a in artifacts] + [ckpt]
+    duration = (utcnow() - round_.started_at).total_seconds() if round_.started_at else 0.0
+    metrics = {
+        **metrics,
+        "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),
+        "training_duration_seconds": round(duration, 1),
+    }
+    for _ in range(5):
+        try:
+            mv = ModelVersion(
+                version=version,
+                **dict(
+                    zip(
+                        ("major", "minor", "patch"),
+                        registry.parse_version(version),
+                        strict=True,
+                    )
+                ),
+                round_id=round_.id,
+                classes=classes,
+                architecture=config.architecture,
+                image_size=config.image_size,
+                checkpoint_path=ckpt.relative_to(settings.data_dir).as_posix(),
+                metrics=metrics,
+                artifacts=artifacts,
+            )
+            session.add(mv)
+            session.flush()
+            promote = settings.auto_promote == "always" or (
+                settings.auto_promote == "first" and registry.production_version(session=session) is None
+            )
+            if promote:
+                registry.promote(version, session=session, by="auto", action="auto")
+            round_.status = RoundStatus.completed
+            round_.model_version_id = mv.id
+            round_.progress = 1.0
+            round_.finished_at = utcnow()
+            round_.history = [
+                *round_.history,
+                _line(f"completed: model {version}" + (" (in production)" if promote else "")),
+            ]
+            shutil.rmtree(round_dir(round_), ignore_errors=True)
+            session.add(round_)
+            session.commit()
+            return mv
+        except IntegrityError:
+            # Another job took this version number between our export and commit.
+            session.rollback()
+            new_version = registry.next_version(classes, session=session)
+            files, artifacts, ckpt = _rename_version(files, artifacts, ckpt, version, new_version)
+            version = new_version
+    remove_files(files)
+    raise RuntimeError("could not allocate a unique version number")
+
+
+def _rename_version(files, artifacts, ckpt, old: str, new: str):
+    settings = get_settings()
+    renamed_artifacts = []
+    for record in artifacts:
+        target = artifact_path(new, record["format"])
+        (settings.data_dir / record["path"]).replace(target)
+        renamed_artifacts.append({**record, "path": target.relative_to(settings.data_dir).as_posix()})
+    new_ckpt = registry.checkpoint_path(new)
+    ckpt.replace(new_ckpt)
+    new_files = [settings.data_dir / a["path"] for a in renamed_artifacts] + [new_ckpt]
+    return new_files, renamed_artifacts, new_ckpt
+
+
+def stale_rounds(*, session: Session, older_than: timedelta) -> list[TrainingRound]:
+    cutoff = utcnow() - older_than
+    return list(
+        session.exec(
+            select(TrainingRound).where(
+                TrainingRound.status == RoundStatus.in_progress,
+                TrainingRound.heartbeat_at < cutoff,
+            )
+        )
+    )
+
+
+def delete_epoch_metrics_after(round_id: int, epoch: int, *, session: Session) -> None:
+    session.exec(delete(EpochMetric).where(EpochMetric.round_id == round_id, EpochMetric.epoch > epoch))

@@ -1,0 +1,25 @@
+"""Running a consumer with this product's settings (`python -m core worker`)."""
+
+import logging
+
+from core import registry
+from core.config import get_settings
+from core.db import session_scope
+from jobs.queue import huey
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(workers: int = 1) -> None:
+    """Consume training jobs until interrupted. One job at a time per worker."""
+    settings = get_settings()
+    with session_scope() as session:
+        removed = registry.cleanup_orphan_files(session=session)
+    for path in removed:
+        log.warning("removed %s: no model version refers to it (left by an interrupted job)", path)
+    poll = settings.queue_poll_interval
+    # A fixed, short poll interval (no back-off) so an idle consumer picks a
+    # new job up within `poll` seconds.
+    consumer = huey.create_consumer(workers=workers, initial_delay=poll, backoff=1.0, max_delay=poll, periodic=True)
+    log.info("worker consuming %s (poll %.2fs, data in %s)", settings.queue_path, poll, settings.data_dir)
+    consumer.run()
