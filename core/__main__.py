@@ -6,6 +6,7 @@ for the commands that touch the queue; the core library itself never does.
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -205,6 +206,54 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from core.db import get_engine
+
+    get_engine()
+    print(f"Database ready: {get_settings().db_url}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """`make run`: the database, one queue consumer and the web server."""
+    import os
+    import signal
+    import subprocess
+
+    from core.db import get_engine
+
+    get_engine()
+    port, host = str(args.port), args.host
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "core", "worker"], env=env)
+    web = subprocess.Popen(
+        [
+            sys.executable, "-m", "streamlit", "run", "dashboard.py",
+            "--server.port", port, "--server.address", host,
+            "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        ],
+        env=env,
+    )  # fmt: skip
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
+    print(f"\n  Training dashboard: open http://{shown}:{port} in your browser", flush=True)
+    print(f"  Data folder: {get_settings().data_dir}   (Ctrl-C stops the server and the worker)\n", flush=True)
+    try:
+        while worker.poll() is None and web.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in (web, worker):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in (web, worker):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Training dashboard, from the command line.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -266,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     p.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help="put the previous production version back").set_defaults(func=cmd_rollback)
+
+    sub.add_parser("init", help="create the database").set_defaults(func=cmd_init)
+    p = sub.add_parser("serve", help="run the web server and a queue consumer (what `make run` does)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8501")))
+    p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a queue consumer (training jobs)")
     p.add_argument("--workers", type=int, default=1)

@@ -32,9 +32,12 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        # Take the write lock up front: a deferred transaction that reads and
-        # then writes can fail with "database is locked" without waiting.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front: a deferred transaction that
+        # reads and then writes fails with "database is locked" at once (no
+        # busy wait) when another process committed in between. Readers
+        # (`read_session`) stay deferred so they never block anyone.
+        mode = "DEFERRED" if connection.get_execution_options().get("readonly") else "IMMEDIATE"
+        connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
 
@@ -50,6 +53,18 @@ def get_engine(url: str | None = None) -> Engine:
 def init_db(engine: Engine) -> None:
     """Create the tables that do not exist yet."""
     SQLModel.metadata.create_all(engine)
+
+
+def read_engine(url: str | None = None) -> Engine:
+    """The same database for read-only work: transactions take no write lock."""
+    return get_engine(url).execution_options(readonly=True)
+
+
+@contextmanager
+def read_session(url: str | None = None) -> Iterator[Session]:
+    """A session for reading (pages, GET routes, polling). Do not write with it."""
+    with Session(read_engine(url), expire_on_commit=False) as session:
+        yield session
 
 
 @contextmanager

@@ -23,6 +23,14 @@ def make_huey() -> SqliteHuey:
 huey = make_huey()
 
 
+def bind_storage() -> None:
+    """Point the queue at the file the current settings name (tests change DATA_DIR)."""
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    huey.storage_kwargs["filename"] = str(settings.queue_path)
+    huey.storage = huey.create_storage()
+
+
 @huey.task(retries=get_settings().training_retries, retry_delay=1, context=True)
 def run_training_job(round_id: int, task=None) -> None:
     """Train one round; Huey retries it, the last attempt marks it failed."""

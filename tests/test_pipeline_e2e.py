@@ -1,0 +1,108 @@
+"""The whole headless loop as an operator runs it: CLI commands and a real consumer."""
+
+import subprocess
+import sys
+
+import torch
+from sqlmodel import Session, select
+
+from core.db import get_engine
+from core.export import load_runner
+from core.ingest import file_sha256
+from core.models import EpochMetric, ModelVersion, RoundStatus, TrainingRound
+from tests.conftest import ROOT, wait_for
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "core", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_two_trainings_through_the_queue_give_1_0_0_then_1_1_0(data_dir, worker_factory):
+    assert "60 stored" in cli("demo", "--per-category", "12", "--size", "32").stdout
+    worker = worker_factory()
+    first = cli("train", "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--wait")
+    assert "queued with 60 images" in first.stdout
+    assert "in_progress" in first.stdout and "Model 1.0.0" in first.stdout
+    second = cli("train", "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--wait")
+    assert "Model 1.1.0" in second.stdout
+    assert "fine-tuning" not in second.stdout  # progress lines only; the history says it (below)
+
+    with Session(get_engine()) as session:
+        rounds = list(session.exec(select(TrainingRound).order_by(TrainingRound.id)))
+        assert [r.status for r in rounds] == [RoundStatus.completed, RoundStatus.completed]
+        assert all(r.started_at and r.finished_at and r.attempts == 1 for r in rounds)
+        assert any("fine-tuning production model 1.0.0" in line for line in rounds[1].history)
+        epochs = [
+            [m.epoch for m in session.exec(select(EpochMetric).where(EpochMetric.round_id == r.id))] for r in rounds
+        ]
+        assert epochs == [[1, 2], [1]]
+        versions = list(session.exec(select(ModelVersion).order_by(ModelVersion.id)))
+    assert [v.version for v in versions] == ["1.0.0", "1.1.0"]
+    assert [v.is_production for v in versions] == [True, False]
+
+    example = torch.zeros(1, 3, 32, 32)
+    for version in versions:
+        assert sorted(a["format"] for a in version.artifacts) == ["pte", "ptl"]
+        for artifact in version.artifacts:
+            path = data_dir / artifact["path"]
+            assert path.name == f"model_{version.version}.{artifact['format']}"
+            assert file_sha256(path) == artifact["sha256"]
+            assert path.stat().st_size == artifact["size_bytes"]
+            assert artifact["parity"]["passed"]
+            assert load_runner(path, artifact["format"])(example).shape == (1, 5)
+    assert sorted(p.name for p in (data_dir / "mobile_models").iterdir()) == [
+        "model_1.0.0.pte",
+        "model_1.0.0.ptl",
+        "model_1.1.0.pte",
+        "model_1.1.0.ptl",
+    ]
+    listing = cli("versions").stdout
+    assert "1.1.0" in listing and "1.0.0" in listing
+    assert "Model 1.1.0 is now in production" in cli("promote", "1.1.0").stdout
+    assert "model 1.0.0 is in production again" in cli("rollback").stdout
+    worker.stop()
+
+
+def test_failing_job_is_retried_twice_then_failed_without_leftovers(data_dir, worker_factory, session):
+    from core import training
+    from tests.factories import add_demo
+
+    add_demo(session, per_category=10, size=32)
+    round_ = training.start_training({"epochs": 1, "image_size": 32}, session=session)
+    session.commit()
+    # The job cannot read its images: every attempt fails the same way.
+    for image_file in (data_dir / "images").rglob("*.png"):
+        image_file.unlink()
+    from core.db import read_session
+    from jobs import run_training_job
+
+    run_training_job(round_.id)
+    worker_factory()
+
+    def finished():
+        with read_session() as reader:
+            current = reader.get(TrainingRound, round_.id)
+        return current if current.status == RoundStatus.failed else None
+
+    failed = wait_for(finished, timeout=120, message="the round to fail")
+    assert failed.attempts == 3
+    assert "FileNotFoundError" in failed.error or "No such file" in failed.error
+    assert sum("will retry" in line for line in failed.history) == 2
+    assert any("giving up" in line for line in failed.history)
+    with read_session() as reader:
+        assert reader.exec(select(ModelVersion)).all() == []
+    models = data_dir / "mobile_models"
+    assert not models.exists() or list(models.iterdir()) == []
+
+
+def test_cli_reports_bad_input_with_non_zero_exit(data_dir):
+    result = cli("train", "--epochs", "0", check=False)
+    assert result.returncode == 2
+    assert "epochs must be between 1 and 500 (got 0)" in result.stderr
+    result = cli("status", "no-such-job", check=False)
+    assert result.returncode == 2 and "No training job with id 'no-such-job'" in result.stderr

@@ -1,0 +1,110 @@
+import math
+
+import pytest
+
+from core import training
+from core.errors import UserError
+from core.models import RoundStatus
+from core.training import TrainingConfig, preflight, start_training, stratified_split
+from tests.factories import add_images
+
+
+def test_defaults_are_the_original_ones():
+    config = TrainingConfig.from_params({})
+    assert (config.epochs, config.batch_size, config.learning_rate, config.use_existing_model) == (20, 32, 0.001, True)
+    assert config.architecture == "mobilenet_v3_small"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"epochs": 0}, "epochs must be between 1 and 500 (got 0)"),
+        ({"epochs": -3}, "epochs must be between 1 and 500"),
+        ({"epochs": 10**9}, "epochs must be between 1 and 500"),
+        ({"epochs": 2.5}, "epochs must be a whole number"),
+        ({"epochs": "5"}, "epochs must be a number"),
+        ({"epochs": True}, "epochs must be a number"),
+        ({"batch_size": 0}, "batch_size must be between 2 and 1024"),
+        ({"batch_size": -1}, "batch_size must be between"),
+        ({"learning_rate": 0}, "learning_rate must be between"),
+        ({"learning_rate": -0.1}, "learning_rate must be between"),
+        ({"learning_rate": math.nan}, "learning_rate must be between"),
+        ({"learning_rate": math.inf}, "learning_rate must be between"),
+        ({"learning_rate": 50.0}, "learning_rate must be between"),
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"use_existing_model": "yes"}, "use_existing_model must be true or false"),
+        ({"architecture": "vgg16"}, "architecture must be one of"),
+        ({"image_size": 8}, "image_size must be between 32 and 512"),
+        ({"val_split": 0.9}, "val_split must be between"),
+        ({"colour": "red"}, "Unknown parameter(s) colour"),
+    ],
+)
+def test_out_of_range_parameters_are_refused_naming_field_and_range(params, message):
+    with pytest.raises(UserError) as info:
+        TrainingConfig.from_params(params)
+    assert message in str(info.value)
+
+
+def test_integral_floats_are_accepted_for_whole_number_fields():
+    assert TrainingConfig.from_params({"epochs": 3.0}).epochs == 3
+
+
+def test_split_is_stratified_deterministic_and_covers_every_class():
+    labels = [0] * 10 + [1] * 20 + [2] * 3
+    train_a, val_a = stratified_split(labels, 0.2, seed=1)
+    train_b, val_b = stratified_split(labels, 0.2, seed=1)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert set(train_a).isdisjoint(val_a) and len(train_a) + len(val_a) == len(labels)
+    assert [sum(labels[i] == c for i in val_a) for c in range(3)] == [2, 4, 1]
+    assert {labels[i] for i in train_a} == {0, 1, 2}
+    _, val_other = stratified_split(labels, 0.2, seed=2)
+    assert val_other != val_a
+
+
+def test_fewer_than_minimum_validated_images_is_refused_with_the_numbers(session):
+    add_images(session, {"cat": 20, "dog": 20})
+    with pytest.raises(UserError, match="at least 50 validated images; there are 40. Validate 10 more"):
+        start_training({}, session=session)
+    assert training.list_rounds(session=session) == []
+
+
+def test_one_category_only_is_refused(session):
+    add_images(session, {"cat": 60})
+    with pytest.raises(UserError, match="at least 2 categories; found 1 \\(cat\\)"):
+        start_training({}, session=session)
+
+
+def test_category_with_a_single_image_is_refused(session):
+    add_images(session, {"cat": 30, "dog": 29, "bird": 1})
+    with pytest.raises(UserError, match="'bird' has 1"):
+        start_training({}, session=session)
+
+
+def test_pending_and_rejected_images_do_not_count(session):
+    from core.models import ImageStatus
+
+    add_images(session, {"cat": 30, "dog": 30}, status=ImageStatus.pending)
+    check = preflight(session=session)
+    assert check.total == 0 and not check.ok
+
+
+def test_start_training_freezes_a_snapshot_with_its_hash(session):
+    ids = add_images(session, {"cat": 25, "dog": 25})
+    round_ = start_training({"epochs": 2}, session=session, requested_by="tester")
+    assert round_.status == RoundStatus.queued
+    assert [s["id"] for s in round_.snapshot] == sorted(ids)
+    assert round_.category_distribution == {"cat": 25, "dog": 25}
+    assert round_.classes == ["cat", "dog"]
+    assert len(round_.snapshot_hash) == 64
+    assert round_.snapshot_hash == training.snapshot_hash(round_.snapshot)
+    assert round_.parameters["epochs"] == 2
+    assert any("no model is in production" in w for w in round_.warnings)
+
+
+def test_minimum_is_configurable(session, monkeypatch):
+    from core.config import get_settings
+
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "10")
+    get_settings.cache_clear()
+    add_images(session, {"cat": 5, "dog": 5})
+    assert preflight(session=session).ok
