@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # How often an idle consumer looks for new work (seconds).
     queue_poll_interval: float = Field(0.1, gt=0, le=5)
     training_retries: int = Field(2, ge=0)
+    # A running job writes a heartbeat this often (seconds); a job whose last
+    # heartbeat is older than the timeout lost its worker and is re-enqueued.
+    heartbeat_interval: float = Field(5.0, gt=0)
+    heartbeat_timeout: float = Field(60.0, gt=0)
     # Whether a finished model becomes production by itself: only when nothing
     # is in production yet (`first`), every time (`always`) or never (`never`).
     auto_promote: Literal["first", "always", "never"] = "first"

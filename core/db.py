@@ -12,7 +12,7 @@ from core import models  # noqa: F401  (registers the tables)
 from core.config import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, readonly: bool = False) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and foreign keys."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
@@ -36,16 +36,23 @@ def make_engine(url: str) -> Engine:
         # reads and then writes fails with "database is locked" at once (no
         # busy wait) when another process committed in between. Readers
         # (`read_session`) stay deferred so they never block anyone.
-        mode = "DEFERRED" if connection.get_execution_options().get("readonly") else "IMMEDIATE"
-        connection.exec_driver_sql(f"BEGIN {mode}")
+        connection.exec_driver_sql("BEGIN DEFERRED" if readonly else "BEGIN IMMEDIATE")
 
     return engine
 
 
-@lru_cache
 def get_engine(url: str | None = None) -> Engine:
     """The engine for `url` (default: the configured database), tables created."""
-    engine = make_engine(url or get_settings().db_url)
+    return _engine(url or get_settings().db_url, readonly=False)
+
+
+@lru_cache
+def _engine(url: str, readonly: bool) -> Engine:
+    if readonly:
+        _engine(url, readonly=False)  # creates the tables
+        return make_engine(url, readonly=True)
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
     init_db(engine)
     return engine
 
@@ -57,7 +64,12 @@ def init_db(engine: Engine) -> None:
 
 def read_engine(url: str | None = None) -> Engine:
     """The same database for read-only work: transactions take no write lock."""
-    return get_engine(url).execution_options(readonly=True)
+    return _engine(url or get_settings().db_url, readonly=True)
+
+
+def clear_engines() -> None:
+    """Forget cached engines (tests point DATA_DIR elsewhere)."""
+    _engine.cache_clear()
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -22,14 +23,16 @@ from pathlib import Path
 import torch
 import torchvision
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, col, delete, select, update
 from torch import nn
 
 from core import registry
 from core.config import get_settings
 from core.dataset import load_images, normalize
+from core.db import read_engine
 from core.errors import ConflictError, NotFoundError, TrainingCancelled, UserError
 from core.export import artifact_path, export_model, remove_files
+from core.faults import crash_point
 from core.ingest import image_path
 from core.models import (
     FINISHED_STATUSES,
@@ -279,18 +282,25 @@ def round_dir(round_: TrainingRound) -> Path:
 
 
 class RoundReporter:
-    """Writes progress, heartbeats and epoch rows; notices cancellation."""
+    """Writes progress and epoch rows; notices cancellation between batches."""
 
     def __init__(self, round_: TrainingRound, session: Session, min_interval: float = 1.0):
         self.round = round_
         self.session = session
         self.min_interval = min_interval
         self._last = 0.0
+        # Cancel checks read through their own deferred transactions, so the
+        # per-batch check never holds the database's write lock.
+        self._reader = read_engine(str(session.get_bind().url))
+
+    def check_cancel(self) -> None:
+        query = select(TrainingRound.cancel_requested).where(TrainingRound.id == self.round.id)
+        with Session(self._reader) as reader:
+            if reader.exec(query).one():
+                raise TrainingCancelled()
 
     def batch(self, epoch: int, batch: int, total_batches: int, epochs: int) -> None:
-        self.session.refresh(self.round, ["cancel_requested"])
-        if self.round.cancel_requested:
-            raise TrainingCancelled()
+        self.check_cancel()
         now = time.monotonic()
         if now - self._last >= self.min_interval or batch == total_batches:
             self._last = now
@@ -298,13 +308,11 @@ class RoundReporter:
             self.round.current_batch = batch
             self.round.total_batches = total_batches
             self.round.progress = ((epoch - 1) + batch / total_batches) / epochs
-            self.round.heartbeat_at = utcnow()
             self.session.add(self.round)
             self.session.commit()
 
     def epoch(self, metric: EpochMetric) -> None:
         self.session.add(metric)
-        self.round.heartbeat_at = utcnow()
         self.session.add(self.round)
         self.session.commit()
 
@@ -314,6 +322,39 @@ class RoundReporter:
             self.round.warnings = [*self.round.warnings, text]
         self.session.add(self.round)
         self.session.commit()
+
+
+class Heartbeat:
+    """Stamps `heartbeat_at` every few seconds from a thread while a job runs,
+    including long steps without batches (loading images, exporting)."""
+
+    def __init__(self, round_id: int, engine, interval: float):
+        self.round_id, self.engine, self.interval = round_id, engine, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{round_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with Session(self.engine) as session:
+                    session.exec(
+                        update(TrainingRound).where(TrainingRound.id == self.round_id).values(heartbeat_at=utcnow())
+                    )
+                    session.commit()
+            except Exception:  # a missed beat is retried at the next interval
+                log.exception("heartbeat for round %s failed", self.round_id)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def max_attempts() -> int:
+    return 1 + get_settings().training_retries
 
 
 def build_model(architecture: str, num_classes: int) -> nn.Module:
@@ -447,10 +488,6 @@ def summarise(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict
     return {"per_class_accuracy": per_class, "confusion_matrix": matrix.tolist()}
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
 def _save_checkpoint(path: Path, payload: dict) -> None:
     tmp = temp_path_for(path)
     try:
@@ -460,13 +497,16 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run_training_round(round_id: int, *, session: Session, final_attempt: bool = True) -> ModelVersion | None:
+def run_training_round(round_id: int, *, session: Session) -> ModelVersion | None:
     """Train one queued round to a registered ModelVersion.
 
-    Commits as it goes (progress, epoch rows), since other processes watch the
-    round. On error the round goes back to `queued` for a retry, or `failed`
-    when `final_attempt`; the error is re-raised either way. Returns None when
-    the round was cancelled or is already finished."""
+    Commits as it goes (progress, epoch rows, checkpoints), since other
+    processes watch the round, and resumes from the round's last checkpoint
+    when an earlier attempt got that far. On error the round goes back to
+    `queued` and the error is re-raised (the queue retries it), unless this
+    was the last of `1 + TRAINING_RETRIES` attempts: then it is marked
+    `failed`. Returns None when the round was cancelled, failed or had
+    already finished."""
     round_ = session.get(TrainingRound, round_id)
     if round_ is None:
         raise NotFoundError(f"No training round {round_id}")
@@ -482,12 +522,13 @@ def run_training_round(round_id: int, *, session: Session, final_attempt: bool =
     round_.started_at = round_.started_at or utcnow()
     round_.heartbeat_at = utcnow()
     round_.error = None
-    round_.history = [*round_.history, _line(f"attempt {round_.attempts} started")]
+    round_.history = [*round_.history, _line(f"attempt {round_.attempts} of {max_attempts()} started")]
     session.add(round_)
     session.commit()
     reporter = RoundReporter(round_, session)
     try:
-        return _train_and_register(round_, reporter, session=session)
+        with Heartbeat(round_.id, session.get_bind(), get_settings().heartbeat_interval):
+            return _train_and_register(round_, reporter, session=session)
     except TrainingCancelled:
         session.rollback()
         _finish(round_, RoundStatus.cancelled, "cancelled while training; no model was made")
@@ -497,21 +538,51 @@ def run_training_round(round_id: int, *, session: Session, final_attempt: bool =
     except Exception as exc:
         session.rollback()
         round_.error = f"{type(exc).__name__}: {exc}"
-        if final_attempt:
-            _finish(
-                round_,
-                RoundStatus.failed,
-                f"attempt {round_.attempts} failed, giving up: {round_.error}",
-            )
-        else:
-            round_.status = RoundStatus.queued
-            round_.history = [
-                *round_.history,
-                _line(f"attempt {round_.attempts} failed, will retry: {round_.error}"),
-            ]
+        log.exception("round %s attempt %s failed", round_.id, round_.attempts)
+        if round_.attempts >= max_attempts():
+            _finish(round_, RoundStatus.failed, f"attempt {round_.attempts} failed, giving up: {round_.error}")
+            session.add(round_)
+            session.commit()
+            return None
+        round_.status = RoundStatus.queued
+        round_.history = [*round_.history, _line(f"attempt {round_.attempts} failed, will retry: {round_.error}")]
         session.add(round_)
         session.commit()
         raise
+
+
+def recover_stale_rounds(*, session: Session) -> list[int]:
+    """Rounds `in_progress` whose worker died (stale heartbeat): put them back
+    in the queue to resume from their checkpoint, or fail them when no attempt
+    is left. Returns the ids to enqueue again; the caller commits."""
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout)
+    stale = session.exec(
+        select(TrainingRound).where(
+            TrainingRound.status == RoundStatus.in_progress, TrainingRound.heartbeat_at < cutoff
+        )
+    ).all()
+    requeue = []
+    for round_ in stale:
+        seen = f"{round_.heartbeat_at:%H:%M:%S}Z" if round_.heartbeat_at else "never"
+        lost = f"worker lost during attempt {round_.attempts} (last heartbeat {seen})"
+        if round_.attempts >= max_attempts():
+            round_.error = f"{lost}; no attempts left"
+            _finish(round_, RoundStatus.failed, round_.error)
+        else:
+            checkpoint = round_dir(round_) / "checkpoint.pt"
+            where = "its last checkpoint" if checkpoint.is_file() else "the start (no checkpoint yet)"
+            round_.status = RoundStatus.queued
+            round_.history = [*round_.history, _line(f"{lost}; re-enqueued to resume from {where}")]
+            requeue.append(round_.id)
+        session.add(round_)
+    session.flush()
+    return requeue
+
+
+def active_rounds(*, session: Session) -> int:
+    """How many rounds are running now (their files must not be touched)."""
+    return len(session.exec(select(TrainingRound.id).where(TrainingRound.status == RoundStatus.in_progress)).all())
 
 
 def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, session: Session) -> ModelVersion:
@@ -541,16 +612,27 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
     x_train, y_train = x_all[train_idx], y_all[train_idx]
     x_val, y_val = x_all[val_idx], y_all[val_idx]
 
-    model = initial_model(config, classes, reporter, session=session)
+    model = build_model(config.architecture, len(classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(config.seed)
-    best_acc, best_state, best_epoch = -1.0, None, 0
+    state = TrainState()
+    ckpt_path = round_dir(round_) / "checkpoint.pt"
+    if ckpt_path.is_file():
+        state = _resume(ckpt_path, model, optimizer, scheduler, generator)
+        delete_epoch_metrics_after(round_.id, state.epoch, session=session)
+        reporter.note(
+            f"attempt {round_.attempts}: resumed from the checkpoint of epoch {state.epoch}, at epoch {state.epoch + 1}"
+        )
+    else:
+        model = initial_model(config, classes, reporter, session=session)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    loss_fn = nn.CrossEntropyLoss()
     n_train = len(train_idx)
     n_batches = max(1, math.ceil(n_train / config.batch_size))
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(state.epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         model.train()
         order = torch.randperm(n_train, generator=generator)
@@ -577,9 +659,13 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
         recalibrate_batchnorm(model, x_train)
         val_loss, val_logits = evaluate(model, x_val, y_val)
         val_acc = accuracy(val_logits, y_val)
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.epoch = epoch
+        if val_acc > state.best_accuracy:
+            state.best_accuracy, state.best_epoch = val_acc, epoch
+            state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # Checkpoint first, then the metric row: a crash in between re-trains
+        # this epoch on resume and its (deleted) row is written again.
+        _save_checkpoint(ckpt_path, _checkpoint_payload(config, classes, state, model, optimizer, scheduler, generator))
         reporter.epoch(
             EpochMetric(
                 round_id=round_.id,
@@ -593,6 +679,7 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
             )
         )
 
+    best_acc, best_epoch, best_state = state.best_accuracy, state.best_epoch, state.best_state
     model.load_state_dict(best_state)
     reporter.note(f"training done; best epoch {best_epoch} with validation accuracy {best_acc:.1f}%")
     _, train_logits = evaluate(model, x_train, y_train)
@@ -608,6 +695,42 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
     }
     val_images = normalize(x_val)
     return _export_and_register(round_, model, config, classes, metrics, val_images, reporter, session=session)
+
+
+@dataclass
+class TrainState:
+    """Where a round's training stands; saved in each epoch's checkpoint."""
+
+    epoch: int = 0
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    best_state: dict | None = None
+
+
+def _checkpoint_payload(config, classes, state: TrainState, model, optimizer, scheduler, generator) -> dict:
+    return {
+        "config": config.to_dict(),
+        "classes": classes,
+        "epoch": state.epoch,
+        "best_accuracy": state.best_accuracy,
+        "best_epoch": state.best_epoch,
+        "best_state": state.best_state,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()},
+    }
+
+
+def _resume(path: Path, model, optimizer, scheduler, generator) -> TrainState:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    random.setstate(payload["rng"]["python"])
+    torch.set_rng_state(payload["rng"]["torch"])
+    generator.set_state(payload["rng"]["generator"])
+    return TrainState(payload["epoch"], payload["best_accuracy"], payload["best_epoch"], payload["best_state"])
 
 
 def _misclassified(logits: torch.Tensor, y: torch.Tensor, image_ids: list[int], classes: list[str]) -> list[dict]:
@@ -643,14 +766,7 @@ def _export_and_register(
     reporter.note(f"exporting model {version}")
     artifacts = export_model(model, version, val_images)
     ckpt = registry.checkpoint_path(version)
-    _save_checkpoint(
-        ckpt,
-        {
-            "config": config.to_dict(),
-            "classes": classes,
-            "state_dict": model.state_dict(),
-        },
-    )
+    _save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
     files = [settings.data_dir / a["path"] for a in artifacts] + [ckpt]
     duration = (utcnow() - round_.started_at).total_seconds() if round_.started_at else 0.0
     metrics = {
@@ -658,52 +774,60 @@ def _export_and_register(
         "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),
         "training_duration_seconds": round(duration, 1),
     }
-    for _ in range(5):
-        try:
-            mv = ModelVersion(
-                version=version,
-                **dict(
-                    zip(
-                        ("major", "minor", "patch"),
-                        registry.parse_version(version),
-                        strict=True,
-                    )
-                ),
-                round_id=round_.id,
-                classes=classes,
-                architecture=config.architecture,
-                image_size=config.image_size,
-                checkpoint_path=ckpt.relative_to(settings.data_dir).as_posix(),
-                metrics=metrics,
-                artifacts=artifacts,
-            )
-            session.add(mv)
-            session.flush()
-            promote = settings.auto_promote == "always" or (
-                settings.auto_promote == "first" and registry.production_version(session=session) is None
-            )
-            if promote:
-                registry.promote(version, session=session, by="auto", action="auto")
-            round_.status = RoundStatus.completed
-            round_.model_version_id = mv.id
-            round_.progress = 1.0
-            round_.finished_at = utcnow()
-            round_.history = [
-                *round_.history,
-                _line(f"completed: model {version}" + (" (in production)" if promote else "")),
-            ]
-            shutil.rmtree(round_dir(round_), ignore_errors=True)
-            session.add(round_)
-            session.commit()
-            return mv
-        except IntegrityError:
-            # Another job took this version number between our export and commit.
-            session.rollback()
-            new_version = registry.next_version(classes, session=session)
-            files, artifacts, ckpt = _rename_version(files, artifacts, ckpt, version, new_version)
-            version = new_version
-    remove_files(files)
-    raise RuntimeError("could not allocate a unique version number")
+    try:
+        reporter.check_cancel()
+        crash_point("before_commit")
+        for _ in range(5):
+            try:
+                mv = _commit_version(round_, version, config, classes, metrics, artifacts, ckpt, session=session)
+                break
+            except IntegrityError:
+                # Another job took this version number between our export and commit.
+                session.rollback()
+                new_version = registry.next_version(classes, session=session)
+                files, artifacts, ckpt = _rename_version(files, artifacts, ckpt, version, new_version)
+                version = new_version
+        else:
+            raise RuntimeError("could not allocate a unique version number")
+    except BaseException:
+        remove_files(files)
+        raise
+    shutil.rmtree(round_dir(round_), ignore_errors=True)
+    return mv
+
+
+def _commit_version(round_, version, config, classes, metrics, artifacts, ckpt, *, session: Session) -> ModelVersion:
+    """The version row and the round's completion, in one transaction."""
+    settings = get_settings()
+    major, minor, patch = registry.parse_version(version)
+    mv = ModelVersion(
+        version=version,
+        major=major,
+        minor=minor,
+        patch=patch,
+        round_id=round_.id,
+        classes=classes,
+        architecture=config.architecture,
+        image_size=config.image_size,
+        checkpoint_path=ckpt.relative_to(settings.data_dir).as_posix(),
+        metrics=metrics,
+        artifacts=artifacts,
+    )
+    session.add(mv)
+    session.flush()
+    promote = settings.auto_promote == "always" or (
+        settings.auto_promote == "first" and registry.production_version(session=session) is None
+    )
+    if promote:
+        registry.promote(version, session=session, by="auto", action="auto")
+    round_.status = RoundStatus.completed
+    round_.model_version_id = mv.id
+    round_.progress = 1.0
+    round_.finished_at = utcnow()
+    round_.history = [*round_.history, _line(f"completed: model {version}" + (" (in production)" if promote else ""))]
+    session.add(round_)
+    session.commit()
+    return mv
 
 
 def _rename_version(files, artifacts, ckpt, old: str, new: str):
@@ -717,18 +841,6 @@ def _rename_version(files, artifacts, ckpt, old: str, new: str):
     ckpt.replace(new_ckpt)
     new_files = [settings.data_dir / a["path"] for a in renamed_artifacts] + [new_ckpt]
     return new_files, renamed_artifacts, new_ckpt
-
-
-def stale_rounds(*, session: Session, older_than: timedelta) -> list[TrainingRound]:
-    cutoff = utcnow() - older_than
-    return list(
-        session.exec(
-            select(TrainingRound).where(
-                TrainingRound.status == RoundStatus.in_progress,
-                TrainingRound.heartbeat_at < cutoff,
-            )
-        )
-    )
 
 
 def delete_epoch_metrics_after(round_id: int, epoch: int, *, session: Session) -> None:

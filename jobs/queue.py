@@ -3,7 +3,7 @@
 import logging
 from collections.abc import Mapping
 
-from huey import SqliteHuey
+from huey import SqliteHuey, crontab
 
 from core import training
 from core.config import get_settings
@@ -31,12 +31,34 @@ def bind_storage() -> None:
     huey.storage = huey.create_storage()
 
 
-@huey.task(retries=get_settings().training_retries, retry_delay=1, context=True)
-def run_training_job(round_id: int, task=None) -> None:
-    """Train one round; Huey retries it, the last attempt marks it failed."""
-    final = task is None or task.retries == 0
+@huey.task(retries=get_settings().training_retries, retry_delay=1)
+def run_training_job(round_id: int) -> None:
+    """Train one round. It raises only when core wants a retry; core counts
+    the attempts (crash recovery re-enqueues too) and fails the last one."""
     with session_scope() as session:
-        training.run_training_round(round_id, session=session, final_attempt=final)
+        training.run_training_round(round_id, session=session)
+
+
+@huey.periodic_task(crontab(minute="*"))
+def recover_lost_jobs() -> list[int]:
+    """Every minute: re-enqueue rounds whose worker died (see core.training)."""
+    return requeue_stale_rounds()
+
+
+def requeue_stale_rounds() -> list[int]:
+    """Re-enqueue (or fail) rounds with a stale heartbeat; returns the re-enqueued ids."""
+    with session_scope() as session:
+        round_ids = training.recover_stale_rounds(session=session)
+        tasks = {round_id: run_training_job.s(round_id) for round_id in round_ids}
+        for round_id, task in tasks.items():
+            round_ = session.get(TrainingRound, round_id)
+            round_.queue_task_id = task.id
+            session.add(round_)
+    for task in tasks.values():
+        huey.enqueue(task)
+    for round_id in round_ids:
+        log.warning("round %s lost its worker; re-enqueued to resume from its checkpoint", round_id)
+    return round_ids
 
 
 def submit_training(params: Mapping | None, *, requested_by: str | None = None) -> TrainingRound:

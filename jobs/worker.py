@@ -2,10 +2,10 @@
 
 import logging
 
-from core import registry
+from core import registry, training
 from core.config import get_settings
 from core.db import session_scope
-from jobs.queue import huey
+from jobs.queue import huey, requeue_stale_rounds
 
 log = logging.getLogger(__name__)
 
@@ -13,8 +13,11 @@ log = logging.getLogger(__name__)
 def run_worker(workers: int = 1) -> None:
     """Consume training jobs until interrupted. One job at a time per worker."""
     settings = get_settings()
+    requeue_stale_rounds()
     with session_scope() as session:
-        removed = registry.cleanup_orphan_files(session=session)
+        # Files of a job that is exporting right now look like orphans too.
+        busy = training.active_rounds(session=session) > 0
+        removed = [] if busy else registry.cleanup_orphan_files(session=session)
     for path in removed:
         log.warning("removed %s: no model version refers to it (left by an interrupted job)", path)
     poll = settings.queue_poll_interval

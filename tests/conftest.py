@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _clear_caches(bind_queue: bool = True) -> None:
     from core.config import get_settings
-    from core.db import get_engine
+    from core.db import clear_engines
 
     get_settings.cache_clear()
-    get_engine.cache_clear()
+    clear_engines()
     if bind_queue and "jobs.queue" in sys.modules:
         sys.modules["jobs.queue"].bind_storage()
 
