@@ -40,7 +40,7 @@ def validation_error(request: Request, exc: RequestValidationError) -> JSONRespo
 
 
 def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "Internal error; the server log has the details"}, status_code=500)
 
 
