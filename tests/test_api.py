@@ -443,6 +443,32 @@ def test_openapi_document_lists_every_route_with_bearer_auth(client):
     assert "between 1 and 500" in train["epochs"]["description"]
 
 
+# --- the combined app: dashboard and API on one port ------------------------------
+
+
+def test_combined_app_serves_the_dashboard_and_the_api_under_api(data_dir, session):
+    from starlette.testclient import TestClient
+
+    from server import app
+
+    headers = add_token(session, "viewer")
+    # Streamlit's runtime is a process-wide singleton: start the combined app once per test process.
+    with TestClient(app) as combined:
+        assert combined.get("/api/health/").json()["status"] == "ok"
+        assert combined.get("/api/categories/", headers=headers).json() == {"categories": []}
+        assert combined.get("/api/categories/").status_code == 401
+        redirect = combined.get("/api/health", follow_redirects=False)
+        assert redirect.status_code == 307 and redirect.headers["location"].endswith("/api/health/")
+        assert "/api/openapi.json" in combined.get("/api/docs").text
+        assert combined.get("/api/openapi.json").json()["info"]["title"] == "Training dashboard API"
+        dashboard = combined.get("/")
+        assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
+        add_fake_version(session)
+        url = combined.get("/api/models/latest/", headers=headers).json()["artifacts"][0]["url"]
+        assert url == "http://testserver/api/models/download/?version=1.0.0&format=ptl"
+        assert combined.get(url, headers=headers).content == b"stand-in ptl of 1.0.0"
+
+
 # --- the server as `make run` starts it ---------------------------------------------
 
 
