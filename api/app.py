@@ -27,6 +27,8 @@ def user_error(request: Request, exc: UserError) -> JSONResponse:
 
 
 def _describe(error: dict) -> str:
+    if error["type"] == "json_invalid":
+        return f"The request body is not valid JSON ({error.get('ctx', {}).get('error', 'cannot be parsed')})"
     # ("body", "epochs") -> "epochs"; the location kind is noise to a caller.
     path = [str(part) for part in error["loc"] if part not in ("body", "query", "path", "header", "form")]
     field = ".".join(path) or "request body"

@@ -143,15 +143,24 @@ def test_training_without_enough_validated_images_gives_the_counts(client, sessi
         ({"epochs": 2.5}, 422, "epochs: Input should be a valid integer"),
         ({"learning_rate": "fast"}, 422, "learning_rate: Input should be a valid number"),
         ({"momentum": 0.9}, 400, "Unknown parameter(s) momentum; allowed:"),
+        ([20, 32], 422, "request body: Input should be a valid dictionary"),
     ],
 )
 def test_training_parameters_out_of_range_name_the_field_and_range(client, tokens, body, status, detail):
     response = client.post("/models/train/", json=body, headers=tokens["operator"])
     assert response.status_code == status
     assert detail in response.json()["detail"]
-    if status == 422:
+    if status == 422 and isinstance(body, dict):
         # FastAPI's own validation errors say what to fix too, range included.
         assert "between" in response.json()["detail"]
+
+
+def test_a_body_that_is_not_json_is_422_saying_so(client, tokens):
+    response = client.post(
+        "/models/train/", content=b"{epochs: 5", headers={**tokens["operator"], "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("The request body is not valid JSON (")
 
 
 def test_a_queued_job_has_the_original_shapes_and_can_be_cancelled(client, session, tokens):
