@@ -224,6 +224,61 @@ def test_unknown_job_id_is_404(client, tokens):
     assert response.status_code == 404
 
 
+def test_a_running_job_reports_epoch_progress_and_the_metrics_so_far(client, session, tokens):
+    from core.models import EpochMetric
+
+    running = TrainingRound(
+        status=RoundStatus.in_progress,
+        parameters={"epochs": 4},
+        started_at=utcnow(),
+        attempts=1,
+        current_epoch=2,
+        current_batch=3,
+        total_batches=4,
+        progress=0.4375,
+        total_images=60,
+        category_distribution={"cat": 30, "dog": 30},
+    )
+    session.add(running)
+    session.flush()
+    session.add(
+        EpochMetric(
+            round_id=running.id,
+            epoch=1,
+            train_loss=0.9,
+            train_accuracy=61.0,
+            val_loss=1.1,
+            val_accuracy=55.0,
+            learning_rate=0.001,
+            seconds=2.5,
+        )
+    )
+    session.commit()
+    status = client.get(f"/models/training-status/{running.job_id}/", headers=tokens["device"]).json()
+    assert status["status"] == "in_progress" and status["queue_status"] == "STARTED"
+    assert (status["current_epoch"], status["total_epochs"], status["progress"]) == (2, 4, 0.4375)
+    assert (status["current_batch"], status["total_batches"], status["attempts"]) == (3, 4, 1)
+    assert status["epoch_metrics"] == [
+        {
+            "epoch": 1,
+            "train_loss": 0.9,
+            "train_accuracy": 61.0,
+            "val_loss": 1.1,
+            "val_accuracy": 55.0,
+            "learning_rate": 0.001,
+            "seconds": 2.5,
+        }
+    ]
+    assert status["metrics"] == {"total_images": 60, "category_distribution": {"cat": 30, "dog": 30}}
+    assert status["model_version"] is None and status["error"] is None
+
+    cancel = client.post(f"/models/training/{running.job_id}/cancel/", headers=tokens["admin"]).json()
+    assert (cancel["status"], cancel["queue_status"]) == ("in_progress", "STARTED")
+    assert cancel["message"] == "Cancel requested: the job stops after its current batch"
+    status = client.get(f"/models/training-status/{running.job_id}/", headers=tokens["device"]).json()
+    assert status["cancel_requested"] is True
+
+
 def test_completed_and_failed_jobs_report_their_outcome(client, session, tokens):
     version = add_fake_version(session)
     start = utcnow() - timedelta(minutes=15)
