@@ -14,7 +14,8 @@ from pathlib import Path
 from sqlmodel import col, select
 
 from core import registry, review, training
-from core.config import get_settings
+from core.access import Role
+from core.config import REPO_ROOT, get_settings
 from core.db import session_scope
 from core.errors import UserError
 from core.ingest import import_folder
@@ -199,6 +200,38 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_token(args) -> int:
+    from core import tokens
+
+    with session_scope() as session:
+        if args.action == "create":
+            created = tokens.create_token(
+                session=session, role=args.role, label=args.label, expires_days=args.expires_days
+            )
+            token = created.token
+            until = f", expires {token.expires_at:%Y-%m-%d}" if token.expires_at else ""
+            print(
+                f"Token {token.id} for '{token.label}' (role {token.role}{until}). Copy it now, it is not shown again:"
+            )
+            print(created.secret)
+            return 0
+        if args.action == "revoke":
+            token = tokens.revoke_token(args.id, session=session)
+            print(f"Token {token.id} ('{token.label}') is revoked.")
+            return 0
+        rows = tokens.list_tokens(session=session)
+        states = [tokens.token_state(t) for t in rows]
+    if not rows:
+        print("No API tokens yet: python -m core token create --role device --label NAME")
+        return 0
+    print(f"{'id':>4}  {'role':<9} {'state':<8} {'created':<17} {'last used':<17} {'expires':<11} label")
+    for t, state in zip(rows, states, strict=True):
+        used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
+        expires = f"{t.expires_at:%Y-%m-%d}" if t.expires_at else "never"
+        print(f"{t.id:>4}  {t.role:<9} {state:<8} {t.created_at:%Y-%m-%d %H:%M} {used:<17} {expires:<11} {t.label}")
+    return 0
+
+
 def cmd_worker(args) -> int:
     from jobs.worker import run_worker
 
@@ -226,9 +259,10 @@ def cmd_serve(args) -> int:
     port, host = str(args.port), args.host
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     worker = subprocess.Popen([sys.executable, "-m", "core", "worker"], env=env)
+    # server.py is the dashboard with the HTTP API mounted at /api (one port).
     web = subprocess.Popen(
         [
-            sys.executable, "-m", "streamlit", "run", "dashboard.py",
+            sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "server.py"),
             "--server.port", port, "--server.address", host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
         ],
@@ -236,6 +270,7 @@ def cmd_serve(args) -> int:
     )  # fmt: skip
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     print(f"\n  Training dashboard: open http://{shown}:{port} in your browser", flush=True)
+    print(f"  HTTP API for phones: http://{shown}:{port}/api/ (docs at /api/docs)", flush=True)
     print(f"  Data folder: {get_settings().data_dir}   (Ctrl-C stops the server and the worker)\n", flush=True)
     try:
         while worker.poll() is None and web.poll() is None:
@@ -321,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8501")))
     p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="create, list or revoke HTTP API tokens")
+    token_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = token_sub.add_parser("create", help="a new token; its secret is shown once")
+    t.add_argument("--role", required=True, choices=[r.value for r in Role])
+    t.add_argument("--label", required=True, help="who or what uses it")
+    t.add_argument("--expires-days", type=float, help="default: never expires")
+    token_sub.add_parser("list", help="all tokens (never their secrets)")
+    t = token_sub.add_parser("revoke", help="revoke a token for good")
+    t.add_argument("id", type=int)
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("worker", help="run a queue consumer (training jobs)")
     p.add_argument("--workers", type=int, default=1)

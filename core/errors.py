@@ -33,3 +33,15 @@ class FileTooLargeError(InvalidImageError):
 
 class TrainingCancelled(Exception):
     """Raised inside the training loop when someone cancelled the round."""
+
+
+class AuthenticationError(UserError):
+    """A missing, unknown, revoked or expired credential."""
+
+    status_code = 401
+
+
+class PermissionDeniedError(UserError):
+    """A valid credential whose role does not allow the action."""
+
+    status_code = 403

@@ -63,15 +63,19 @@ def safe_filename(name: str) -> str:
     return base or "unnamed"
 
 
+def check_size(size: int, filename: str = "file") -> None:
+    """Raise FileTooLargeError when `size` bytes is over the upload limit."""
+    limit = get_settings().max_upload_bytes
+    if size > limit:
+        raise FileTooLargeError(f"{filename}: the file is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.1f} MB")
+
+
 def check_image(data: bytes, filename: str = "file") -> CheckedImage:
     """Decode `data` fully; raise InvalidImageError saying why it is unusable."""
     settings = get_settings()
     if not data:
         raise InvalidImageError(f"{filename}: the file is empty (0 bytes)")
-    if len(data) > settings.max_upload_bytes:
-        raise FileTooLargeError(
-            f"{filename}: the file is {len(data) / 1e6:.1f} MB; the limit is {settings.max_upload_bytes / 1e6:.1f} MB"
-        )
+    check_size(len(data), filename)
     try:
         with Image.open(io.BytesIO(data)) as im:
             pixels = im.width * im.height

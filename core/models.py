@@ -13,6 +13,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime | None) -> datetime | None:
+    """`moment` with its UTC zone (SQLite hands datetimes back without it)."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
 class ImageStatus(StrEnum):
     pending = "pending"
     validated = "validated"
@@ -147,3 +152,16 @@ class PromotionEvent(SQLModel, table=True):
     action: str  # promote | rollback | auto
     by: str | None = None
     at: datetime = Field(default_factory=utcnow)
+
+
+# A bearer token for the HTTP API. Only the SHA-256 of the secret is stored.
+class ApiToken(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    label: str
+    # device | viewer | operator | admin (see core/access.py)
+    role: str = Field(index=True)
+    token_hash: str = Field(unique=True, index=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None

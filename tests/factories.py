@@ -48,3 +48,56 @@ def add_demo(session: Session, per_category: int = 12, size: int = 32, status=Im
     report = load_demo_dataset(session=session, per_category=per_category, size=size, status=status)
     session.commit()
     return report
+
+
+def add_token(session: Session, role: str, **kwargs) -> dict[str, str]:
+    """A new API token for `role`; returns the Authorization header that sends it."""
+    from core.tokens import create_token
+
+    created = create_token(session=session, role=role, label=kwargs.pop("label", f"test {role}"), **kwargs)
+    session.commit()
+    return {"Authorization": f"Bearer {created.secret}"}
+
+
+def add_fake_version(session: Session, version: str = "1.0.0", *, production: bool = True, classes=("cat", "dog")):
+    """A ModelVersion with small stand-in artifact files (for download tests, no training)."""
+    import hashlib
+
+    from core.config import get_settings
+    from core.export import artifact_path, runtime_version
+    from core.models import ModelVersion
+    from core.registry import parse_version
+
+    artifacts = []
+    for fmt in ("ptl", "pte"):
+        path = artifact_path(version, fmt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = f"stand-in {fmt} of {version}".encode()
+        path.write_bytes(data)
+        artifacts.append(
+            {
+                "format": fmt,
+                "path": path.relative_to(get_settings().data_dir).as_posix(),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size_bytes": len(data),
+                "runtime": runtime_version(fmt),
+                "parity": {"passed": True},
+            }
+        )
+    major, minor, patch = parse_version(version)
+    model = ModelVersion(
+        version=version,
+        major=major,
+        minor=minor,
+        patch=patch,
+        classes=list(classes),
+        architecture="mobilenet_v3_small",
+        image_size=32,
+        checkpoint_path=f"checkpoints/model_{version}.pt",
+        metrics={"train_accuracy": 98.2, "val_accuracy": 95.5, "model_size_mb": 8.1},
+        artifacts=artifacts,
+        is_production=production,
+    )
+    session.add(model)
+    session.commit()
+    return model

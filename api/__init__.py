@@ -1,0 +1,1 @@
+"""The HTTP API for mobile apps and scripts (FastAPI, mounted at /api by server.py)."""

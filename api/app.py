@@ -1,0 +1,58 @@
+"""The FastAPI app: routes, and every error as JSON `{"detail": "..."}`."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.routes import router
+from api.schemas import allowed_range
+from core.errors import AuthenticationError, UserError
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+The training dashboard's API for mobile apps and scripts.
+
+Send `Authorization: Bearer <token>` on every call except `/health/`.
+Tokens come from `python -m core token create --role device|viewer|operator|admin --label NAME`.
+Errors are JSON `{"detail": "..."}` saying what to fix.
+"""
+
+
+def user_error(request: Request, exc: UserError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+
+
+def _describe(error: dict) -> str:
+    if error["type"] == "json_invalid":
+        return f"The request body is not valid JSON ({error.get('ctx', {}).get('error', 'cannot be parsed')})"
+    # ("body", "epochs") -> "epochs"; the location kind is noise to a caller.
+    path = [str(part) for part in error["loc"] if part not in ("body", "query", "path", "header", "form")]
+    field = ".".join(path) or "request body"
+    text = f"{field}: {error['msg']}"
+    allowed = allowed_range(path[-1]) if path else None
+    return f"{text} ({allowed})" if allowed else text
+
+
+def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": "; ".join(_describe(e) for e in exc.errors())}, status_code=422)
+
+
+def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "Internal error; the server log has the details"}, status_code=500)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Training dashboard API", version="1.0.0", description=DESCRIPTION)
+    app.include_router(router)
+    app.add_exception_handler(UserError, user_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    return app
+
+
+app = create_app()

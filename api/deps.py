@@ -1,0 +1,55 @@
+"""Who is calling: the bearer token, checked once per request, and its role."""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from core import tokens
+from core.access import Permission, check_permission
+from core.db import read_session, session_scope
+from core.errors import AuthenticationError
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="An API token from `python -m core token create --role device|viewer|operator|admin --label NAME`",
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    token_id: int
+    label: str
+    role: str
+
+    @property
+    def name(self) -> str:
+        """How the caller appears in `uploaded_by`, `requested_by` and histories."""
+        return f"api:{self.label}"
+
+
+def authenticate(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    if credentials is None:
+        raise AuthenticationError("Missing API token: send the header 'Authorization: Bearer <token>'")
+    with read_session() as session:
+        token = tokens.verify_token(credentials.credentials, session=session)
+    if tokens.needs_touch(token):
+        with session_scope() as session:
+            tokens.touch_token(token.id, session=session)
+    return Caller(token.id, token.label, token.role)
+
+
+def require(permission: Permission):
+    """A dependency that lets the request through only with `permission`."""
+
+    def check(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+        check_permission(caller.role, permission)
+        return caller
+
+    return Depends(check)
+
+
+Reader = Annotated[Caller, require(Permission.read)]
+Uploader = Annotated[Caller, require(Permission.upload_images)]
+Trainer = Annotated[Caller, require(Permission.train)]

@@ -1,0 +1,227 @@
+"""The routes. Each one checks the caller, calls `core` or `jobs`, and shapes the answer."""
+
+import logging
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sqlalchemy import text
+
+import jobs
+from api.deps import Reader, Trainer, Uploader
+from api.schemas import (
+    CancelResponse,
+    CategoryList,
+    EpochRow,
+    Health,
+    ModelManifest,
+    TrainingStatus,
+    TrainRequest,
+    TrainResponse,
+    UploadResponse,
+)
+from core import manifest, registry, review, training
+from core.db import read_session, session_scope
+from core.errors import InvalidImageError
+from core.ingest import IngestReport, check_size, get_or_create_category, ingest_bytes
+from core.models import EpochMetric, ImageSource, ModelVersion, RoundStatus, TrainingRound, as_utc
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+# The old service reported Celery's task states; apps still read them.
+QUEUE_STATUS = {
+    RoundStatus.queued: "PENDING",
+    RoundStatus.in_progress: "STARTED",
+    RoundStatus.completed: "SUCCESS",
+    RoundStatus.failed: "FAILURE",
+    RoundStatus.cancelled: "REVOKED",
+}
+
+
+@router.post("/models/train/", status_code=202, tags=["training"])
+def start_training(caller: Trainer, body: TrainRequest | None = None) -> TrainResponse:
+    """Queue a training job on all validated images."""
+    round_ = jobs.submit_training((body or TrainRequest()).model_dump(), requested_by=caller.name)
+    return TrainResponse(
+        job_id=round_.job_id,
+        training_round_id=round_.id,
+        status=round_.status.value,
+        message=f"Training job started with {round_.total_images} images",
+        parameters=round_.parameters,
+        warnings=round_.warnings,
+    )
+
+
+def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVersion | None) -> TrainingStatus:
+    report = TrainingStatus(
+        job_id=round_.job_id,
+        training_round_id=round_.id,
+        status=round_.status.value,
+        queue_status=QUEUE_STATUS[round_.status],
+        start_time=round_.started_at,
+        finished_time=round_.finished_at,
+        attempts=round_.attempts,
+        current_epoch=round_.current_epoch,
+        total_epochs=round_.parameters.get("epochs", 0),
+        current_batch=round_.current_batch,
+        total_batches=round_.total_batches,
+        progress=round_.progress,
+        epoch_metrics=[EpochRow.model_validate(m, from_attributes=True) for m in epochs],
+        metrics={"total_images": round_.total_images, "category_distribution": round_.category_distribution},
+        warnings=round_.warnings,
+        cancel_requested=round_.cancel_requested,
+        error=round_.error,
+    )
+    if version is not None:
+        report.model_version = version.version
+        report.model_version_id = version.id
+        report.accuracy = version.metrics.get("val_accuracy")
+        report.metrics |= {key: version.metrics.get(key) for key in ("train_accuracy", "val_accuracy", "model_size_mb")}
+        if round_.started_at and round_.finished_at:
+            seconds = (as_utc(round_.finished_at) - as_utc(round_.started_at)).total_seconds()
+            report.duration_minutes = round(seconds / 60, 2)
+    return report
+
+
+@router.get("/models/training-status/{job_id}/", tags=["training"])
+def training_status(job_id: str, caller: Reader) -> TrainingStatus:
+    """A job's state, progress, per-epoch metrics so far and, once completed, its model."""
+    with read_session() as session:
+        round_ = training.get_round(job_id, session=session)
+        epochs = training.epoch_metrics(round_.id, session=session)
+        version = (
+            registry.get_version_by_id(round_.model_version_id, session=session) if round_.model_version_id else None
+        )
+    return _status(round_, epochs, version)
+
+
+@router.post("/models/training/{job_id}/cancel/", tags=["training"])
+def cancel_training(job_id: str, caller: Trainer) -> CancelResponse:
+    """Cancel a queued job, or ask a running one to stop after its current batch."""
+    round_ = jobs.cancel_training(job_id, by=caller.name)
+    message = (
+        "Job cancelled before it started"
+        if round_.status == RoundStatus.cancelled
+        else "Cancel requested: the job stops after its current batch"
+    )
+    return CancelResponse(
+        job_id=round_.job_id,
+        training_round_id=round_.id,
+        status=round_.status.value,
+        queue_status=QUEUE_STATUS[round_.status],
+        message=message,
+    )
+
+
+@router.get("/models/latest/", tags=["models"])
+def latest_model(request: Request, caller: Reader) -> ModelManifest:
+    """The production model: classes in output order, input, metrics and files to download."""
+
+    def download_url(version: str, fmt: str) -> str:
+        return str(request.url_for("download_model").include_query_params(version=version, format=fmt))
+
+    with read_session() as session:
+        version = manifest.resolve_version(None, session=session)
+    return ModelManifest.model_validate(manifest.model_manifest(version, download_url=download_url))
+
+
+def _etag_matches(if_none_match: str, sha256: str) -> bool:
+    tags = {tag.strip().removeprefix("W/").strip('"') for tag in if_none_match.split(",")}
+    return "*" in tags or sha256 in tags
+
+
+@router.get(
+    "/models/download/",
+    response_class=FileResponse,
+    tags=["models"],
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The model file"},
+        304: {"description": "The file matches If-None-Match: the phone already has it"},
+    },
+)
+def download_model(
+    caller: Reader,
+    version: Annotated[str | None, Query(description="MAJOR.MINOR.PATCH; default: the production model")] = None,
+    fmt: Annotated[str, Query(alias="format", description="ptl (lite interpreter) or pte (ExecuTorch)")] = "ptl",
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """A model file, with its SHA-256 as ETag so unchanged models are not sent again."""
+    with read_session() as session:
+        model = manifest.resolve_version(version, session=session)
+    artifact = manifest.artifact_file(model, fmt)
+    headers = {"ETag": f'"{artifact.sha256}"', "Cache-Control": "no-cache"}
+    if if_none_match and _etag_matches(if_none_match, artifact.sha256):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(
+        artifact.path, media_type="application/octet-stream", filename=artifact.filename, headers=headers
+    )
+
+
+@router.post("/images/", tags=["images"])
+def upload_images(
+    caller: Uploader,
+    images: Annotated[list[UploadFile], File(description="One or more image files (JPEG, PNG, WebP, ...)")],
+    category: Annotated[str, Form(description="An existing category name")],
+    device_id: Annotated[str | None, Form(description="The phone that took the pictures")] = None,
+) -> UploadResponse:
+    """Store photos from a phone; they wait for review (`pending`)."""
+    for upload in images:
+        check_size(upload.size or 0, upload.filename or "upload")
+    report = IngestReport()
+    with session_scope() as session:
+        # Checked once, before any file, so a typo does not refuse every file separately.
+        get_or_create_category(category, session=session, create=False)
+        for upload in images:
+            report.results.append(
+                ingest_bytes(
+                    upload.file.read(),
+                    upload.filename or "upload",
+                    session=session,
+                    category=category,
+                    source=ImageSource.mobile,
+                    device_id=device_id,
+                    uploaded_by=caller.name,
+                    create_category=False,
+                )
+            )
+        if len(report.refused) == len(report.results):
+            raise InvalidImageError("; ".join(r.reason for r in report.refused))
+    return UploadResponse(
+        category=category.strip(),
+        device_id=device_id,
+        stored=report.count("stored"),
+        duplicates=report.count("duplicate"),
+        refused=report.count("refused"),
+        message=f"{report.summary()}; new images wait for review",
+        results=[asdict(r) for r in report.results],
+    )
+
+
+@router.get("/categories/", tags=["images"])
+def list_categories(caller: Reader) -> CategoryList:
+    """Category names (for the phone's picker) and their validated image counts."""
+    with read_session() as session:
+        counts = review.validated_counts(session=session)
+    return CategoryList(categories=[{"name": name, "validated_images": n} for name, n in counts.items()])
+
+
+@router.get("/health/", tags=["health"], response_model=Health, responses={503: {"model": Health}})
+def health() -> Health | JSONResponse:
+    """No token needed: is the database reachable, and the queue?"""
+    report = {"status": "ok", "database": "ok", "queue": "ok", "queued_jobs": None}
+    try:
+        with read_session() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:
+        log.warning("health: database unreachable", exc_info=True)
+        report |= {"status": "unavailable", "database": f"unreachable: {exc}"}
+    try:
+        report["queued_jobs"] = jobs.huey.pending_count()
+    except Exception as exc:
+        log.warning("health: queue unreachable", exc_info=True)
+        report |= {"status": "unavailable", "queue": f"unreachable: {exc}"}
+    if report["status"] != "ok":
+        return JSONResponse(report | {"detail": "The service is not ready"}, status_code=503)
+    return Health(**report)

@@ -1,0 +1,164 @@
+"""Request and response bodies. Ranges are not repeated here: the training
+parameters are checked by `core.training.TrainingConfig.from_params`."""
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from core.models import as_utc
+from core.training import ARCHITECTURES, PARAM_RANGES, TrainingConfig
+
+# Datetimes come back from SQLite without a zone; they are UTC.
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+_DEFAULTS = TrainingConfig()
+
+
+def allowed_range(name: str) -> str | None:
+    """'between 1 and 500' for a training parameter, None for other fields."""
+    if name not in PARAM_RANGES:
+        return None
+    _, low, high = PARAM_RANGES[name]
+    return f"between {low:g} and {high:g}"
+
+
+def _param(name: str, text: str) -> Any:
+    extra = allowed_range(name)
+    return Field(getattr(_DEFAULTS, name), description=f"{text}; {extra}" if extra else text)
+
+
+# POST /models/train/: the original four fields and the dashboard's advanced ones.
+class TrainRequest(BaseModel):
+    # Unknown fields reach TrainingConfig.from_params, which names them in its error.
+    model_config = ConfigDict(extra="allow")
+
+    epochs: int = _param("epochs", "Passes over the training images")
+    batch_size: int = _param("batch_size", "Images per optimisation step")
+    learning_rate: float = _param("learning_rate", "Peak learning rate (AdamW, cosine schedule)")
+    use_existing_model: bool = _param(
+        "use_existing_model", "Fine-tune the production model when its classes and architecture match"
+    )
+    architecture: str = _param("architecture", f"One of {', '.join(ARCHITECTURES)}")
+    image_size: int = _param("image_size", "Input size in pixels (square)")
+    val_split: float = _param("val_split", "Fraction of each category held out for validation")
+    seed: int = _param("seed", "Random seed for the split and the initialisation")
+
+
+class TrainResponse(BaseModel):
+    job_id: str
+    training_round_id: int
+    status: str
+    message: str
+    parameters: dict[str, Any]
+    warnings: list[str]
+
+
+class EpochRow(BaseModel):
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    learning_rate: float
+    seconds: float
+
+
+# The original shapes: `metrics` holds the dataset while running, and the
+# model's accuracies (percent) too once completed.
+class TrainingStatus(BaseModel):
+    job_id: str
+    training_round_id: int
+    status: str
+    queue_status: str
+    start_time: UtcDatetime | None
+    finished_time: UtcDatetime | None
+    attempts: int
+    current_epoch: int
+    total_epochs: int
+    current_batch: int
+    total_batches: int
+    progress: float = Field(description="Fraction of the whole job done, 0..1")
+    epoch_metrics: list[EpochRow]
+    metrics: dict[str, Any]
+    warnings: list[str]
+    cancel_requested: bool
+    error: str | None = None
+    model_version: str | None = None
+    model_version_id: int | None = None
+    accuracy: float | None = Field(None, description="Validation accuracy in percent")
+    duration_minutes: float | None = None
+
+
+class CancelResponse(BaseModel):
+    job_id: str
+    training_round_id: int
+    status: str
+    queue_status: str
+    message: str
+
+
+class ModelInput(BaseModel):
+    shape: list[int]
+    layout: str
+    dtype: str
+    color: str
+    resize: str
+    scale: float
+    mean: list[float]
+    std: list[float]
+
+
+class ArtifactEntry(BaseModel):
+    format: str
+    filename: str
+    url: str
+    sha256: str
+    size_bytes: int
+    runtime: str
+
+
+class ModelManifest(BaseModel):
+    version: str
+    model_version_id: int
+    created: UtcDatetime
+    is_production: bool
+    architecture: str
+    classes: list[str] = Field(description="Class names in the model's output order")
+    num_classes: int
+    input: ModelInput
+    metrics: dict[str, float | None]
+    artifacts: list[ArtifactEntry]
+
+
+class FileOutcome(BaseModel):
+    filename: str
+    outcome: str = Field(description="stored, duplicate or refused")
+    image_id: int | None = Field(None, description="The new image, or the one it duplicates")
+    reason: str | None = None
+
+
+class UploadResponse(BaseModel):
+    category: str
+    device_id: str | None
+    stored: int
+    duplicates: int
+    refused: int
+    message: str
+    results: list[FileOutcome]
+
+
+class CategoryEntry(BaseModel):
+    name: str
+    validated_images: int
+
+
+class CategoryList(BaseModel):
+    categories: list[CategoryEntry]
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    queue: str
+    queued_jobs: int | None = None

@@ -1,0 +1,102 @@
+"""API tokens: random secrets shown once, stored as SHA-256, revocable."""
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlmodel import Session, col, select
+
+from core.access import parse_role
+from core.errors import AuthenticationError, NotFoundError, UserError
+from core.models import ApiToken, as_utc, utcnow
+
+PREFIX = "tdb_"
+# last_used_at is written at most this often per token, so reads stay reads.
+TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class CreatedToken:
+    token: ApiToken
+    # The only time the secret exists outside the caller's hands.
+    secret: str
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(*, session: Session, role: str, label: str, expires_days: float | None = None) -> CreatedToken:
+    """A new token for `role`; the returned secret is not stored anywhere."""
+    role = parse_role(role)
+    label = label.strip()
+    if not label:
+        raise UserError("A token needs a label (who or what uses it, e.g. 'pixel-7 of Ana')")
+    if expires_days is not None and expires_days <= 0:
+        raise UserError(f"--expires-days must be positive (got {expires_days:g})")
+    secret = PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken(
+        label=label,
+        role=role.value,
+        token_hash=hash_secret(secret),
+        expires_at=utcnow() + timedelta(days=expires_days) if expires_days else None,
+    )
+    session.add(token)
+    session.flush()
+    return CreatedToken(token, secret)
+
+
+def verify_token(secret: str, *, session: Session) -> ApiToken:
+    """The live token whose secret this is; AuthenticationError otherwise."""
+    token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret.strip()))).first()
+    if token is None:
+        raise AuthenticationError("Unknown API token: check it, or create one with `python -m core token create`")
+    state = token_state(token)
+    if state == "revoked":
+        raise AuthenticationError(f"API token {token.id} ('{token.label}') was revoked: ask for a new one")
+    if state == "expired":
+        raise AuthenticationError(
+            f"API token {token.id} ('{token.label}') expired on {as_utc(token.expires_at):%Y-%m-%d %H:%M} UTC: "
+            "ask for a new one"
+        )
+    return token
+
+
+def needs_touch(token: ApiToken) -> bool:
+    last = as_utc(token.last_used_at)
+    return last is None or utcnow() - last >= TOUCH_INTERVAL
+
+
+def touch_token(token_id: int, *, session: Session) -> None:
+    """Record that the token was just used."""
+    token = session.get(ApiToken, token_id)
+    if token is not None:
+        token.last_used_at = utcnow()
+        session.add(token)
+        session.flush()
+
+
+def revoke_token(token_id: int, *, session: Session) -> ApiToken:
+    """Revoke a token for good (revoking twice is harmless)."""
+    token = session.get(ApiToken, token_id)
+    if token is None:
+        raise NotFoundError(f"No API token with id {token_id}; `python -m core token list` shows them")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+        session.add(token)
+        session.flush()
+    return token
+
+
+def list_tokens(*, session: Session) -> list[ApiToken]:
+    """All tokens, newest first (revoked and expired ones included)."""
+    return list(session.exec(select(ApiToken).order_by(col(ApiToken.id).desc())))
+
+
+def token_state(token: ApiToken) -> str:
+    """`active`, `revoked` or `expired`."""
+    if token.revoked_at is not None:
+        return "revoked"
+    expires = as_utc(token.expires_at)
+    return "expired" if expires is not None and expires <= utcnow() else "active"

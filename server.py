@@ -1,0 +1,12 @@
+"""One ASGI app on one port: the Streamlit dashboard, with the HTTP API at /api.
+
+`python -m core serve` (what `make run` does) runs `streamlit run server.py`;
+`uvicorn server:app` serves it too.
+"""
+
+import streamlit as st
+from starlette.routing import Mount
+
+from api.app import app as api_app
+
+app = st.App("dashboard.py", routes=[Mount("/api", app=api_app)])

@@ -1,0 +1,622 @@
+"""The HTTP API through real HTTP requests: in-process, and as `make run` serves it."""
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlmodel import select
+
+from core import review
+from core.db import read_session
+from core.models import ImageSource, ImageStatus, RoundStatus, TrainingImage, TrainingRound, utcnow
+from tests.conftest import ROOT, wait_for
+from tests.factories import add_demo, add_fake_version, add_images, add_token, distinct_images, image_bytes
+
+
+@pytest.fixture
+def client(data_dir):
+    from fastapi.testclient import TestClient
+
+    # Imported after DATA_DIR is set, so the queue file lands in the test's folder.
+    from api.app import app
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def tokens(session):
+    """Authorization headers per role."""
+    return {role: add_token(session, role) for role in ("device", "viewer", "operator", "admin")}
+
+
+# --- health and access --------------------------------------------------------
+
+
+def test_health_needs_no_token_and_reports_database_and_queue(client):
+    response = client.get("/health/")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok", "queue": "ok", "queued_jobs": 0}
+
+
+@pytest.mark.parametrize(
+    "route", ["/categories/", "/models/latest/", "/models/download/", "/models/training-status/x/"]
+)
+def test_reading_without_a_token_is_401_saying_how_to_send_one(client, route):
+    response = client.get(route)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Missing API token: send the header 'Authorization: Bearer <token>'"}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_unknown_revoked_and_expired_tokens_are_401_with_the_reason(client, session):
+    from core.tokens import revoke_token
+
+    response = client.get("/categories/", headers={"Authorization": "Bearer tdb_not-a-real-token"})
+    assert response.status_code == 401 and "Unknown API token" in response.json()["detail"]
+    response = client.get("/categories/", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert response.status_code == 401 and "Missing API token" in response.json()["detail"]
+
+    revoked = add_token(session, "viewer", label="old phone")
+    assert client.get("/categories/", headers=revoked).status_code == 200
+    revoke_token(1, session=session)
+    session.commit()
+    response = client.get("/categories/", headers=revoked)
+    assert response.status_code == 401
+    assert response.json()["detail"] == "API token 1 ('old phone') was revoked: ask for a new one"
+
+    expired = add_token(session, "viewer", label="temp", expires_days=1)
+    assert client.get("/categories/", headers=expired).status_code == 200
+    from core.models import ApiToken
+
+    token = session.get(ApiToken, 2)
+    token.expires_at = utcnow() - timedelta(minutes=1)
+    session.add(token)
+    session.commit()
+    response = client.get("/categories/", headers=expired)
+    assert response.status_code == 401
+    assert "API token 2 ('temp') expired on" in response.json()["detail"]
+
+
+def test_a_token_records_when_it_was_last_used(client, session):
+    from core.models import ApiToken
+
+    headers = add_token(session, "viewer")
+    # Reads go through read_session: the fixture's session would take the write lock.
+    with read_session() as reader:
+        assert reader.get(ApiToken, 1).last_used_at is None
+    client.get("/categories/", headers=headers)
+    with read_session() as reader:
+        assert reader.get(ApiToken, 1).last_used_at is not None
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "route", "allowed"),
+    [
+        ("viewer", "post", "/models/train/", False),
+        ("device", "post", "/models/train/", False),
+        ("viewer", "post", "/models/training/x/cancel/", False),
+        ("device", "post", "/models/training/x/cancel/", False),
+        ("viewer", "post", "/images/", False),
+        ("operator", "post", "/images/", False),
+        ("device", "get", "/models/latest/", True),
+        ("viewer", "get", "/categories/", True),
+        ("operator", "post", "/models/train/", True),
+        ("admin", "post", "/models/train/", True),
+        ("admin", "post", "/images/", True),
+    ],
+)
+def test_each_role_may_do_only_its_part(client, tokens, role, method, route, allowed):
+    response = getattr(client, method)(route, headers=tokens[role])
+    if allowed:
+        # Through the role check; what follows (no model, no images, no files) is another 4xx.
+        assert response.status_code not in (401, 403), response.text
+    else:
+        assert response.status_code == 403
+        assert response.json()["detail"].startswith(f"The role '{role}' may not ")
+        assert "roles that may:" in response.json()["detail"]
+
+
+# --- training -----------------------------------------------------------------
+
+
+def test_training_without_enough_validated_images_gives_the_counts(client, session, tokens):
+    add_images(session, {"cat": 3, "dog": 2})
+    response = client.post("/models/train/", json={}, headers=tokens["operator"])
+    assert response.status_code == 400
+    assert "Training needs at least 50 validated images; there are 5. Validate 45 more." in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({"epochs": 0}, 400, "epochs must be between 1 and 500 (got 0)"),
+        ({"batch_size": 5000}, 400, "batch_size must be between 2 and 1024 (got 5000)"),
+        ({"learning_rate": 2}, 400, "learning_rate must be between 1e-06 and 1 (got 2.0)"),
+        ({"architecture": "vgg"}, 400, "architecture must be one of mobilenet_v3_small, resnet18, efficientnet_b0"),
+        ({"epochs": 2.5}, 422, "epochs: Input should be a valid integer"),
+        ({"learning_rate": "fast"}, 422, "learning_rate: Input should be a valid number"),
+        ({"momentum": 0.9}, 400, "Unknown parameter(s) momentum; allowed:"),
+        ([20, 32], 422, "request body: Input should be a valid dictionary"),
+    ],
+)
+def test_training_parameters_out_of_range_name_the_field_and_range(client, tokens, body, status, detail):
+    response = client.post("/models/train/", json=body, headers=tokens["operator"])
+    assert response.status_code == status
+    assert detail in response.json()["detail"]
+    if status == 422 and isinstance(body, dict):
+        # FastAPI's own validation errors say what to fix too, range included.
+        assert "between" in response.json()["detail"]
+
+
+def test_a_body_that_is_not_json_is_422_saying_so(client, tokens):
+    response = client.post(
+        "/models/train/", content=b"{epochs: 5", headers={**tokens["operator"], "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("The request body is not valid JSON (")
+
+
+def test_a_queued_job_has_the_original_shapes_and_can_be_cancelled(client, session, tokens):
+    add_demo(session, per_category=10, size=16)
+    response = client.post("/models/train/", json={"epochs": 3, "batch_size": 16}, headers=tokens["operator"])
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["message"] == "Training job started with 50 images"
+    assert body["training_round_id"] == 1
+    assert {k: body["parameters"][k] for k in ("epochs", "batch_size", "learning_rate", "use_existing_model")} == {
+        "epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 0.001,
+        "use_existing_model": True,
+    }
+    job_id = body["job_id"]
+    with read_session() as reader:
+        round_ = reader.exec(select(TrainingRound)).one()
+    assert round_.requested_by == "api:test operator"
+
+    status = client.get(f"/models/training-status/{job_id}/", headers=tokens["device"]).json()
+    assert status["status"] == "queued" and status["queue_status"] == "PENDING"
+    assert status["start_time"] is None and status["progress"] == 0 and status["epoch_metrics"] == []
+    assert status["total_epochs"] == 3
+    assert status["metrics"]["total_images"] == 50
+    assert sum(status["metrics"]["category_distribution"].values()) == 50
+
+    response = client.post(f"/models/training/{job_id}/cancel/", headers=tokens["operator"])
+    assert response.status_code == 200
+    assert response.json() | {"message": ""} == {
+        "job_id": job_id,
+        "training_round_id": 1,
+        "status": "cancelled",
+        "queue_status": "REVOKED",
+        "message": "",
+    }
+    response = client.post(f"/models/training/{job_id}/cancel/", headers=tokens["operator"])
+    assert response.status_code == 409
+    assert "already cancelled" in response.json()["detail"]
+
+
+def test_defaults_are_the_original_ones_when_the_body_is_empty(client, session, tokens):
+    add_demo(session, per_category=10, size=16)
+    response = client.post("/models/train/", headers=tokens["admin"])
+    assert response.status_code == 202
+    params = response.json()["parameters"]
+    assert (params["epochs"], params["batch_size"], params["learning_rate"], params["use_existing_model"]) == (
+        20,
+        32,
+        0.001,
+        True,
+    )
+
+
+def test_unknown_job_id_is_404(client, tokens):
+    response = client.get("/models/training-status/no-such-job/", headers=tokens["viewer"])
+    assert response.status_code == 404
+    assert response.json() == {"detail": "No training job with id 'no-such-job'"}
+    response = client.post("/models/training/no-such-job/cancel/", headers=tokens["operator"])
+    assert response.status_code == 404
+
+
+def test_a_running_job_reports_epoch_progress_and_the_metrics_so_far(client, session, tokens):
+    from core.models import EpochMetric
+
+    running = TrainingRound(
+        status=RoundStatus.in_progress,
+        parameters={"epochs": 4},
+        started_at=utcnow(),
+        attempts=1,
+        current_epoch=2,
+        current_batch=3,
+        total_batches=4,
+        progress=0.4375,
+        total_images=60,
+        category_distribution={"cat": 30, "dog": 30},
+    )
+    session.add(running)
+    session.flush()
+    session.add(
+        EpochMetric(
+            round_id=running.id,
+            epoch=1,
+            train_loss=0.9,
+            train_accuracy=61.0,
+            val_loss=1.1,
+            val_accuracy=55.0,
+            learning_rate=0.001,
+            seconds=2.5,
+        )
+    )
+    session.commit()
+    status = client.get(f"/models/training-status/{running.job_id}/", headers=tokens["device"]).json()
+    assert status["status"] == "in_progress" and status["queue_status"] == "STARTED"
+    assert (status["current_epoch"], status["total_epochs"], status["progress"]) == (2, 4, 0.4375)
+    assert (status["current_batch"], status["total_batches"], status["attempts"]) == (3, 4, 1)
+    assert status["epoch_metrics"] == [
+        {
+            "epoch": 1,
+            "train_loss": 0.9,
+            "train_accuracy": 61.0,
+            "val_loss": 1.1,
+            "val_accuracy": 55.0,
+            "learning_rate": 0.001,
+            "seconds": 2.5,
+        }
+    ]
+    assert status["metrics"] == {"total_images": 60, "category_distribution": {"cat": 30, "dog": 30}}
+    assert status["model_version"] is None and status["error"] is None
+
+    cancel = client.post(f"/models/training/{running.job_id}/cancel/", headers=tokens["admin"]).json()
+    assert (cancel["status"], cancel["queue_status"]) == ("in_progress", "STARTED")
+    assert cancel["message"] == "Cancel requested: the job stops after its current batch"
+    status = client.get(f"/models/training-status/{running.job_id}/", headers=tokens["device"]).json()
+    assert status["cancel_requested"] is True
+
+
+def test_completed_and_failed_jobs_report_their_outcome(client, session, tokens):
+    version = add_fake_version(session)
+    start = utcnow() - timedelta(minutes=15)
+    done = TrainingRound(
+        status=RoundStatus.completed,
+        parameters={"epochs": 2},
+        total_images=60,
+        category_distribution={"cat": 30, "dog": 30},
+        started_at=start,
+        finished_at=start + timedelta(minutes=15, seconds=18),
+        model_version_id=version.id,
+        progress=1.0,
+    )
+    failed = TrainingRound(status=RoundStatus.failed, error="RuntimeError: out of memory", parameters={"epochs": 2})
+    session.add_all([done, failed])
+    session.commit()
+
+    status = client.get(f"/models/training-status/{done.job_id}/", headers=tokens["viewer"]).json()
+    assert status["status"] == "completed" and status["queue_status"] == "SUCCESS"
+    assert status["model_version"] == "1.0.0" and status["model_version_id"] == version.id
+    assert status["accuracy"] == 95.5 and status["duration_minutes"] == 15.3
+    assert status["metrics"] == {
+        "total_images": 60,
+        "category_distribution": {"cat": 30, "dog": 30},
+        "train_accuracy": 98.2,
+        "val_accuracy": 95.5,
+        "model_size_mb": 8.1,
+    }
+    assert status["start_time"].endswith("Z")
+
+    status = client.get(f"/models/training-status/{failed.job_id}/", headers=tokens["viewer"]).json()
+    assert status["status"] == "failed" and status["queue_status"] == "FAILURE"
+    assert status["error"] == "RuntimeError: out of memory"
+
+
+# --- models -------------------------------------------------------------------
+
+
+def test_latest_without_a_production_model_is_404_saying_why(client, session, tokens):
+    response = client.get("/models/latest/", headers=tokens["device"])
+    assert response.status_code == 404
+    assert response.json() == {"detail": "No model is in production yet: train a model first"}
+    add_fake_version(session, "1.0.0", production=False)
+    response = client.get("/models/latest/", headers=tokens["device"])
+    assert response.json() == {"detail": "No model is in production yet: promote one of 1.0.0"}
+    assert client.get("/models/download/", headers=tokens["device"]).status_code == 404
+
+
+def test_latest_describes_the_production_model_and_links_its_files(client, session, tokens):
+    add_fake_version(session, "1.0.0", production=False, classes=["b", "a"])
+    add_fake_version(session, "1.1.0", production=True, classes=["zebra", "apple"])
+    manifest = client.get("/models/latest/", headers=tokens["device"]).json()
+    assert manifest["version"] == "1.1.0"
+    assert manifest["classes"] == ["zebra", "apple"] and manifest["num_classes"] == 2
+    assert manifest["input"]["shape"] == [1, 3, 32, 32]
+    assert manifest["input"]["mean"] == [0.485, 0.456, 0.406] and manifest["input"]["std"] == [0.229, 0.224, 0.225]
+    assert manifest["metrics"] == {"train_accuracy": 98.2, "val_accuracy": 95.5, "model_size_mb": 8.1}
+    assert [a["format"] for a in manifest["artifacts"]] == ["ptl", "pte"]
+    for artifact in manifest["artifacts"]:
+        assert artifact["filename"] == f"model_1.1.0.{artifact['format']}"
+        assert artifact["url"] == f"http://testserver/models/download/?version=1.1.0&format={artifact['format']}"
+        assert artifact["runtime"]
+        response = client.get(artifact["url"], headers=tokens["device"])
+        assert response.status_code == 200
+        assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
+        assert len(response.content) == artifact["size_bytes"]
+
+
+def test_download_sends_the_file_with_etag_and_answers_304_when_the_phone_has_it(client, session, tokens):
+    version = add_fake_version(session)
+    sha = version.artifacts[0]["sha256"]
+    response = client.get("/models/download/", headers=tokens["device"])
+    assert response.status_code == 200
+    assert response.headers["content-disposition"] == 'attachment; filename="model_1.0.0.ptl"'
+    assert response.headers["etag"] == f'"{sha}"'
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert hashlib.sha256(response.content).hexdigest() == sha
+
+    for value in (f'"{sha}"', f'W/"{sha}"', f'"other", "{sha}"', sha, "*"):
+        cached = client.get("/models/download/", headers={**tokens["device"], "If-None-Match": value})
+        assert cached.status_code == 304, value
+        assert cached.content == b"" and cached.headers["etag"] == f'"{sha}"'
+    stale = client.get("/models/download/", headers={**tokens["device"], "If-None-Match": '"an-older-model"'})
+    assert stale.status_code == 200 and stale.content == response.content
+
+    pte = client.get("/models/download/?version=1.0.0&format=pte", headers=tokens["device"])
+    assert pte.status_code == 200
+    assert pte.headers["content-disposition"] == 'attachment; filename="model_1.0.0.pte"'
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "detail"),
+    [
+        ("version=9.9.9", 404, "No model version 9.9.9. Known versions: 1.0.0"),
+        ("format=onnx", 404, "Model 1.0.0 has no 'onnx' file; its formats: ptl, pte"),
+        ("version=latest", 400, "'latest' is not a version: use MAJOR.MINOR.PATCH, e.g. 1.0.0"),
+    ],
+)
+def test_unknown_version_or_format_is_a_clear_error(client, session, tokens, query, status, detail):
+    add_fake_version(session)
+    response = client.get(f"/models/download/?{query}", headers=tokens["device"])
+    assert response.status_code == status
+    assert response.json() == {"detail": detail}
+
+
+# --- images and categories -----------------------------------------------------
+
+
+def _files(*items: tuple[str, bytes]) -> list:
+    return [("images", (name, data, "application/octet-stream")) for name, data in items]
+
+
+def test_phone_upload_answers_per_file_and_leaves_new_images_pending(client, session, tokens):
+    add_images(session, {"cat": 1, "dog": 1})
+    first, second = distinct_images(4)[2:]
+    with read_session() as reader:
+        existing = reader.exec(select(TrainingImage).order_by(TrainingImage.id)).first()
+    response = client.post(
+        "/images/",
+        data={"category": "cat", "device_id": "pixel-7"},
+        files=_files(
+            ("a.png", first),
+            ("b.png", second),
+            ("again.png", distinct_images(1)[0]),
+            ("notes.txt", b"hello"),
+        ),
+        headers=tokens["device"],
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["stored"], body["duplicates"], body["refused"]) == (2, 1, 1)
+    assert body["category"] == "cat" and body["device_id"] == "pixel-7"
+    outcomes = {r["filename"]: r for r in body["results"]}
+    assert outcomes["again.png"] == {
+        "filename": "again.png",
+        "outcome": "duplicate",
+        "image_id": existing.id,
+        "reason": None,
+    }
+    assert outcomes["notes.txt"]["outcome"] == "refused"
+    assert "not an image" in outcomes["notes.txt"]["reason"]
+    new = [session.get(TrainingImage, outcomes[name]["image_id"]) for name in ("a.png", "b.png")]
+    for image in new:
+        assert image.status == ImageStatus.pending
+        assert image.source == ImageSource.mobile
+        assert image.device_id == "pixel-7"
+        assert image.uploaded_by == "api:test device"
+
+
+def test_upload_refuses_an_unknown_category_naming_the_known_ones(client, session, tokens):
+    add_images(session, {"cat": 1, "dog": 1})
+    response = client.post(
+        "/images/", data={"category": "cta"}, files=_files(("a.png", image_bytes())), headers=tokens["device"]
+    )
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Unknown category 'cta'. Known categories: cat, dog"}
+
+
+def test_upload_of_files_that_are_not_images_is_422(client, session, tokens):
+    add_images(session, {"cat": 1})
+    response = client.post(
+        "/images/",
+        data={"category": "cat"},
+        files=_files(("photo.jpg", b"\xff\xd8 not really a jpeg"), ("empty.png", b"")),
+        headers=tokens["device"],
+    )
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "photo.jpg: not an image" in detail and "empty.png: the file is empty" in detail
+    assert session.exec(select(TrainingImage)).all()[1:] == []
+
+
+def test_upload_over_the_size_limit_is_413_and_stores_nothing(client, session, tokens, monkeypatch):
+    from core.config import get_settings
+
+    add_images(session, {"cat": 1})
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", "2048")
+    get_settings.cache_clear()
+    big = image_bytes(size=(256, 256), fmt="BMP")
+    response = client.post(
+        "/images/",
+        data={"category": "cat"},
+        files=_files(("small.png", distinct_images(3)[2]), ("big.bmp", big)),
+        headers=tokens["device"],
+    )
+    assert response.status_code == 413
+    assert response.json() == {"detail": f"big.bmp: the file is {len(big) / 1e6:.1f} MB; the limit is 0.0 MB"}
+    assert len(session.exec(select(TrainingImage)).all()) == 1
+
+
+def test_upload_without_files_or_category_says_which_field_is_missing(client, tokens):
+    response = client.post("/images/", data={"device_id": "x"}, headers=tokens["device"])
+    assert response.status_code == 422
+    assert response.json() == {"detail": "images: Field required; category: Field required"}
+
+
+def test_categories_list_names_and_validated_counts(client, session, tokens):
+    add_images(session, {"cat": 2, "dog": 1})
+    review.add_category("bird", session=session)
+    session.commit()
+    response = client.get("/categories/", headers=tokens["device"])
+    assert response.json() == {
+        "categories": [
+            {"name": "bird", "validated_images": 0},
+            {"name": "cat", "validated_images": 2},
+            {"name": "dog", "validated_images": 1},
+        ]
+    }
+
+
+def test_openapi_document_lists_every_route_with_bearer_auth(client):
+    document = client.get("/openapi.json").json()
+    assert set(document["paths"]) == {
+        "/models/train/",
+        "/models/training-status/{job_id}/",
+        "/models/training/{job_id}/cancel/",
+        "/models/latest/",
+        "/models/download/",
+        "/images/",
+        "/categories/",
+        "/health/",
+    }
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    train = document["components"]["schemas"]["TrainRequest"]["properties"]
+    assert (train["epochs"]["default"], train["batch_size"]["default"]) == (20, 32)
+    assert "between 1 and 500" in train["epochs"]["description"]
+
+
+# --- the combined app: dashboard and API on one port ------------------------------
+
+
+def test_combined_app_serves_the_dashboard_and_the_api_under_api(data_dir, session):
+    from starlette.testclient import TestClient
+
+    from server import app
+
+    headers = add_token(session, "viewer")
+    # Streamlit's runtime is a process-wide singleton: start the combined app once per test process.
+    with TestClient(app) as combined:
+        assert combined.get("/api/health/").json()["status"] == "ok"
+        assert combined.get("/api/categories/", headers=headers).json() == {"categories": []}
+        assert combined.get("/api/categories/").status_code == 401
+        redirect = combined.get("/api/health", follow_redirects=False)
+        assert redirect.status_code == 307 and redirect.headers["location"].endswith("/api/health/")
+        assert "/api/openapi.json" in combined.get("/api/docs").text
+        assert combined.get("/api/openapi.json").json()["info"]["title"] == "Training dashboard API"
+        dashboard = combined.get("/")
+        assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
+        add_fake_version(session)
+        url = combined.get("/api/models/latest/", headers=headers).json()["artifacts"][0]["url"]
+        assert url == "http://testserver/api/models/download/?version=1.0.0&format=ptl"
+        assert combined.get(url, headers=headers).content == b"stand-in ptl of 1.0.0"
+
+
+# --- the server as `make run` starts it ---------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (server, worker, streamlit); SIGKILL what is left after 20 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+        wait_for(lambda: not _group_alive(proc.pid), timeout=20, message="the worker and web server to stop")
+    except (subprocess.TimeoutExpired, AssertionError):
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _cli(data_dir, *args: str) -> str:
+    env = {**os.environ, "DATA_DIR": str(data_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "core", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
+    created = _cli(data_dir, "token", "create", "--role", "viewer", "--label", "ci phone")
+    assert "Token 1 for 'ci phone' (role viewer)" in created
+    secret = created.strip().splitlines()[-1]
+    assert secret.startswith("tdb_")
+    assert "ci phone" in _cli(data_dir, "token", "list") and secret not in _cli(data_dir, "token", "list")
+
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"],
+        cwd=ROOT,
+        env={**os.environ, "DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        # Its own process group, so the server, its worker and streamlit stop together.
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy():
+            try:
+                return httpx.get(f"{base}/api/health/", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout=120, interval=0.5, message="the server to answer /api/health/")
+        assert httpx.get(f"{base}/api/health/").json()["database"] == "ok"
+        auth = {"Authorization": f"Bearer {secret}"}
+        response = httpx.get(f"{base}/api/categories/", headers=auth)
+        assert response.status_code == 200 and response.json() == {"categories": []}
+        assert httpx.get(f"{base}/api/categories/").status_code == 401
+        assert httpx.get(f"{base}/api/models/latest/", headers=auth).status_code == 404
+        assert httpx.post(f"{base}/api/models/train/", headers=auth).status_code == 403
+        assert httpx.get(f"{base}/api/openapi.json").json()["info"]["title"] == "Training dashboard API"
+        assert "/api/openapi.json" in httpx.get(f"{base}/api/docs").text
+        dashboard = httpx.get(f"{base}/")
+        assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
+        assert httpx.get(f"{base}/_stcore/health").text == "ok"
+
+        _cli(data_dir, "token", "revoke", "1")
+        assert httpx.get(f"{base}/api/categories/", headers=auth).status_code == 401
+    finally:
+        _stop_group(server)
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert f"Training dashboard: open http://localhost:{port} in your browser" in output
+    assert "worker consuming" in output
