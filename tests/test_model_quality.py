@@ -15,7 +15,7 @@ from tests.factories import add_demo
 SETTINGS = {
     "mobilenet_v3_small": {"epochs": 10, "batch_size": 16, "learning_rate": 0.002},
     "resnet18": {"epochs": 5, "batch_size": 32, "learning_rate": 0.001},
-    "efficientnet_b0": {"epochs": 8, "batch_size": 16, "learning_rate": 0.002},
+    "efficientnet_b0": {"epochs": 12, "batch_size": 16, "learning_rate": 0.002},
 }
 
 
