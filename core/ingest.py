@@ -67,7 +67,7 @@ def check_size(size: int, filename: str = "file") -> None:
     """Raise FileTooLargeError when `size` bytes is over the upload limit."""
     limit = get_settings().max_upload_bytes
     if size > limit:
-        raise FileTooLargeError(f"{filename}: the file is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.1f} MB")
+        raise FileTooLargeError(f"{filename}: the file is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB")
 
 
 def check_image(data: bytes, filename: str = "file") -> CheckedImage:
@@ -245,7 +245,7 @@ def import_zip(
                 )
                 continue
             if info.file_size > limit:
-                reason = f"{info.filename}: {info.file_size / 1e6:.1f} MB is over the {limit / 1e6:.1f} MB limit"
+                reason = f"{info.filename}: {info.file_size / 2**20:.1f} MB is over the {limit / 2**20:.1f} MB limit"
                 report.results.append(IngestResult(info.filename, "refused", reason=reason))
                 continue
             result = ingest_bytes(

@@ -465,7 +465,7 @@ def test_upload_over_the_size_limit_is_413_and_stores_nothing(client, session, t
         headers=tokens["device"],
     )
     assert response.status_code == 413
-    assert response.json() == {"detail": f"big.bmp: the file is {len(big) / 1e6:.1f} MB; the limit is 0.0 MB"}
+    assert response.json() == {"detail": f"big.bmp: the file is {len(big) / 2**20:.1f} MB; the limit is 0.0 MB"}
     assert len(session.exec(select(TrainingImage)).all()) == 1
 
 

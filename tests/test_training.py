@@ -108,3 +108,32 @@ def test_minimum_is_configurable(session, monkeypatch):
     get_settings.cache_clear()
     add_images(session, {"cat": 5, "dog": 5})
     assert preflight(session=session).ok
+
+
+@pytest.mark.parametrize(
+    ("images", "params", "message"),
+    [
+        ({"cat": 20, "dog": 20}, {}, "there are 40"),
+        ({"cat": 60}, {}, "at least 2 categories"),
+        ({"cat": 30, "dog": 29, "bird": 1}, {}, "'bird' has 1"),
+        ({"cat": 30, "dog": 30}, {"epochs": 0}, "epochs must be between"),
+        ({"cat": 30, "dog": 30}, {"learning_rate": math.nan}, "learning_rate must be between"),
+        ({"cat": 30, "dog": 30}, {"batch_size": "32"}, "batch_size must be a number"),
+    ],
+)
+def test_refused_training_requests_change_nothing(session, images, params, message):
+    add_images(session, images)
+    with pytest.raises(UserError, match=message):
+        start_training(params, session=session)
+    session.rollback()
+    assert training.list_rounds(session=session) == []
+
+
+def test_existing_model_with_another_class_list_falls_back_to_a_fresh_model_and_says_so(session):
+    from tests.factories import add_fake_version
+
+    add_fake_version(session, "1.0.0", production=True, classes=("cat", "dog"))
+    add_images(session, {"cat": 20, "dog": 20, "bird": 20})
+    round_ = start_training({"use_existing_model": True}, session=session)
+    assert any("production model 1.0.0 knows 2 categories" in w and "from scratch" in w for w in round_.warnings)
+    assert round_.status == RoundStatus.queued
