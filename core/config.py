@@ -17,8 +17,12 @@ class Settings(BaseSettings):
 
     # Everything the product writes lives under this folder.
     data_dir: Path = REPO_ROOT
-    # Default: the SQLite file `data.db` inside DATA_DIR.
+    # Default: the SQLite file `data.db` inside DATA_DIR. PostgreSQL:
+    # postgresql://user:password@host/dbname (driver: psycopg 3).
     database_url: str = ""
+    # Default: Huey's SQLite storage, `queue.db` in DATA_DIR (one machine).
+    # redis://host:6379/0 shares one queue between consumers on many machines.
+    queue_url: str = ""
     min_training_images: int = Field(50, ge=2)
     # Each category needs one image to train on and one to validate with.
     min_images_per_category: int = Field(2, ge=2)
@@ -47,9 +51,21 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @field_validator("queue_url")
+    @classmethod
+    def _known_queue(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("QUEUE_URL must be empty (SQLite in DATA_DIR) or a redis:// URL")
+        return value
+
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'data.db'}"
+        url = self.database_url or f"sqlite:///{self.data_dir / 'data.db'}"
+        # Plain postgresql:// means psycopg 3 here (the driver we install).
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
 
     @property
     def queue_path(self) -> Path:

@@ -3,10 +3,13 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 
-from sqlalchemy import event
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from core import models  # noqa: F401  (registers the tables)
 from core.config import get_settings
@@ -57,9 +60,26 @@ def _engine(url: str, readonly: bool) -> Engine:
     return engine
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
 def init_db(engine: Engine) -> None:
-    """Create the tables that do not exist yet."""
-    SQLModel.metadata.create_all(engine)
+    """Bring the schema to the newest migration (Alembic), on SQLite or PostgreSQL.
+
+    Every process calls this on start; concurrent callers are serialised by the
+    database (SQLite's write lock, a PostgreSQL advisory lock)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727384)")
+        config.attributes["connection"] = connection
+        tables = set(inspect(connection).get_table_names())
+        if "category" in tables and "alembic_version" not in tables:
+            # Made by create_all before migrations existed: adopt it at the
+            # revision its tables match, then upgrade as usual.
+            command.stamp(config, "0002" if "apitoken" in tables else "0001")
+        command.upgrade(config, "head")
 
 
 def read_engine(url: str | None = None) -> Engine:

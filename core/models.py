@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKey, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -101,7 +101,13 @@ class TrainingRound(SQLModel, table=True):
     total_batches: int = 0
     # Fraction of the whole job done, 0..1, updated while training.
     progress: float = 0.0
-    model_version_id: int | None = Field(default=None, foreign_key="modelversion.id")
+    # ModelVersion refers back to its round: this side of the cycle is added last.
+    model_version_id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            Integer, ForeignKey("modelversion.id", use_alter=True, name="fk_traininground_model_version_id")
+        ),
+    )
 
 
 # Metrics of one epoch of one round, written while training runs.

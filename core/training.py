@@ -43,6 +43,7 @@ from core.models import (
     RoundStatus,
     TrainingImage,
     TrainingRound,
+    as_utc,
     utcnow,
 )
 from core.storage import commit_temp, temp_path_for
@@ -507,10 +508,16 @@ def run_training_round(round_id: int, *, session: Session) -> ModelVersion | Non
     was the last of `1 + TRAINING_RETRIES` attempts: then it is marked
     `failed`. Returns None when the round was cancelled, failed or had
     already finished."""
-    round_ = session.get(TrainingRound, round_id)
+    # Locked (PostgreSQL) so a second delivery of the same job waits here and
+    # then sees it running; SQLite's write lock does the same.
+    round_ = session.exec(select(TrainingRound).where(TrainingRound.id == round_id).with_for_update()).first()
     if round_ is None:
         raise NotFoundError(f"No training round {round_id}")
     if round_.status in FINISHED_STATUSES:
+        return None
+    if round_.status == RoundStatus.in_progress and not _is_stale(round_):
+        log.warning("round %s is already running elsewhere; ignoring a duplicate delivery", round_id)
+        session.rollback()
         return None
     if round_.cancel_requested:
         _finish(round_, RoundStatus.cancelled, "cancelled before it started")
@@ -551,16 +558,23 @@ def run_training_round(round_id: int, *, session: Session) -> ModelVersion | Non
         raise
 
 
+def _is_stale(round_: TrainingRound) -> bool:
+    if round_.heartbeat_at is None:
+        return True
+    age = utcnow() - as_utc(round_.heartbeat_at)
+    return age > timedelta(seconds=get_settings().heartbeat_timeout)
+
+
 def recover_stale_rounds(*, session: Session) -> list[int]:
     """Rounds `in_progress` whose worker died (stale heartbeat): put them back
     in the queue to resume from their checkpoint, or fail them when no attempt
     is left. Returns the ids to enqueue again; the caller commits."""
-    settings = get_settings()
-    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout)
+    cutoff = utcnow() - timedelta(seconds=get_settings().heartbeat_timeout)
+    # FOR UPDATE: two consumers checking at once must not both re-enqueue a round.
     stale = session.exec(
-        select(TrainingRound).where(
-            TrainingRound.status == RoundStatus.in_progress, TrainingRound.heartbeat_at < cutoff
-        )
+        select(TrainingRound)
+        .where(TrainingRound.status == RoundStatus.in_progress, TrainingRound.heartbeat_at < cutoff)
+        .with_for_update()
     ).all()
     requeue = []
     for round_ in stale:
@@ -768,7 +782,7 @@ def _export_and_register(
     ckpt = registry.checkpoint_path(version)
     _save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
     files = [settings.data_dir / a["path"] for a in artifacts] + [ckpt]
-    duration = (utcnow() - round_.started_at).total_seconds() if round_.started_at else 0.0
+    duration = (utcnow() - as_utc(round_.started_at)).total_seconds() if round_.started_at else 0.0
     metrics = {
         **metrics,
         "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),

@@ -3,7 +3,8 @@
 import logging
 from collections.abc import Mapping
 
-from huey import SqliteHuey, crontab
+from huey import Huey
+from huey.storage import RedisStorage, SqliteStorage
 
 from core import training
 from core.config import get_settings
@@ -13,21 +14,28 @@ from core.models import TrainingRound
 log = logging.getLogger(__name__)
 
 
-def make_huey() -> SqliteHuey:
+def _storage_options() -> dict:
     settings = get_settings()
+    if settings.queue_url:
+        return {"url": settings.queue_url}
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return {"filename": str(settings.queue_path), "timeout": 30}
+
+
+def make_huey() -> Huey:
+    """SQLite storage in DATA_DIR by default; Redis when QUEUE_URL is set."""
+    storage = RedisStorage if get_settings().queue_url else SqliteStorage
     # Job state lives in the database (TrainingRound), not in Huey's results.
-    return SqliteHuey("training", filename=str(settings.queue_path), results=False, timeout=30)
+    return Huey("training", results=False, storage_class=storage, **_storage_options())
 
 
 huey = make_huey()
 
 
 def bind_storage() -> None:
-    """Point the queue at the file the current settings name (tests change DATA_DIR)."""
-    settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    huey.storage_kwargs["filename"] = str(settings.queue_path)
+    """Point the queue at the storage the current settings name (tests change DATA_DIR)."""
+    huey.storage_class = RedisStorage if get_settings().queue_url else SqliteStorage
+    huey.storage_kwargs = _storage_options()
     huey.storage = huey.create_storage()
 
 
@@ -37,12 +45,6 @@ def run_training_job(round_id: int) -> None:
     the attempts (crash recovery re-enqueues too) and fails the last one."""
     with session_scope() as session:
         training.run_training_round(round_id, session=session)
-
-
-@huey.periodic_task(crontab(minute="*"))
-def recover_lost_jobs() -> list[int]:
-    """Every minute: re-enqueue rounds whose worker died (see core.training)."""
-    return requeue_stale_rounds()
 
 
 def requeue_stale_rounds() -> list[int]:

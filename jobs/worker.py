@@ -1,6 +1,8 @@
 """Running a consumer with this product's settings (`python -m core worker`)."""
 
 import logging
+import threading
+import time
 
 from core import registry, training
 from core.config import get_settings
@@ -24,5 +26,22 @@ def run_worker(workers: int = 1) -> None:
     # A fixed, short poll interval (no back-off) so an idle consumer picks a
     # new job up within `poll` seconds.
     consumer = huey.create_consumer(workers=workers, initial_delay=poll, backoff=1.0, max_delay=poll, periodic=True)
-    log.info("worker consuming %s (poll %.2fs, data in %s)", settings.queue_path, poll, settings.data_dir)
+    threading.Thread(target=_watch_for_lost_jobs, name="recovery", daemon=True).start()
+    log.info(
+        "worker consuming %s (poll %.2fs, data in %s)",
+        settings.queue_url or settings.queue_path,
+        poll,
+        settings.data_dir,
+    )
     consumer.run()
+
+
+def _watch_for_lost_jobs() -> None:
+    """Periodically re-enqueue jobs whose worker died (on this machine or another)."""
+    interval = max(1.0, get_settings().heartbeat_timeout / 2)
+    while True:
+        time.sleep(interval)
+        try:
+            requeue_stale_rounds()
+        except Exception:  # the database may be briefly unreachable; try again later
+            log.exception("checking for lost jobs failed")

@@ -1,0 +1,105 @@
+"""Real PostgreSQL and Redis servers for the scale-out tests, on loopback.
+
+Started from the Debian packages when their binaries exist (`.ci/run`
+installs them); the tests that need them are skipped, with the reason, if not.
+"""
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, folder: Path | None = None):
+        self.proc, self.url, self.folder = proc, url, folder
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    return Path(found[-1]).parent if found else None
+
+
+def start_postgres() -> Server:
+    """initdb + postgres on a free loopback port; returns its URL (database `dashboard`)."""
+    bindir = postgres_bin()
+    if bindir is None:
+        raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql)")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        pwd.getpwnam("postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    # Not under pytest's tmp folders: those are private to root.
+    folder = Path(tempfile.mkdtemp(prefix="dashboard-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres", "postgres")
+        folder.chmod(0o700)
+    data = folder / "pgdata"
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "dashboard", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [*as_user, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc)
+    import psycopg
+
+    for _ in range(50):
+        try:
+            with psycopg.connect(f"postgresql://dashboard@127.0.0.1:{port}/postgres", autocommit=True) as conn:
+                conn.execute("CREATE DATABASE dashboard")
+            break
+        except psycopg.OperationalError:
+            time.sleep(0.2)
+    return Server(proc, f"postgresql://dashboard@127.0.0.1:{port}/dashboard", folder)
+
+
+def start_redis() -> Server:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("Redis is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, proc)
+    return Server(proc, f"redis://127.0.0.1:{port}/0")
