@@ -8,9 +8,10 @@ from core import review, stats
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
-from core.ingest import IMAGE_SUFFIXES, IngestReport, import_zip, ingest_bytes
+from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.thumbnails import thumbnail
+from core.uploads import ingest_uploads
 from pages._common import current_user
 
 PAGE_SIZE = 24
@@ -134,35 +135,15 @@ with upload_tab:
     )  # fmt: skip
     as_validated = st.checkbox("Mark as validated (I have checked these images)", key="upload_validated")
     if st.button("Upload", key="upload", type="primary", disabled=not files):
-        report = IngestReport()
-        status = ImageStatus.validated if as_validated else ImageStatus.pending
         try:
             with session_scope() as session:
-                for file in files:
-                    data = file.getvalue()
-                    if file.name.lower().endswith(".zip"):
-                        report.results.extend(
-                            import_zip(
-                                data,
-                                session=session,
-                                status=status,
-                                uploaded_by=current_user(),
-                                default_category=upload_category,
-                            ).results
-                        )
-                    elif not upload_category:
-                        raise UserError("Choose a category for the images (only a .zip can bring its own)")
-                    else:
-                        report.results.append(
-                            ingest_bytes(
-                                data,
-                                file.name,
-                                session=session,
-                                category=upload_category,
-                                status=status,
-                                uploaded_by=current_user(),
-                            )
-                        )
+                report = ingest_uploads(
+                    [(file.name, file.getvalue()) for file in files],
+                    session=session,
+                    category=upload_category,
+                    status=ImageStatus.validated if as_validated else ImageStatus.pending,
+                    uploaded_by=current_user(),
+                )
         except UserError as exc:
             st.error(str(exc))
         else:
