@@ -23,7 +23,8 @@ if not rounds:
     st.info("No training round yet: start one on the **Train** page.")
     st.stop()
 
-labels = {r.id: f"round {r.id} · {r.status.value} · {r.created_at:%Y-%m-%d %H:%M} · job {r.job_id[:8]}" for r in rounds}
+# No status in the label: it changes while the page is open.
+labels = {r.id: f"round {r.id} · {r.created_at:%Y-%m-%d %H:%M} · job {r.job_id[:8]}" for r in rounds}
 default = running.id if running is not None else rounds[0].id
 round_id = st.selectbox(
     "Training round", list(labels), index=list(labels).index(default), format_func=labels.get, key="round_id"
@@ -34,14 +35,28 @@ def curves(metrics) -> None:
     if not metrics:
         st.caption("The curves appear when the first epoch ends.")
         return
-    frame = pd.DataFrame([m.model_dump() for m in metrics])
+    frame = pd.DataFrame([m.model_dump() for m in metrics]).rename(
+        columns={
+            "train_loss": "training loss",
+            "val_loss": "validation loss",
+            "train_accuracy": "training accuracy",
+            "val_accuracy": "validation accuracy",
+        }
+    )
     left, right = st.columns(2)
-    loss = px.line(frame, x="epoch", y=["train_loss", "val_loss"], markers=True, labels={"value": "loss"})
-    left.plotly_chart(loss, key="loss_chart")
+    loss = px.line(frame, x="epoch", y=["training loss", "validation loss"], markers=True, labels={"value": "loss"})
     acc = px.line(
-        frame, x="epoch", y=["train_accuracy", "val_accuracy"], markers=True, labels={"value": "accuracy (%)"}
+        frame,
+        x="epoch",
+        y=["training accuracy", "validation accuracy"],
+        markers=True,
+        labels={"value": "accuracy (%)"},
     )
     acc.update_yaxes(range=[0, 100])
+    for chart in (loss, acc):
+        chart.update_xaxes(dtick=1)
+        chart.update_layout(legend_title_text="")
+    left.plotly_chart(loss, key="loss_chart")
     right.plotly_chart(acc, key="accuracy_chart")
 
 
@@ -57,16 +72,19 @@ def live(round_id: int) -> None:
             st.rerun()
     else:
         st.session_state["watched_active"] = round_id
+    elapsed, left = stats.round_timing(round_)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Status", round_.status.value.replace("_", " "))
     if round_.status == "queued":
         st.info("Queued: waiting for a worker to pick it up.")
-    else:
-        elapsed, left = stats.round_timing(round_)
+    elif round_.status == "in_progress":
         text = f"epoch {round_.current_epoch}/{epochs}, batch {round_.current_batch}/{round_.total_batches}"
         st.progress(min(1.0, round_.progress), text=text)
-        c1, c2, c3 = st.columns(3)
-        c1.metric("Status", round_.status.value.replace("_", " "))
         c2.metric("Elapsed", format_seconds(elapsed))
         c3.metric("Time left (estimate)", format_seconds(left))
+    else:
+        c2.metric("Duration", format_seconds(elapsed))
+        c3.metric("Epochs run", f"{len(metrics)}/{epochs}")
     curves(metrics)
 
 

@@ -25,6 +25,20 @@ st.dataframe(
     pd.DataFrame(table),
     hide_index=True,
     key="versions_table",
+    column_order=[
+        "version",
+        "production",
+        "created",
+        "val_accuracy",
+        "train_accuracy",
+        "size_mb",
+        "classes",
+        "round",
+        "snapshot_hash",
+        "job_id",
+        "architecture",
+        "image_size",
+    ],
     column_config={
         "production": st.column_config.CheckboxColumn("production"),
         "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
@@ -32,6 +46,8 @@ st.dataframe(
         "train_accuracy": st.column_config.NumberColumn("train acc (%)", format="%.1f"),
         "size_mb": st.column_config.NumberColumn("size (MB)", format="%.2f"),
         "snapshot_hash": st.column_config.TextColumn("dataset snapshot", help="first 12 characters of its SHA-256"),
+        "job_id": st.column_config.TextColumn("job id"),
+        "image_size": st.column_config.NumberColumn("image size (px)"),
     },
 )
 

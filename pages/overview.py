@@ -54,16 +54,22 @@ else:
 
 st.subheader("Accuracy of every version")
 if versions:
-    frame = pd.DataFrame(versions).sort_values("created")
+    frame = (
+        pd.DataFrame(versions)
+        .sort_values("created")
+        .rename(columns={"val_accuracy": "validation", "train_accuracy": "training"})
+    )
     chart = px.line(
         frame,
-        x="created",
-        y=["val_accuracy", "train_accuracy"],
+        x="version",
+        y=["validation", "training"],
         markers=True,
-        hover_data=["version"],
-        labels={"value": "accuracy (%)", "created": "created", "variable": ""},
+        hover_data=["created"],
+        labels={"value": "accuracy (%)", "version": "version (oldest to newest)"},
     )
     chart.update_yaxes(range=[0, 100])
+    chart.update_xaxes(type="category")
+    chart.update_layout(legend_title_text="")
     st.plotly_chart(chart, key="accuracy_chart")
 else:
     st.info("No model yet: go to **Train** and start a training round.")

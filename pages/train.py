@@ -117,6 +117,7 @@ def queue() -> None:
             "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
             "duration_s": st.column_config.NumberColumn("duration (s)"),
             "job_id": st.column_config.TextColumn("job id"),
+            "requested_by": st.column_config.TextColumn("requested by"),
         },
     )
     active = [r for r in rows if r["status"] in ("queued", "in_progress")]
