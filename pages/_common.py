@@ -6,6 +6,9 @@ There is no sign-in yet: the person acting is the name typed in the sidebar.
 
 import streamlit as st
 
+from core.models import TrainingImage
+from core.thumbnails import thumbnail
+
 DEFAULT_USER = "dashboard user"
 
 
@@ -26,3 +29,13 @@ def format_seconds(seconds: float | None) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def show_thumbnail(image: TrainingImage) -> None:
+    """The image's cached thumbnail, or a note when its file cannot be read."""
+    try:
+        path = thumbnail(image)
+    except OSError as exc:
+        st.caption(f"#{image.id}: file unreadable ({type(exc).__name__})")
+    else:
+        st.image(str(path), width="stretch")

@@ -8,8 +8,7 @@ import streamlit as st
 from core import registry, stats, training
 from core.db import read_session
 from core.models import FINISHED_STATUSES
-from core.thumbnails import thumbnail
-from pages._common import format_seconds
+from pages._common import format_seconds, show_thumbnail
 
 REFRESH_SECONDS = 2
 
@@ -144,12 +143,12 @@ with right:
 st.markdown(f"**Misclassified validation images** ({len(wrong)})")
 if not wrong:
     st.caption("None: every validation image was classified correctly.")
-grid = st.columns(6)
-for i, item in enumerate(wrong[:36]):
+grid = st.columns(8)
+for i, item in enumerate(wrong[:48]):
     image = images.get(item["image_id"])
-    with grid[i % 6]:
+    with grid[i % 8]:
         if image is not None:
-            st.image(str(thumbnail(image)), width="stretch")
+            show_thumbnail(image)
         st.caption(f"#{item['image_id']}: {item['true']} → **{item['predicted']}** ({item['confidence']:.0%})")
 
 with st.expander("Round history"):

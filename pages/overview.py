@@ -77,13 +77,17 @@ else:
 st.subheader("Dataset over time")
 left, right = st.columns(2)
 with left:
-    chart = px.area(
-        pd.DataFrame(growth),
+    # Stacked bars, one per upload day: the height is the dataset's size
+    # that day, the colours its categories (and a single day still shows).
+    frame = pd.DataFrame(growth).assign(day=lambda f: f["day"].astype(str))
+    chart = px.bar(
+        frame,
         x="day",
         y="images",
         color="category",
-        labels={"images": "images (not rejected)", "day": "upload day"},
+        labels={"images": "images (not rejected)", "day": "end of upload day"},
     )
+    chart.update_xaxes(type="category")
     st.plotly_chart(chart, key="growth_chart")
 with right:
     chart = px.bar(

@@ -10,9 +10,8 @@ from core.db import read_session, session_scope
 from core.errors import UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
-from core.thumbnails import thumbnail
 from core.uploads import ingest_uploads
-from pages._common import current_user
+from pages._common import current_user, show_thumbnail
 
 PAGE_SIZE = 24
 COLUMNS = 6
@@ -113,7 +112,7 @@ with review_tab:
         row = st.columns(COLUMNS)
         for col, (image, name) in zip(row, found.rows[start_index : start_index + COLUMNS], strict=False):
             with col.container(border=True):
-                st.image(str(thumbnail(image)), width="stretch")
+                show_thumbnail(image)
                 st.checkbox(f"#{image.id} {name}", key=f"pick_{image.id}")
                 who = f" by {image.reviewed_by}" if image.reviewed_by else ""
                 st.caption(f"{image.status.value}{who} · {image.source.value} · {image.uploaded_at:%Y-%m-%d}")

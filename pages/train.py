@@ -27,7 +27,7 @@ with form:
         *PARAM_RANGES["learning_rate"][1:],
         value=defaults.learning_rate,
         step=0.0001,
-        format="%.4f",
+        format="%.6f",
         key="learning_rate",
     )
     use_existing = c2.toggle(

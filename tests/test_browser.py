@@ -103,13 +103,15 @@ def page(server):
         page = context.new_page()
         page.set_default_timeout(60_000)
         yield page
+        if os.environ.get("BROWSER_DEBUG"):
+            page.screenshot(path=os.environ["BROWSER_DEBUG"])
         browser.close()
 
 
 def settle(page) -> None:
     """Wait until Streamlit has finished the rerun a click or an edit started."""
     page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=60_000)
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(timeout=60_000)
 
 
 def go(page, title: str) -> None:
@@ -138,15 +140,17 @@ def fill_number(page, label: str, value: str) -> None:
 
 
 def test_load_demo_train_and_see_the_new_model_in_a_browser(server, page):
+    from playwright.sync_api import expect
+
     page.goto(server)
     page.get_by_text("No images yet").wait_for()
     page.get_by_role("button", name="Load the demo dataset").click()
     page.get_by_text("Validated images").first.wait_for(timeout=120_000)
     settle(page)
-    assert page.get_by_text("No model yet").is_visible()
+    expect(page.get_by_text("No model yet")).to_be_visible()
 
     go(page, "Review images")
-    assert page.locator('[data-testid="stImage"]').count() == 24
+    expect(page.locator('[data-testid="stImage"]')).to_have_count(24)
     shoot(page, "review")
 
     go(page, "Train")
@@ -166,15 +170,15 @@ def test_load_demo_train_and_see_the_new_model_in_a_browser(server, page):
     go(page, "Live metrics")
     page.get_by_role("heading", name="Model 1.0.0").wait_for(timeout=600_000)
     settle(page)
-    assert page.get_by_text("Confusion matrix").is_visible()
+    expect(page.get_by_text("Confusion matrix")).to_be_visible()
     shoot(page, "metrics")
 
     go(page, "Models")
     page.get_by_text("In production now: 1.0.0").wait_for()
-    assert page.get_by_role("button", name="Download .ptl").is_visible()
-    assert page.get_by_role("button", name="Download .pte").is_visible()
+    expect(page.get_by_role("button", name="Download .ptl")).to_be_visible()
+    expect(page.get_by_role("button", name="Download .pte")).to_be_visible()
     shoot(page, "models")
 
     go(page, "Overview")
-    assert page.get_by_text("Accuracy of every version").is_visible()
+    expect(page.get_by_text("Accuracy of every version")).to_be_visible()
     shoot(page, "overview")

@@ -300,7 +300,7 @@ def test_metrics_page_shows_results_of_a_finished_round(trained):
     assert charts(at) == 4  # loss, accuracy, per category, confusion matrix
     version = trained.exec(select(ModelVersion)).first()
     assert any(f"({len(version.metrics['misclassified'])})" in m.value for m in at.markdown)
-    assert len(at.image) == min(36, len(version.metrics["misclassified"]))
+    assert len(at.image) == min(48, len(version.metrics["misclassified"]))
     assert any("random initialisation" in w.value for w in at.warning)
 
 
