@@ -96,6 +96,8 @@ with form:
             st.error(str(exc))
         else:
             st.session_state["last_job_id"] = round_.job_id
+            # Again from the top, so the sidebar's queue shows the new job too.
+            st.rerun()
     if job_id := st.session_state.get("last_job_id"):
         st.success(f"Training job `{job_id}` queued. Follow it below or on **Live metrics**.")
 
@@ -124,14 +126,12 @@ def queue() -> None:
     if not active:
         return
     left, right = st.columns([3, 1], vertical_alignment="bottom")
+    # The label leaves the status out: a selectbox keeps showing the label it
+    # had when chosen, and the status changes while the page is open.
     job_id = left.selectbox(
         "Queued or running job",
         [r["job_id"] for r in active],
-        format_func=lambda j: next(
-            f"{j[:8]}… ({r['status']}{', cancel requested' if r['cancel_requested'] else ''})"
-            for r in active
-            if r["job_id"] == j
-        ),
+        format_func=lambda j: f"round {next(r['round'] for r in active if r['job_id'] == j)} · job {j}",
         key="cancel_job",
     )
     if right.button("Cancel job", key="cancel", icon=":material/cancel:"):
