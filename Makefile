@@ -30,3 +30,7 @@ format: install
 test: lint
 	$(PY) -m pytest
 
+
+# Refreshes docs/screenshots/ through the browser test (needs chromium).
+screenshots: install
+	SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py

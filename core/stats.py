@@ -1,0 +1,270 @@
+"""Read-only views for the dashboard: image search, the queue, trends, comparisons.
+
+Every function only reads; the pages call them inside `core.db.read_session()`.
+"""
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+
+from sqlmodel import Session, col, func, select
+
+from core.models import (
+    FINISHED_STATUSES,
+    Category,
+    ImageSource,
+    ImageStatus,
+    ModelVersion,
+    RoundStatus,
+    TrainingImage,
+    TrainingRound,
+    utcnow,
+)
+
+# --- images -------------------------------------------------------------------
+
+
+@dataclass
+class ImagePage:
+    """One page of a filtered image list and how many match in all."""
+
+    rows: list[tuple[TrainingImage, str]]
+    total: int
+
+
+def find_images(
+    *,
+    session: Session,
+    status: str | None = None,
+    category: str | None = None,
+    source: str | None = None,
+    device: str | None = None,
+    uploaded_from: date | None = None,
+    uploaded_to: date | None = None,
+    offset: int = 0,
+    limit: int = 24,
+) -> ImagePage:
+    """Images with their category name, newest first; `None` filters match all.
+    `uploaded_to` is inclusive (the whole day)."""
+    conditions = []
+    if status:
+        conditions.append(TrainingImage.status == ImageStatus(status))
+    if category:
+        conditions.append(Category.name == category)
+    if source:
+        conditions.append(TrainingImage.source == ImageSource(source))
+    if device:
+        conditions.append(TrainingImage.device_id == device)
+    if uploaded_from:
+        conditions.append(TrainingImage.uploaded_at >= datetime.combine(uploaded_from, time.min, UTC))
+    if uploaded_to:
+        conditions.append(TrainingImage.uploaded_at < datetime.combine(uploaded_to + timedelta(days=1), time.min, UTC))
+    base = select(TrainingImage, Category.name).join(Category, Category.id == TrainingImage.category_id)
+    total = session.exec(
+        select(func.count(TrainingImage.id)).join(Category, Category.id == TrainingImage.category_id).where(*conditions)
+    ).one()
+    rows = session.exec(
+        base.where(*conditions).order_by(col(TrainingImage.id).desc()).offset(offset).limit(limit)
+    ).all()
+    return ImagePage(rows=list(rows), total=total)
+
+
+def filter_options(*, session: Session) -> dict[str, list[str]]:
+    """The values the image filters can take: categories, sources and device ids in use."""
+    categories = session.exec(select(Category.name).order_by(Category.name)).all()
+    sources = session.exec(select(TrainingImage.source).distinct()).all()
+    devices = session.exec(
+        select(TrainingImage.device_id).where(col(TrainingImage.device_id).is_not(None)).distinct()
+    ).all()
+    return {
+        "categories": list(categories),
+        "sources": sorted(ImageSource(s).value for s in sources),
+        "devices": sorted(devices),
+    }
+
+
+def images_by_id(ids: list[int], *, session: Session) -> dict[int, TrainingImage]:
+    """The images with these ids (missing ones are left out)."""
+    if not ids:
+        return {}
+    return {img.id: img for img in session.exec(select(TrainingImage).where(col(TrainingImage.id).in_(ids)))}
+
+
+def category_warnings(counts: Mapping[str, int], *, minimum: int, far_below: float = 0.25) -> list[str]:
+    """Why the validated images per category may train a poor model: a category
+    under `minimum`, or under `far_below` times the median of the others."""
+    warnings = []
+    for name, n in counts.items():
+        others = [v for k, v in counts.items() if k != name]
+        median = statistics.median(others) if others else 0
+        if n < minimum:
+            warnings.append(f"'{name}' has {n} validated images; training needs at least {minimum} per category.")
+        elif median and n < far_below * median:
+            warnings.append(
+                f"'{name}' has {n} validated images, far below the others (median {median:g}): "
+                "the model will rarely predict it. Add or validate more."
+            )
+    return warnings
+
+
+def dataset_over_time(*, session: Session) -> list[dict]:
+    """Images in the dataset (rejected ones left out) per category at the end of
+    each upload day: [{"day", "category", "images"}, ...], cumulative."""
+    day = func.date(TrainingImage.uploaded_at)
+    rows = session.exec(
+        select(day, Category.name, func.count(TrainingImage.id))
+        .join(Category, Category.id == TrainingImage.category_id)
+        .where(TrainingImage.status != ImageStatus.rejected)
+        .group_by(day, Category.name)
+        .order_by(day)
+    ).all()
+    days = sorted({d for d, _, _ in rows})
+    categories = sorted({c for _, c, _ in rows})
+    added = {(d, c): n for d, c, n in rows}
+    out, running = [], dict.fromkeys(categories, 0)
+    for d in days:
+        for c in categories:
+            running[c] += added.get((d, c), 0)
+            out.append({"day": date.fromisoformat(str(d)), "category": c, "images": running[c]})
+    return out
+
+
+# --- training rounds ----------------------------------------------------------
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back without their timezone; they are stored in UTC.
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def round_timing(round_: TrainingRound, now: datetime | None = None) -> tuple[float | None, float | None]:
+    """Seconds since the round started and an estimate of the seconds left
+    (from its progress so far); None where not known yet."""
+    started = _aware(round_.started_at)
+    if started is None:
+        return None, None
+    end = _aware(round_.finished_at) or now or utcnow()
+    elapsed = max(0.0, (end - started).total_seconds())
+    if round_.status in FINISHED_STATUSES:
+        return elapsed, 0.0
+    if round_.progress <= 0:
+        return elapsed, None
+    return elapsed, elapsed * (1 - round_.progress) / round_.progress
+
+
+def queue_overview(*, session: Session, recent: int = 10) -> list[dict]:
+    """Running and queued rounds (with their place in the queue) and the
+    `recent` last finished ones, newest first."""
+    active = list(
+        session.exec(
+            select(TrainingRound)
+            .where(col(TrainingRound.status).in_([RoundStatus.queued, RoundStatus.in_progress]))
+            .order_by(col(TrainingRound.id))
+        )
+    )
+    finished = list(
+        session.exec(
+            select(TrainingRound)
+            .where(col(TrainingRound.status).in_(FINISHED_STATUSES))
+            .order_by(col(TrainingRound.id).desc())
+            .limit(recent)
+        )
+    )
+    version_ids = [r.model_version_id for r in finished if r.model_version_id]
+    versions = dict(
+        session.exec(select(ModelVersion.id, ModelVersion.version).where(col(ModelVersion.id).in_(version_ids))).all()
+    )
+    queued = [r for r in active if r.status == RoundStatus.queued]
+    position = {r.id: i for i, r in enumerate(queued, start=1)}
+    rows = []
+    for r in [*reversed(active), *finished]:
+        elapsed, _ = round_timing(r)
+        rows.append(
+            {
+                "round": r.id,
+                "job_id": r.job_id,
+                "status": r.status.value,
+                "position": position.get(r.id),
+                "progress": r.progress,
+                "requested_by": r.requested_by,
+                "created": _aware(r.created_at),
+                "duration_s": round(elapsed, 1) if elapsed is not None else None,
+                "images": r.total_images,
+                "version": versions.get(r.model_version_id),
+                "cancel_requested": r.cancel_requested,
+            }
+        )
+    return rows
+
+
+def current_round(*, session: Session) -> TrainingRound | None:
+    """The running round, else the oldest queued one, else None."""
+    for status in (RoundStatus.in_progress, RoundStatus.queued):
+        found = session.exec(
+            select(TrainingRound).where(TrainingRound.status == status).order_by(col(TrainingRound.id))
+        ).first()
+        if found is not None:
+            return found
+    return None
+
+
+def queued_count(*, session: Session) -> int:
+    return session.exec(select(func.count(TrainingRound.id)).where(TrainingRound.status == RoundStatus.queued)).one()
+
+
+# --- model versions -----------------------------------------------------------
+
+
+def versions_table(*, session: Session) -> list[dict]:
+    """Every version, newest first, with the round that made it and its dataset hash."""
+    rows = session.exec(
+        select(ModelVersion, TrainingRound)
+        .join(TrainingRound, TrainingRound.id == ModelVersion.round_id, isouter=True)
+        .order_by(col(ModelVersion.major).desc(), col(ModelVersion.minor).desc(), col(ModelVersion.patch).desc())
+    ).all()
+    return [
+        {
+            "version": v.version,
+            "production": v.is_production,
+            "created": _aware(v.created_at),
+            "val_accuracy": v.metrics.get("val_accuracy"),
+            "train_accuracy": v.metrics.get("train_accuracy"),
+            "size_mb": v.metrics.get("model_size_mb"),
+            "classes": ", ".join(v.classes),
+            "architecture": v.architecture,
+            "image_size": v.image_size,
+            "round": r.id if r else None,
+            "job_id": r.job_id if r else None,
+            "snapshot_hash": r.snapshot_hash[:12] if r else None,
+        }
+        for v, r in rows
+    ]
+
+
+def compare_versions(old: ModelVersion, new: ModelVersion) -> dict[str, list[dict]]:
+    """Side-by-side metrics and per-category accuracy of two versions; deltas
+    are `new - old` (positive: `new` is better, or bigger for size)."""
+
+    def delta(a, b):
+        return round(b - a, 2) if a is not None and b is not None else None
+
+    summary = []
+    for key, label in (
+        ("val_accuracy", "validation accuracy (%)"),
+        ("train_accuracy", "training accuracy (%)"),
+        ("model_size_mb", "size (MB)"),
+        ("val_images", "validation images"),
+        ("train_images", "training images"),
+    ):
+        a, b = old.metrics.get(key), new.metrics.get(key)
+        summary.append({"metric": label, old.version: a, new.version: b, "delta": delta(a, b)})
+    per_class_old = old.metrics.get("per_class_accuracy", {})
+    per_class_new = new.metrics.get("per_class_accuracy", {})
+    per_category = []
+    for name in sorted(set(per_class_old) | set(per_class_new)):
+        a, b = per_class_old.get(name), per_class_new.get(name)
+        per_category.append({"category": name, old.version: a, new.version: b, "delta": delta(a, b)})
+    return {"summary": summary, "per_category": per_category}

@@ -1,0 +1,155 @@
+"""Live metrics (operators): a round's progress and curves while it runs, its results after."""
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from core import registry, stats, training
+from core.db import read_session
+from core.models import FINISHED_STATUSES
+from pages._common import format_seconds, show_thumbnail
+
+REFRESH_SECONDS = 2
+
+st.title("Live metrics")
+
+with read_session() as session:
+    rounds = training.list_rounds(session=session, limit=100)
+    running = stats.current_round(session=session)
+
+if not rounds:
+    st.info("No training round yet: start one on the **Train** page.")
+    st.stop()
+
+# No status in the label: it changes while the page is open.
+labels = {r.id: f"round {r.id} · {r.created_at:%Y-%m-%d %H:%M} · job {r.job_id[:8]}" for r in rounds}
+default = running.id if running is not None else rounds[0].id
+round_id = st.selectbox(
+    "Training round", list(labels), index=list(labels).index(default), format_func=labels.get, key="round_id"
+)
+
+
+def curves(metrics) -> None:
+    if not metrics:
+        st.caption("The curves appear when the first epoch ends.")
+        return
+    frame = pd.DataFrame([m.model_dump() for m in metrics]).rename(
+        columns={
+            "train_loss": "training loss",
+            "val_loss": "validation loss",
+            "train_accuracy": "training accuracy",
+            "val_accuracy": "validation accuracy",
+        }
+    )
+    left, right = st.columns(2)
+    loss = px.line(frame, x="epoch", y=["training loss", "validation loss"], markers=True, labels={"value": "loss"})
+    acc = px.line(
+        frame,
+        x="epoch",
+        y=["training accuracy", "validation accuracy"],
+        markers=True,
+        labels={"value": "accuracy (%)"},
+    )
+    acc.update_yaxes(range=[0, 100])
+    for chart in (loss, acc):
+        chart.update_xaxes(dtick=1)
+        chart.update_layout(legend_title_text="")
+    left.plotly_chart(loss, key="loss_chart")
+    right.plotly_chart(acc, key="accuracy_chart")
+
+
+def live(round_id: int) -> None:
+    with read_session() as session:
+        round_ = training.get_round(round_id, session=session)
+        metrics = training.epoch_metrics(round_id, session=session)
+    epochs = round_.parameters.get("epochs", 0)
+    if round_.status in FINISHED_STATUSES:
+        # It ended while we watched: rerun the page to show the results.
+        if st.session_state.get("watched_active") == round_id:
+            st.session_state.pop("watched_active")
+            st.rerun()
+    else:
+        st.session_state["watched_active"] = round_id
+    elapsed, left = stats.round_timing(round_)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Status", round_.status.value.replace("_", " "))
+    if round_.status == "queued":
+        st.info("Queued: waiting for a worker to pick it up.")
+    elif round_.status == "in_progress":
+        text = f"epoch {round_.current_epoch}/{epochs}, batch {round_.current_batch}/{round_.total_batches}"
+        st.progress(min(1.0, round_.progress), text=text)
+        c2.metric("Elapsed", format_seconds(elapsed))
+        c3.metric("Time left (estimate)", format_seconds(left))
+    else:
+        c2.metric("Duration", format_seconds(elapsed))
+        c3.metric("Epochs run", f"{len(metrics)}/{epochs}")
+    curves(metrics)
+
+
+with read_session() as session:
+    selected = training.get_round(round_id, session=session)
+active = selected.status not in FINISHED_STATUSES
+st.fragment(run_every=REFRESH_SECONDS if active else None)(live)(round_id)
+
+if active:
+    st.stop()
+
+if selected.error:
+    st.error(f"The round failed: {selected.error}")
+for warning in selected.warnings:
+    st.warning(warning)
+if selected.model_version_id is None:
+    st.stop()
+
+with read_session() as session:
+    version = registry.get_version_by_id(selected.model_version_id, session=session)
+    wrong = version.metrics.get("misclassified", [])
+    images = stats.images_by_id([m["image_id"] for m in wrong], session=session)
+
+st.subheader(f"Model {version.version}")
+c1, c2, c3 = st.columns(3)
+c1.metric("Validation accuracy", f"{version.metrics.get('val_accuracy', 0):.1f}%", border=True)
+c2.metric("Training accuracy", f"{version.metrics.get('train_accuracy', 0):.1f}%", border=True)
+c3.metric("Size", f"{version.metrics.get('model_size_mb', 0):.1f} MB", border=True)
+
+left, right = st.columns(2)
+per_class = version.metrics.get("per_class_accuracy", {})
+with left:
+    st.markdown("**Accuracy per category** (validation images)")
+    chart = px.bar(
+        pd.DataFrame({"category": list(per_class), "accuracy": list(per_class.values())}),
+        x="category",
+        y="accuracy",
+        labels={"accuracy": "accuracy (%)"},
+    )
+    chart.update_yaxes(range=[0, 100])
+    st.plotly_chart(chart, key="per_class_chart")
+with right:
+    st.markdown("**Confusion matrix** (rows: true category, columns: predicted)")
+    heatmap = go.Figure(
+        go.Heatmap(
+            z=version.metrics.get("confusion_matrix", []),
+            x=version.classes,
+            y=version.classes,
+            colorscale="Blues",
+            text=version.metrics.get("confusion_matrix", []),
+            texttemplate="%{text}",
+        )
+    )
+    heatmap.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed")
+    st.plotly_chart(heatmap, key="confusion_chart")
+
+st.markdown(f"**Misclassified validation images** ({len(wrong)})")
+if not wrong:
+    st.caption("None: every validation image was classified correctly.")
+grid = st.columns(8)
+for i, item in enumerate(wrong[:48]):
+    image = images.get(item["image_id"])
+    with grid[i % 8]:
+        if image is not None:
+            show_thumbnail(image)
+        st.caption(f"#{item['image_id']}: {item['true']} → **{item['predicted']}** ({item['confidence']:.0%})")
+
+with st.expander("Round history"):
+    st.code("\n".join(selected.history) or "–", language=None)

@@ -1,0 +1,150 @@
+"""Models (operators): versions, comparison, promotion and rollback, downloads."""
+
+import pandas as pd
+import streamlit as st
+
+from core import registry, stats
+from core.config import get_settings
+from core.db import read_session, session_scope
+from core.errors import UserError
+from pages._common import current_user
+
+st.title("Models")
+
+with read_session() as session:
+    table = stats.versions_table(session=session)
+    versions = {v.version: v for v in registry.list_versions(session=session)}
+    production = registry.production_version(session=session)
+    history = registry.promotion_history(session=session)
+
+if not table:
+    st.info("No model yet: start a training round on the **Train** page.")
+    st.stop()
+
+st.dataframe(
+    pd.DataFrame(table),
+    hide_index=True,
+    key="versions_table",
+    column_order=[
+        "version",
+        "production",
+        "created",
+        "val_accuracy",
+        "train_accuracy",
+        "size_mb",
+        "classes",
+        "round",
+        "snapshot_hash",
+        "job_id",
+        "architecture",
+        "image_size",
+    ],
+    column_config={
+        "production": st.column_config.CheckboxColumn("production"),
+        "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+        "val_accuracy": st.column_config.NumberColumn("val acc (%)", format="%.1f"),
+        "train_accuracy": st.column_config.NumberColumn("train acc (%)", format="%.1f"),
+        "size_mb": st.column_config.NumberColumn("size (MB)", format="%.2f"),
+        "snapshot_hash": st.column_config.TextColumn("dataset snapshot", help="first 12 characters of its SHA-256"),
+        "job_id": st.column_config.TextColumn("job id"),
+        "image_size": st.column_config.NumberColumn("image size (px)"),
+    },
+)
+
+
+def comparison(old: str, new: str) -> None:
+    compared = stats.compare_versions(versions[old], versions[new])
+    left, right = st.columns(2)
+    left.dataframe(pd.DataFrame(compared["summary"]), hide_index=True)
+    right.dataframe(pd.DataFrame(compared["per_category"]), hide_index=True)
+
+
+st.subheader("Compare two versions")
+names = list(versions)
+c1, c2 = st.columns(2)
+older = c1.selectbox("Version A", names, index=min(1, len(names) - 1), key="compare_a")
+newer = c2.selectbox("Version B", names, index=0, key="compare_b")
+st.caption("Deltas are B − A: positive means B is higher.")
+comparison(older, newer)
+
+st.subheader("Production")
+st.write(f"In production now: **{production.version if production else 'none'}**")
+candidates = [n for n in names if production is None or n != production.version]
+left, right = st.columns(2)
+with left:
+    candidate = st.selectbox("Version to promote", candidates, key="promote_version", disabled=not candidates)
+    if st.button("Promote…", key="promote", disabled=not candidate):
+        st.session_state["confirm"] = ("promote", candidate)
+with right:
+    st.write("Put back the version that was in production before the current one.")
+    if st.button("Roll back…", key="rollback", disabled=production is None):
+        st.session_state["confirm"] = ("rollback", None)
+
+if pending := st.session_state.get("confirm"):
+    action, target = pending
+    with st.container(border=True):
+        if action == "promote":
+            st.markdown(f"**Promote {target} to production?** The mobile apps will download it.")
+            if production is not None:
+                comparison(production.version, target)
+        else:
+            st.markdown(f"**Roll back from {production.version if production else 'nothing'}?**")
+        yes, no = st.columns(2)
+        if yes.button("Confirm", key="confirm_yes", type="primary"):
+            st.session_state.pop("confirm")
+            try:
+                with session_scope() as session:
+                    if action == "promote":
+                        done = registry.promote(target, session=session, by=current_user())
+                    else:
+                        done = registry.rollback(session=session, by=current_user())
+            except UserError as exc:
+                st.error(str(exc))
+            else:
+                st.session_state["models_message"] = f"Model {done.version} is now in production."
+                st.rerun()
+        if no.button("Cancel", key="confirm_no"):
+            st.session_state.pop("confirm")
+            st.rerun()
+
+if message := st.session_state.pop("models_message", None):
+    st.success(message)
+
+if history:
+    st.markdown("**Promotion history**")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {"when": e.at, "action": e.action, "from": e.from_version, "to": e.to_version, "by": e.by}
+                for e in history
+            ]
+        ),
+        hide_index=True,
+        key="promotion_history",
+    )
+
+st.subheader("Downloads")
+chosen = st.selectbox("Version", names, key="download_version")
+data_dir = get_settings().data_dir
+for artifact in versions[chosen].artifacts:
+    path = data_dir / artifact["path"]
+    parity = artifact.get("parity") or {}
+    with st.container(border=True):
+        left, right = st.columns([1, 3], vertical_alignment="center")
+        left.download_button(
+            f"Download .{artifact['format']}",
+            data=path.read_bytes if path.exists() else b"",
+            file_name=path.name,
+            mime="application/octet-stream",
+            key=f"download_{artifact['format']}",
+            disabled=not path.exists(),
+            on_click="ignore",
+            icon=":material/download:",
+        )
+        verdict = "passed" if parity.get("passed") else "FAILED"
+        right.markdown(
+            f"`{path.name}` · {artifact['size_bytes'] / 1e6:.2f} MB · {artifact.get('runtime', '')}  \n"
+            f"SHA-256 `{artifact['sha256']}`  \n"
+            f"parity check {verdict}: top-1 agreement {parity.get('top1_agreement', 0):.0%} on "
+            f"{parity.get('images', 0)} images, largest logit difference {parity.get('max_abs_logit_diff', 0):.1e}"
+        )

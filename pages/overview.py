@@ -1,0 +1,111 @@
+"""Overview for stakeholders: the production model, accuracy and dataset over time."""
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from core import registry, review, stats, training
+from core.db import read_session, session_scope
+from core.demo import load_demo_dataset
+from core.errors import UserError
+from pages._common import current_user
+
+st.title("Overview")
+
+with read_session() as session:
+    production = registry.production_version(session=session)
+    versions = stats.versions_table(session=session)
+    counts = review.status_counts(session=session)
+    growth = stats.dataset_over_time(session=session)
+    distribution = review.validated_counts(session=session)
+    rounds = training.list_rounds(session=session, limit=1)
+
+if not sum(counts.values()):
+    st.info(
+        "No images yet: upload some on the **Review images** page, or load the demo dataset "
+        "(5 categories of drawn shapes, 60 each, already validated) to try the whole loop."
+    )
+    if st.button("Load the demo dataset", type="primary", icon=":material/download:"):
+        with st.spinner("Drawing 300 demo pictures…"):
+            try:
+                with session_scope() as session:
+                    report = load_demo_dataset(session=session, uploaded_by=current_user())
+            except UserError as exc:
+                st.error(str(exc))
+                st.stop()
+        st.toast(f"Demo dataset: {report.summary()}")
+        st.rerun()
+    st.stop()
+
+left, middle, right, last = st.columns(4)
+left.metric("Production model", production.version if production else "none yet", border=True)
+middle.metric(
+    "Validation accuracy",
+    f"{production.metrics.get('val_accuracy', 0):.1f}%" if production else "–",
+    border=True,
+)
+right.metric("Validated images", counts["validated"], border=True, help=f"{counts['pending']} waiting for review")
+if rounds:
+    last_round = rounds[0]
+    outcome = last_round.status.value.replace("_", " ")
+    last.metric("Last training", outcome, border=True, help=f"job {last_round.job_id}")
+else:
+    last.metric("Last training", "none yet", border=True)
+
+st.subheader("Accuracy of every version")
+if versions:
+    frame = (
+        pd.DataFrame(versions)
+        .sort_values("created")
+        .rename(columns={"val_accuracy": "validation", "train_accuracy": "training"})
+    )
+    chart = px.line(
+        frame,
+        x="version",
+        y=["validation", "training"],
+        markers=True,
+        hover_data=["created"],
+        labels={"value": "accuracy (%)", "version": "version (oldest to newest)"},
+    )
+    chart.update_yaxes(range=[0, 100])
+    chart.update_xaxes(type="category")
+    chart.update_layout(legend_title_text="")
+    st.plotly_chart(chart, key="accuracy_chart")
+else:
+    st.info("No model yet: go to **Train** and start a training round.")
+
+st.subheader("Dataset over time")
+left, right = st.columns(2)
+with left:
+    # Stacked bars, one per upload day: the height is the dataset's size
+    # that day, the colours its categories (and a single day still shows).
+    frame = pd.DataFrame(growth).assign(day=lambda f: f["day"].astype(str))
+    chart = px.bar(
+        frame,
+        x="day",
+        y="images",
+        color="category",
+        labels={"images": "images (not rejected)", "day": "end of upload day"},
+    )
+    chart.update_xaxes(type="category")
+    st.plotly_chart(chart, key="growth_chart")
+with right:
+    chart = px.bar(
+        pd.DataFrame({"category": list(distribution), "validated": list(distribution.values())}),
+        x="category",
+        y="validated",
+        labels={"validated": "validated images"},
+    )
+    st.plotly_chart(chart, key="distribution_chart")
+
+if rounds:
+    last_round = rounds[0]
+    st.subheader("Last training round")
+    summary = f"Job `{last_round.job_id}` ({last_round.total_images} images): **{last_round.status.value}**"
+    if last_round.model_version_id:
+        summary += f", made model **{next((v['version'] for v in versions if v['round'] == last_round.id), '?')}**"
+    st.markdown(summary)
+    if last_round.error:
+        st.error(last_round.error)
+    for warning in last_round.warnings:
+        st.warning(warning)

@@ -1,0 +1,150 @@
+"""Train (operators): parameters, the preflight check, the queue."""
+
+import pandas as pd
+import streamlit as st
+
+from core import stats, training
+from core.db import read_session
+from core.errors import UserError
+from core.training import ARCHITECTURES, PARAM_RANGES, TrainingConfig
+from jobs import cancel_training, submit_training
+from pages._common import current_user
+
+defaults = TrainingConfig()
+
+st.title("Train")
+form, check = st.columns([3, 2], gap="large")
+
+with form:
+    st.subheader("Parameters")
+    c1, c2 = st.columns(2)
+    epochs = c1.number_input("Epochs", *PARAM_RANGES["epochs"][1:], value=defaults.epochs, step=1, key="epochs")
+    batch_size = c2.number_input(
+        "Batch size", *PARAM_RANGES["batch_size"][1:], value=defaults.batch_size, step=1, key="batch_size"
+    )
+    learning_rate = c1.number_input(
+        "Learning rate",
+        *PARAM_RANGES["learning_rate"][1:],
+        value=defaults.learning_rate,
+        step=0.0001,
+        format="%.6f",
+        key="learning_rate",
+    )
+    use_existing = c2.toggle(
+        "Use existing model",
+        value=defaults.use_existing_model,
+        key="use_existing_model",
+        help="Fine-tune the production model when it knows the same categories and has the same architecture.",
+    )
+    with st.expander("Advanced"):
+        a1, a2 = st.columns(2)
+        architecture = a1.selectbox(
+            "Architecture", ARCHITECTURES, index=ARCHITECTURES.index(defaults.architecture), key="architecture"
+        )
+        image_size = a2.number_input(
+            "Image size (px)", *PARAM_RANGES["image_size"][1:], value=defaults.image_size, step=32, key="image_size"
+        )
+        val_split = a1.number_input(
+            "Validation split", *PARAM_RANGES["val_split"][1:], value=defaults.val_split, step=0.05, key="val_split"
+        )
+        seed = a2.number_input("Seed", *PARAM_RANGES["seed"][1:], value=defaults.seed, step=1, key="seed")
+
+params = {
+    "epochs": int(epochs),
+    "batch_size": int(batch_size),
+    "learning_rate": float(learning_rate),
+    "use_existing_model": use_existing,
+    "architecture": architecture,
+    "image_size": int(image_size),
+    "val_split": float(val_split),
+    "seed": int(seed),
+}
+
+with check:
+    st.subheader("Preflight")
+    with read_session() as session:
+        preflight = training.preflight(TrainingConfig.from_params(params), session=session)
+    st.metric("Validated images", preflight.total, border=True)
+    if preflight.per_category:
+        st.dataframe(
+            pd.DataFrame(
+                {"category": list(preflight.per_category), "validated": list(preflight.per_category.values())}
+            ),
+            hide_index=True,
+            key="preflight_table",
+        )
+    for problem in preflight.problems:
+        st.error(problem, icon=":material/block:")
+    for notice in preflight.notices:
+        st.info(notice)
+    if preflight.ok:
+        st.success("The dataset meets the rules: training can start.", icon=":material/check_circle:")
+
+with form:
+    clicked = st.button(
+        "Train",
+        key="train",
+        type="primary",
+        icon=":material/play_arrow:",
+        disabled=not preflight.ok,
+        help=" ".join(preflight.problems) or None,
+    )
+    if clicked:
+        try:
+            round_ = submit_training(params, requested_by=current_user())
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            st.session_state["last_job_id"] = round_.job_id
+            # Again from the top, so the sidebar's queue shows the new job too.
+            st.rerun()
+    if job_id := st.session_state.get("last_job_id"):
+        st.success(f"Training job `{job_id}` queued. Follow it below or on **Live metrics**.")
+
+
+@st.fragment(run_every=3)
+def queue() -> None:
+    st.subheader("Queue")
+    with read_session() as session:
+        rows = stats.queue_overview(session=session)
+    if not rows:
+        st.caption("No training jobs yet.")
+        return
+    st.dataframe(
+        pd.DataFrame(rows).drop(columns=["cancel_requested"]),
+        hide_index=True,
+        key="queue_table",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+            "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
+            "duration_s": st.column_config.NumberColumn("duration (s)"),
+            "job_id": st.column_config.TextColumn("job id"),
+            "requested_by": st.column_config.TextColumn("requested by"),
+        },
+    )
+    active = [r for r in rows if r["status"] in ("queued", "in_progress")]
+    if not active:
+        return
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    # The label leaves the status out: a selectbox keeps showing the label it
+    # had when chosen, and the status changes while the page is open.
+    job_id = left.selectbox(
+        "Queued or running job",
+        [r["job_id"] for r in active],
+        format_func=lambda j: f"round {next(r['round'] for r in active if r['job_id'] == j)} · job {j}",
+        key="cancel_job",
+    )
+    if right.button("Cancel job", key="cancel", icon=":material/cancel:"):
+        try:
+            round_ = cancel_training(job_id, by=current_user())
+        except UserError as exc:
+            st.error(str(exc))
+        else:
+            st.toast(
+                f"Job {round_.job_id[:8]}: "
+                + ("cancelled" if round_.status == "cancelled" else "cancel requested, it stops after its batch")
+            )
+            st.rerun()
+
+
+queue()

@@ -1,0 +1,184 @@
+"""End to end in a real browser: the app started as `make run` starts it
+(`python -m core serve`: the web server and a Huey consumer), driven by
+Debian's chromium through Playwright.
+
+`SCREENSHOTS=1` also refreshes docs/screenshots/<page>.png.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`python -m core serve` on a free port and a fresh data folder; stopped
+    (web server and worker) with Ctrl-C, as a person would."""
+    port = free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+    log = open(tmp_path / "serve.log", "wb")
+    env = {**os.environ, "DATA_DIR": str(data), "PYTHONUNBUFFERED": "1"}
+    env.pop("DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: healthy(url) or proc.poll() is not None, timeout=120, message="the web server")
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+        # Nothing the server started may outlive it.
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            pass
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the web server or the worker was still running after Ctrl-C")
+
+
+@pytest.fixture
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        yield page
+        if os.environ.get("BROWSER_DEBUG"):
+            page.screenshot(path=os.environ["BROWSER_DEBUG"])
+        browser.close()
+
+
+def settle(page) -> None:
+    """Wait until Streamlit has finished the rerun a click or an edit started."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(timeout=60_000)
+
+
+def go(page, title: str) -> None:
+    page.get_by_role("link", name=title, exact=True).click()
+    page.get_by_role("heading", name=title).first.wait_for()
+    settle(page)
+
+
+def shoot(page, name: str) -> None:
+    if os.environ.get("SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        # The page scrolls inside Streamlit's main block, not the window: make
+        # the window as tall as the content so the picture shows all of it.
+        height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")
+        page.set_viewport_size({"width": 1440, "height": min(4000, height + 120)})
+        page.wait_for_timeout(1500)  # let charts and images finish drawing
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+        page.set_viewport_size({"width": 1440, "height": 1000})
+
+
+def fill_number(page, label: str, value: str) -> None:
+    field = page.get_by_label(label, exact=True)
+    field.fill(value)
+    field.press("Enter")
+    settle(page)
+
+
+def test_load_demo_train_and_see_the_new_model_in_a_browser(server, page):
+    from playwright.sync_api import expect
+
+    page.goto(server)
+    page.get_by_text("No images yet").wait_for()
+    page.get_by_role("button", name="Load the demo dataset").click()
+    page.get_by_text("Validated images").first.wait_for(timeout=120_000)
+    settle(page)
+    expect(page.get_by_text("No model yet")).to_be_visible()
+
+    go(page, "Review images")
+    expect(page.locator('[data-testid="stImage"]')).to_have_count(24)
+    shoot(page, "review")
+
+    go(page, "Train")
+    fill_number(page, "Epochs", "1")
+    fill_number(page, "Batch size", "16")
+    page.get_by_text("Advanced").click()
+    fill_number(page, "Image size (px)", "32")
+    page.get_by_text("The dataset meets the rules").wait_for()
+    page.get_by_role("button", name="Train").click()
+    queued = page.get_by_text(re.compile(r"Training job \S+ queued"))
+    queued.wait_for()
+    job_id = re.search(r"Training job (\S+) queued", queued.inner_text()).group(1)
+    # The worker picks it up: the sidebar shows it running.
+    page.get_by_text(re.compile(rf"Job {job_id[:8]}: epoch")).wait_for(timeout=120_000)
+    shoot(page, "train")
+
+    go(page, "Live metrics")
+    page.get_by_role("heading", name="Model 1.0.0").wait_for(timeout=600_000)
+    settle(page)
+    expect(page.get_by_text("Confusion matrix")).to_be_visible()
+    shoot(page, "metrics")
+
+    go(page, "Models")
+    page.get_by_text("In production now: 1.0.0").wait_for()
+    expect(page.get_by_role("button", name="Download .ptl")).to_be_visible()
+    expect(page.get_by_role("button", name="Download .pte")).to_be_visible()
+    shoot(page, "models")
+
+    go(page, "Overview")
+    expect(page.get_by_text("Accuracy of every version")).to_be_visible()
+    shoot(page, "overview")

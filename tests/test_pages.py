@@ -1,0 +1,352 @@
+"""Each page on its own (`AppTest.from_file`), on a temporary data folder with real data."""
+
+import io
+import zipfile
+
+import pytest
+from sqlmodel import Session, select
+from streamlit.testing.v1 import AppTest
+
+from core.db import read_session
+from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
+from core.review import add_category, validated_counts
+from tests.conftest import ROOT, _clear_caches
+from tests.factories import add_demo, add_images, image_bytes
+
+
+def app(script: str) -> AppTest:
+    return AppTest.from_file(str(ROOT / script), default_timeout=60)
+
+
+def ok(target) -> AppTest:
+    """Run (an AppTest, or the AppTest of a widget just set) and fail on any
+    exception the page raised."""
+    at = target.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def table(at: AppTest, column: str):
+    """The first table (as a DataFrame) that has `column`."""
+    for frame in at.dataframe:
+        if column in frame.value.columns:
+            return frame.value
+    raise AssertionError(f"no table with a '{column}' column")
+
+
+def charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+# --- one real finished round, shared by the pages that show results ------------
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    """A data folder with the demo images (12 per category, 32 px) and one
+    really trained round (1 epoch at 32 px) that made model 1.0.0."""
+    from core import training
+    from core.db import get_engine
+
+    folder = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATA_DIR", str(folder))
+        mp.delenv("DATABASE_URL", raising=False)
+        _clear_caches()
+        with Session(get_engine(), expire_on_commit=False) as session:
+            add_demo(session, per_category=12, size=32)
+            round_ = training.start_training(
+                {"epochs": 1, "batch_size": 16, "image_size": 32}, session=session, requested_by="fixture"
+            )
+            session.commit()
+            version = training.run_training_round(round_.id, session=session)
+        assert version is not None and version.version == "1.0.0"
+        _clear_caches(bind_queue=False)
+    return folder
+
+
+@pytest.fixture
+def trained(trained_folder, monkeypatch) -> Session:
+    from core.db import get_engine
+
+    monkeypatch.setenv("DATA_DIR", str(trained_folder))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    _clear_caches()
+    with Session(get_engine(), expire_on_commit=False) as session:
+        yield session
+    _clear_caches(bind_queue=False)
+
+
+# --- frame and overview -------------------------------------------------------
+
+
+def test_dashboard_frame_shows_production_model_and_queue_in_the_sidebar(trained):
+    at = ok(app("dashboard.py"))
+    sidebar_metrics = {m.label: m.value for m in at.sidebar.metric}
+    assert sidebar_metrics["Production model"] == "1.0.0"
+    assert any("0 job(s) queued" in c.value for c in at.sidebar.caption)
+    assert at.sidebar.text_input(key="user_name").value == "dashboard user"
+    # The default page is the overview.
+    assert at.title[0].value == "Overview"
+
+
+def test_overview_empty_state_loads_the_demo_dataset_with_its_button(session):
+    at = ok(app("pages/overview.py"))
+    assert "No images yet" in at.info[0].value
+    ok(at.button[0].click())
+    assert [img.status for img in _images().values()] == [ImageStatus.validated] * 300
+    assert {m.label for m in at.metric} >= {"Production model", "Validated images"}
+    assert not at.info or "No images yet" not in at.info[0].value
+
+
+def test_overview_shows_production_version_accuracy_and_charts(trained):
+    at = ok(app("pages/overview.py"))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Production model"] == "1.0.0"
+    assert metrics["Validation accuracy"].endswith("%")
+    assert metrics["Last training"] == "completed"
+    assert charts(at) == 3  # accuracy per version, dataset over time, distribution
+    assert any("made model **1.0.0**" in m.value for m in at.markdown)
+
+
+# --- review -------------------------------------------------------------------
+
+
+def _images() -> dict[int, TrainingImage]:
+    """The images as stored now (a read session: the test's own session would
+    hold SQLite's write lock while the page writes)."""
+    with read_session() as reader:
+        return {img.id: img for img in reader.exec(select(TrainingImage))}
+
+
+def test_review_validates_rejects_and_relabels_ticked_images_recording_who(session):
+    ids = add_images(session, {"cats": 3, "dogs": 2}, status=ImageStatus.pending)
+    at = app("pages/review.py")
+    at.session_state["user_name"] = "Ada"
+    ok(at)
+    assert len(at.image) == 5
+    assert {m.label: m.value for m in at.metric}["Pending"] == "5"
+
+    at.checkbox(key=f"pick_{ids[0]}").check()
+    at.checkbox(key=f"pick_{ids[1]}").check()
+    ok(at)
+    ok(at.button(key="validate").click())
+    images = _images()
+    assert images[ids[0]].status == images[ids[1]].status == ImageStatus.validated
+    assert images[ids[0]].reviewed_by == "Ada" and images[ids[0]].reviewed_at is not None
+    assert images[ids[2]].status == ImageStatus.pending
+    assert "2 image(s) validated." in at.success[0].value
+    assert {m.label: m.value for m in at.metric}["Validated"] == "2"
+    assert not at.checkbox(key=f"pick_{ids[0]}").value  # the selection is cleared
+
+    ok(at.checkbox(key=f"pick_{ids[2]}").check())
+    ok(at.button(key="reject").click())
+    assert _images()[ids[2]].status == ImageStatus.rejected
+
+    ok(at.checkbox(key=f"pick_{ids[3]}").check())
+    at.selectbox(key="relabel_to").select("cats")
+    ok(at.button(key="relabel").click())
+    images = _images()
+    assert images[ids[3]].category_id == images[ids[0]].category_id
+    assert "moved to 'cats'" in at.success[0].value
+
+
+def test_review_filters_by_status_and_category_and_pages_the_grid(session):
+    add_demo(session, per_category=6, size=32, status=ImageStatus.pending)
+    at = ok(app("pages/review.py"))
+    assert len(at.image) == 24  # first page of 30
+    assert at.get("pagination")[0].num_pages == 2
+    ok(at.get("pagination")[0].select(2))
+    assert len(at.image) == 6
+
+    ok(at.selectbox(key="filter_category").select("star"))
+    assert len(at.image) == 6
+    assert all("star" in c.label for c in at.checkbox if c.key.startswith("pick_"))
+    ok(at.selectbox(key="filter_status").select("validated"))
+    assert len(at.image) == 0
+    assert "0 image(s) match" in at.caption[0].value
+
+
+def test_review_upload_stores_good_files_and_lists_the_refused_ones_with_a_reason(session):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("birds/one.png", image_bytes((10, 200, 10)))
+        zf.writestr("birds/broken.png", b"not an image")
+    add_category("fish", session=session)
+    session.commit()
+    at = ok(app("pages/review.py"))
+    at.file_uploader(key="upload_files").set_value(
+        [
+            ("red.png", image_bytes((250, 0, 0)), "image/png"),
+            ("blue.png", image_bytes((0, 0, 250)), "image/png"),
+            ("notes.png", b"plain text", "image/png"),
+            ("set.zip", archive.getvalue(), "application/zip"),
+            ("bad.zip", b"not a zip", "application/zip"),
+        ]
+    )
+    at.selectbox(key="upload_category").select("fish")
+    ok(at)
+    ok(at.button(key="upload").click())
+    assert "3 stored, 0 duplicates, 3 refused" in at.success[0].value
+    refused = table(at, "reason")
+    reasons = dict(zip(refused["file"], refused["reason"], strict=True))
+    assert "not an image" in reasons["notes.png"] and "not an image" in reasons["broken.png"]
+    assert "not a valid .zip" in reasons["bad.zip"]
+    rows = list(_images().values())
+    assert len(rows) == 3 and all(r.status == ImageStatus.pending for r in rows)
+
+
+def test_review_categories_add_rename_and_warn_about_a_small_category(session):
+    add_images(session, {"cats": 10, "dogs": 9, "owls": 1})
+    at = ok(app("pages/review.py"))
+    assert any("'owls' has 1 validated images" in w.value for w in at.warning)
+    assert charts(at) == 1
+
+    at.text_input(key="new_category").input("eagles")
+    ok(at.get("form_submit_button")[0].click())
+    at.selectbox(key="rename_from").select("owls")
+    at.text_input(key="rename_to").input("barn owls")
+    ok(at.get("form_submit_button")[1].click())
+    with read_session() as reader:
+        assert validated_counts(session=reader) == {"barn owls": 1, "cats": 10, "dogs": 9, "eagles": 0}
+
+
+# --- train --------------------------------------------------------------------
+
+
+def test_train_is_disabled_with_the_reason_when_the_rules_are_not_met(session):
+    add_images(session, {"cats": 3, "dogs": 1})
+    at = ok(app("pages/train.py"))
+    assert at.button(key="train").disabled
+    problems = " ".join(e.value for e in at.error)
+    assert "at least 50 validated images; there are 4" in problems
+    assert "'dogs' has 1" in problems
+    assert table(at, "validated")["validated"].tolist() == [3, 1]
+
+
+def test_train_shows_the_original_defaults_and_the_advanced_section(session):
+    at = ok(app("pages/train.py"))
+    values = {w.key: w.value for w in at.number_input}
+    assert (values["epochs"], values["batch_size"], values["learning_rate"]) == (20, 32, 0.001)
+    assert (values["image_size"], values["val_split"], values["seed"]) == (224, 0.2, 42)
+    assert at.toggle(key="use_existing_model").value is True
+    assert at.selectbox(key="architecture").value == "mobilenet_v3_small"
+    assert at.expander[0].label == "Advanced"
+
+
+def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(session, monkeypatch):
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    at = app("pages/train.py")
+    at.session_state["user_name"] = "Grace"
+    ok(at)
+    at.number_input(key="epochs").set_value(1)
+    at.number_input(key="image_size").set_value(32)
+    at.toggle(key="use_existing_model").set_value(False)
+    ok(at)
+    assert not at.button(key="train").disabled
+    ok(at.button(key="train").click())
+
+    with read_session() as reader:
+        rounds = list(reader.exec(select(TrainingRound)))
+    assert len(rounds) == 1
+    job = rounds[0]
+    assert job.status == RoundStatus.queued and job.requested_by == "Grace" and job.queue_task_id
+    assert job.parameters["epochs"] == 1 and job.parameters["image_size"] == 32
+    assert job.parameters["use_existing_model"] is False
+    assert job.job_id in at.success[0].value
+    queue = table(at, "job_id")
+    assert queue["job_id"].tolist() == [job.job_id] and queue["position"].tolist() == [1]
+
+    ok(at.selectbox(key="cancel_job").select(job.job_id))
+    ok(at.button(key="cancel").click())
+    with read_session() as reader:
+        assert reader.get(TrainingRound, job.id).status == RoundStatus.cancelled
+    assert table(at, "job_id")["status"].tolist() == ["cancelled"]
+
+
+# --- live metrics ---------------------------------------------------------------
+
+
+def test_metrics_page_shows_progress_and_curves_of_a_running_round(session):
+    from core.models import EpochMetric, utcnow
+
+    round_ = TrainingRound(
+        parameters={"epochs": 4},
+        status=RoundStatus.in_progress,
+        started_at=utcnow(),
+        current_epoch=2,
+        current_batch=3,
+        total_batches=5,
+        progress=0.4,
+    )
+    session.add(round_)
+    session.flush()
+    session.add(EpochMetric(round_id=round_.id, epoch=1, train_loss=1.2, train_accuracy=40, val_loss=1.3,
+                            val_accuracy=35, learning_rate=0.001, seconds=2.0))  # fmt: skip
+    session.commit()
+    at = ok(app("pages/metrics.py"))
+    assert at.selectbox(key="round_id").value == round_.id
+    assert "epoch 2/4, batch 3/5" in at.get("progress")[0].proto.text
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Status"] == "in progress" and metrics["Time left (estimate)"] != "–"
+    assert charts(at) == 2  # loss and accuracy per epoch
+
+
+def test_metrics_page_shows_results_of_a_finished_round(trained):
+    at = ok(app("pages/metrics.py"))
+    assert {m.label for m in at.metric} >= {"Validation accuracy", "Training accuracy", "Size"}
+    assert charts(at) == 4  # loss, accuracy, per category, confusion matrix
+    version = trained.exec(select(ModelVersion)).first()
+    assert any(f"({len(version.metrics['misclassified'])})" in m.value for m in at.markdown)
+    assert len(at.image) == min(48, len(version.metrics["misclassified"]))
+    round_ = trained.exec(select(TrainingRound)).first()
+    assert round_.warnings and all(any(w == shown.value for shown in at.warning) for w in round_.warnings)
+    trained.rollback()
+
+
+# --- models -------------------------------------------------------------------
+
+
+def _production() -> list[str]:
+    with read_session() as reader:
+        return [v.version for v in reader.exec(select(ModelVersion).where(ModelVersion.is_production))]
+
+
+def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
+    first = trained.exec(select(ModelVersion).where(ModelVersion.version == "1.0.0")).one()
+    # A second version from the same round and files, with other metrics, so
+    # there is something to promote without training twice.
+    metrics = {**first.metrics, "val_accuracy": first.metrics["val_accuracy"] + 5}
+    if not trained.exec(select(ModelVersion).where(ModelVersion.version == "1.1.0")).first():
+        trained.add(ModelVersion(**{**first.model_dump(exclude={"id", "is_production", "promoted_at"}),
+                                    "version": "1.1.0", "minor": 1, "metrics": metrics}))  # fmt: skip
+        trained.commit()
+    trained.rollback()
+
+    at = app("pages/models.py")
+    at.session_state["user_name"] = "Linus"
+    ok(at)
+    listed = table(at, "snapshot_hash")
+    assert listed["version"].tolist() == ["1.1.0", "1.0.0"]
+    assert listed["production"].tolist() == [False, True]
+    assert {b.key for b in at.download_button} == {"download_ptl", "download_pte"}
+    assert any("parity check passed" in m.value for m in at.markdown)
+
+    ok(at.selectbox(key="promote_version").select("1.1.0"))
+    ok(at.button(key="promote").click())
+    assert any("Promote 1.1.0 to production?" in m.value for m in at.markdown)
+    assert _production() == ["1.0.0"]  # nothing changes before the confirmation
+    ok(at.button(key="confirm_yes").click())
+    assert _production() == ["1.1.0"]
+    assert "Model 1.1.0 is now in production." in at.success[0].value
+
+    ok(at.button(key="rollback").click())
+    ok(at.button(key="confirm_yes").click())
+    assert _production() == ["1.0.0"]
+    history = table(at, "action")
+    assert history[["action", "from", "to", "by"]].values.tolist()[:2] == [
+        ["rollback", "1.1.0", "1.0.0", "Linus"],
+        ["promote", "1.0.0", "1.1.0", "Linus"],
+    ]
