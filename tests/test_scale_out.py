@@ -67,7 +67,7 @@ def test_two_consumers_run_each_job_once_and_one_takes_over_a_killed_ones_job(sc
         assert session.get_bind().dialect.name == "postgresql"
         add_demo(session, per_category=12, size=32)
     tiny = {"batch_size": 8, "image_size": 32}
-    long_job = submit_training({**tiny, "epochs": 6, "image_size": 64}, requested_by="test")
+    long_job = submit_training({**tiny, "epochs": 4, "image_size": 48}, requested_by="test")
     first = worker_factory()
     wait_for(lambda: rounds()[0].current_epoch >= 2, timeout=180, interval=0.05, message="the first job's epoch 2")
     second = worker_factory()
@@ -80,7 +80,7 @@ def test_two_consumers_run_each_job_once_and_one_takes_over_a_killed_ones_job(sc
         current = rounds()
         return all(r.status in (RoundStatus.completed, RoundStatus.failed) for r in current) and current
 
-    done = wait_for(all_done, timeout=400, interval=0.5, message="all jobs to finish on the second consumer")
+    done = wait_for(all_done, timeout=600, interval=0.5, message="all jobs to finish on the second consumer")
     assert [r.status for r in done] == [RoundStatus.completed] * 4, [r.error for r in done]
     killed, others = done[0], done[1:]
     assert killed.id == long_job.id and killed.attempts == 2
