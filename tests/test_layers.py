@@ -1,0 +1,21 @@
+"""The layers of ARCHITECTURE.md: the core library never imports the edges."""
+
+import pkgutil
+import subprocess
+import sys
+
+import core
+from tests.conftest import ROOT
+
+
+def test_core_imports_no_streamlit_huey_or_fastapi():
+    modules = [f"core.{m.name}" for m in pkgutil.iter_modules(core.__path__) if m.name != "__main__"]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in ('streamlit', 'huey', 'fastapi', 'api', 'jobs', 'pages') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert len(modules) >= 10
