@@ -11,11 +11,28 @@ from core.db import read_session
 from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
 from core.review import add_category, validated_counts
 from tests.conftest import ROOT, _clear_caches
-from tests.factories import add_demo, add_images, image_bytes
+from tests.factories import add_demo, add_images, add_user, as_actor, image_bytes, sign_in
 
 
-def app(script: str) -> AppTest:
-    return AppTest.from_file(str(ROOT / script), default_timeout=60)
+def app(script: str, role: str | None = "admin", name: str | None = None) -> AppTest:
+    """The page, run as a signed-in user with `role` (named after it unless
+    `name` is given); `role=None` runs it signed out."""
+    at = AppTest.from_file(str(ROOT / script), default_timeout=60)
+    if role is not None:
+        sign_in(at, user(name or f"{role} user", role))
+    return at
+
+
+def user(name: str, role: str):
+    """The user `name` in the current database (created with `role` if new)."""
+    from core.db import session_scope
+    from core.models import User
+
+    with session_scope() as s:
+        found = s.exec(select(User).where(User.name == name)).first()
+        if found is None:
+            found = add_user(s, name, role)
+        return found
 
 
 def ok(target) -> AppTest:
@@ -85,7 +102,7 @@ def test_dashboard_frame_shows_production_model_and_queue_in_the_sidebar(trained
     sidebar_metrics = {m.label: m.value for m in at.sidebar.metric}
     assert sidebar_metrics["Production model"] == "1.0.0"
     assert any("0 job(s) queued" in c.value for c in at.sidebar.caption)
-    assert at.sidebar.text_input(key="user_name").value == "dashboard user"
+    assert any("admin user" in m.value for m in at.sidebar.markdown)
     # The default page is the overview.
     assert at.title[0].value == "Overview"
 
@@ -121,9 +138,7 @@ def _images() -> dict[int, TrainingImage]:
 
 def test_review_validates_rejects_and_relabels_ticked_images_recording_who(session):
     ids = add_images(session, {"cats": 3, "dogs": 2}, status=ImageStatus.pending)
-    at = app("pages/review.py")
-    at.session_state["user_name"] = "Ada"
-    ok(at)
+    at = ok(app("pages/review.py", "curator", "Ada"))
     assert len(at.image) == 5
     assert {m.label: m.value for m in at.metric}["Pending"] == "5"
 
@@ -172,7 +187,7 @@ def test_review_upload_stores_good_files_and_lists_the_refused_ones_with_a_reaso
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("birds/one.png", image_bytes((10, 200, 10)))
         zf.writestr("birds/broken.png", b"not an image")
-    add_category("fish", session=session)
+    add_category("fish", session=session, actor=as_actor())
     session.commit()
     at = ok(app("pages/review.py"))
     at.file_uploader(key="upload_files").set_value(
@@ -238,9 +253,7 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
     _clear_caches()
     add_demo(session, per_category=4, size=32)
-    at = app("pages/train.py")
-    at.session_state["user_name"] = "Grace"
-    ok(at)
+    at = ok(app("pages/train.py", "operator", "Grace"))
     at.number_input(key="epochs").set_value(1)
     at.number_input(key="image_size").set_value(32)
     at.toggle(key="use_existing_model").set_value(False)
@@ -325,9 +338,7 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
         trained.commit()
     trained.rollback()
 
-    at = app("pages/models.py")
-    at.session_state["user_name"] = "Linus"
-    ok(at)
+    at = ok(app("pages/models.py", "operator", "Linus"))
     listed = table(at, "snapshot_hash")
     assert listed["version"].tolist() == ["1.1.0", "1.0.0"]
     assert listed["production"].tolist() == [False, True]
