@@ -12,8 +12,10 @@ st.set_page_config(page_title="Training dashboard", page_icon=":material/model_t
 
 user = signed_in()
 if user is None:
-    # Nothing else renders (or runs) until someone signs in.
-    st.navigation([st.Page(sign_in_form, title="Sign in", icon=":material/login:")], position="hidden").run()
+    # Nothing else renders (or runs) until someone signs in, whichever page
+    # the address asks for; the navigation holds the sign-in page only.
+    st.navigation([st.Page(sign_in_form, title="Sign in", icon=":material/login:")], position="hidden")
+    sign_in_form()
     st.stop()
 
 # (section, page, permission needed to see it)
