@@ -62,9 +62,8 @@ def queue_status() -> None:
 
 
 with st.sidebar:
-    who, out = st.columns([3, 2], vertical_alignment="center")
-    who.markdown(f"**{user.name}** · {user.role}")
-    out.button("Sign out", key="sign_out", icon=":material/logout:", on_click=sign_out)
+    st.markdown(f"Signed in as **{user.name}** · {user.role}")
+    st.button("Sign out", key="sign_out", icon=":material/logout:", on_click=sign_out)
     queue_status()
 
 pages.run()
