@@ -1,24 +1,41 @@
-"""The dashboard frame: page config, sidebar (who, production model, queue), navigation."""
+"""The dashboard frame: page config, the sign-in gate, sidebar (who, production
+model, queue), navigation with the pages the user's role may use."""
 
 import streamlit as st
 
 from core import registry, stats
+from core.access import Permission, allows
 from core.db import read_session
-from pages._common import format_seconds, user_name_input
+from pages._common import format_seconds, sign_in_form, sign_out, signed_in
 
 st.set_page_config(page_title="Training dashboard", page_icon=":material/model_training:", layout="wide")
 
-pages = st.navigation(
-    {
-        "Stakeholders": [st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True)],
-        "Curators": [st.Page("pages/review.py", title="Review images", icon=":material/photo_library:")],
-        "Operators": [
-            st.Page("pages/train.py", title="Train", icon=":material/play_circle:"),
-            st.Page("pages/metrics.py", title="Live metrics", icon=":material/monitoring:"),
-            st.Page("pages/models.py", title="Models", icon=":material/deployed_code:"),
-        ],
-    }
-)
+user = signed_in()
+if user is None:
+    # Nothing else renders (or runs) until someone signs in, whichever page
+    # the address asks for; the navigation holds the sign-in page only.
+    st.navigation([st.Page(sign_in_form, title="Sign in", icon=":material/login:")], position="hidden")
+    sign_in_form()
+    st.stop()
+
+# (section, page, permission needed to see it)
+PAGES = [
+    ("Stakeholders", st.Page("pages/overview.py", title="Overview", icon=":material/dashboard:", default=True), None),
+    ("Curators", st.Page("pages/review.py", title="Review images", icon=":material/photo_library:"),
+     Permission.review_images),
+    ("Operators", st.Page("pages/train.py", title="Train", icon=":material/play_circle:"), Permission.train),
+    ("Operators", st.Page("pages/metrics.py", title="Live metrics", icon=":material/monitoring:"), None),
+    ("Operators", st.Page("pages/models.py", title="Models", icon=":material/deployed_code:"), None),
+    ("Administration", st.Page("pages/audit.py", title="Audit trail", icon=":material/history:"),
+     Permission.read_audit),
+    ("Administration", st.Page("pages/admin.py", title="Users and tokens", icon=":material/group:"),
+     Permission.manage_users),
+]  # fmt: skip
+sections: dict[str, list] = {}
+for section, page, permission in PAGES:
+    if permission is None or allows(user.role, permission):
+        sections.setdefault(section, []).append(page)
+pages = st.navigation(sections)
 
 
 @st.fragment(run_every=5)
@@ -45,7 +62,8 @@ def queue_status() -> None:
 
 
 with st.sidebar:
-    user_name_input()
+    st.markdown(f"Signed in as **{user.name}** · {user.role}")
+    st.button("Sign out", key="sign_out", icon=":material/logout:", on_click=sign_out)
     queue_status()
 
 pages.run()

@@ -7,7 +7,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from core import tokens
-from core.access import Permission, check_permission
+from core.access import Actor, Permission, check_permission
 from core.db import read_session, session_scope
 from core.errors import AuthenticationError
 
@@ -25,8 +25,12 @@ class Caller:
 
     @property
     def name(self) -> str:
-        """How the caller appears in `uploaded_by`, `requested_by` and histories."""
+        """How the caller appears in `uploaded_by`, `requested_by`, histories and the audit trail."""
         return f"api:{self.label}"
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(self.name, self.role)
 
 
 def authenticate(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:

@@ -21,10 +21,10 @@ from api.schemas import (
     TrainResponse,
     UploadResponse,
 )
-from core import manifest, registry, review, training
+from core import manifest, registry, review, training, uploads
 from core.db import read_session, session_scope
 from core.errors import InvalidImageError
-from core.ingest import IngestReport, check_size, get_or_create_category, ingest_bytes
+from core.ingest import check_size, get_or_create_category
 from core.models import EpochMetric, ImageSource, ModelVersion, RoundStatus, TrainingRound, as_utc
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ QUEUE_STATUS = {
 @router.post("/models/train/", status_code=202, tags=["training"])
 def start_training(caller: Trainer, body: TrainRequest | None = None) -> TrainResponse:
     """Queue a training job on all validated images."""
-    round_ = jobs.submit_training((body or TrainRequest()).model_dump(), requested_by=caller.name)
+    round_ = jobs.submit_training((body or TrainRequest()).model_dump(), actor=caller.actor)
     return TrainResponse(
         job_id=round_.job_id,
         training_round_id=round_.id,
@@ -100,7 +100,7 @@ def training_status(job_id: str, caller: Reader) -> TrainingStatus:
 @router.post("/models/training/{job_id}/cancel/", tags=["training"])
 def cancel_training(job_id: str, caller: Trainer) -> CancelResponse:
     """Cancel a queued job, or ask a running one to stop after its current batch."""
-    round_ = jobs.cancel_training(job_id, by=caller.name)
+    round_ = jobs.cancel_training(job_id, actor=caller.actor)
     message = (
         "Job cancelled before it started"
         if round_.status == RoundStatus.cancelled
@@ -169,23 +169,18 @@ def upload_images(
     """Store photos from a phone; they wait for review (`pending`)."""
     for upload in images:
         check_size(upload.size or 0, upload.filename or "upload")
-    report = IngestReport()
     with session_scope() as session:
         # Checked once, before any file, so a typo does not refuse every file separately.
         get_or_create_category(category, session=session, create=False)
-        for upload in images:
-            report.results.append(
-                ingest_bytes(
-                    upload.file.read(),
-                    upload.filename or "upload",
-                    session=session,
-                    category=category,
-                    source=ImageSource.mobile,
-                    device_id=device_id,
-                    uploaded_by=caller.name,
-                    create_category=False,
-                )
-            )
+        report = uploads.ingest_uploads(
+            [(upload.filename or "upload", upload.file.read()) for upload in images],
+            session=session,
+            actor=caller.actor,
+            category=category,
+            source=ImageSource.mobile,
+            device_id=device_id,
+            archives=False,
+        )
         if len(report.refused) == len(report.results):
             raise InvalidImageError("; ".join(r.reason for r in report.refused))
     return UploadResponse(

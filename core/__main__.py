@@ -13,23 +13,23 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
-from core import registry, review, training
-from core.access import Role
+from core import registry, review, training, uploads, users
+from core.access import CLI_ACTOR, USER_ROLES, Role
 from core.config import REPO_ROOT, get_settings
 from core.db import session_scope
 from core.errors import UserError
-from core.ingest import import_folder
 from core.models import FINISHED_STATUSES, Category, ImageStatus, RoundStatus, TrainingImage
 
-WHO = "cli"
+# The command line runs where the database is: it acts as a local admin, recorded as "cli".
+WHO = CLI_ACTOR
 
 
 def cmd_demo(args) -> int:
-    from core.demo import load_demo_dataset
-
     status = ImageStatus.pending if args.pending else ImageStatus.validated
     with session_scope() as session:
-        report = load_demo_dataset(session=session, per_category=args.per_category, size=args.size, status=status)
+        report = uploads.load_demo(
+            session=session, actor=WHO, per_category=args.per_category, size=args.size, status=status
+        )
     print(f"Demo dataset: {report.summary()} ({status.value}).")
     return 0
 
@@ -37,7 +37,7 @@ def cmd_demo(args) -> int:
 def cmd_import(args) -> int:
     status = ImageStatus.validated if args.validated else ImageStatus.pending
     with session_scope() as session:
-        report = import_folder(Path(args.folder), session=session, status=status, uploaded_by=WHO)
+        report = uploads.import_directory(Path(args.folder), session=session, actor=WHO, status=status)
     print(f"Imported from {args.folder}: {report.summary()} ({status.value}).")
     for result in report.refused:
         print(f"  refused {result.reason}")
@@ -64,10 +64,10 @@ def cmd_images(args) -> int:
 def cmd_review(args) -> int:
     with session_scope() as session:
         if args.command == "relabel":
-            n = review.relabel_images(args.ids, args.category, session=session, reviewer=WHO)
+            n = review.relabel_images(args.ids, args.category, session=session, actor=WHO)
         else:
             status = {"validate": ImageStatus.validated, "reject": ImageStatus.rejected}[args.command]
-            n = review.set_status(args.ids, status, session=session, reviewer=WHO)
+            n = review.set_status(args.ids, status, session=session, actor=WHO)
     print(f"{args.command}: {n} image(s) updated.")
     return 0
 
@@ -75,9 +75,9 @@ def cmd_review(args) -> int:
 def cmd_categories(args) -> int:
     with session_scope() as session:
         if args.add:
-            review.add_category(args.add, session=session)
+            review.add_category(args.add, session=session, actor=WHO)
         if args.rename:
-            review.rename_category(args.rename[0], args.rename[1], session=session)
+            review.rename_category(args.rename[0], args.rename[1], session=session, actor=WHO)
         counts = review.validated_counts(session=session)
     for name, n in counts.items():
         print(f"{name:<20} {n:>6} validated")
@@ -95,7 +95,7 @@ def _train_params(args) -> dict:
 def cmd_train(args) -> int:
     from jobs import submit_training
 
-    round_ = submit_training(_train_params(args), requested_by=WHO)
+    round_ = submit_training(_train_params(args), actor=WHO)
     print(f"Training job {round_.job_id} queued with {round_.total_images} images (round {round_.id}).")
     for warning in round_.warnings:
         print(f"  note: {warning}")
@@ -162,7 +162,7 @@ def cmd_status(args) -> int:
 def cmd_cancel(args) -> int:
     from jobs import cancel_training
 
-    round_ = cancel_training(args.job_id, by=WHO)
+    round_ = cancel_training(args.job_id, actor=WHO)
     print(
         f"Job {round_.job_id}: {round_.status.value}"
         + (" (cancel requested)" if round_.status == RoundStatus.in_progress else "")
@@ -188,14 +188,14 @@ def cmd_versions(args) -> int:
 
 def cmd_promote(args) -> int:
     with session_scope() as session:
-        version = registry.promote(args.version, session=session, by=WHO)
+        version = registry.promote(args.version, session=session, actor=WHO)
     print(f"Model {version.version} is now in production.")
     return 0
 
 
 def cmd_rollback(args) -> int:
     with session_scope() as session:
-        version = registry.rollback(session=session, by=WHO)
+        version = registry.rollback(session=session, actor=WHO)
     print(f"Rolled back: model {version.version} is in production again.")
     return 0
 
@@ -206,7 +206,7 @@ def cmd_token(args) -> int:
     with session_scope() as session:
         if args.action == "create":
             created = tokens.create_token(
-                session=session, role=args.role, label=args.label, expires_days=args.expires_days
+                session=session, actor=WHO, role=args.role, label=args.label, expires_days=args.expires_days
             )
             token = created.token
             until = f", expires {token.expires_at:%Y-%m-%d}" if token.expires_at else ""
@@ -216,7 +216,7 @@ def cmd_token(args) -> int:
             print(created.secret)
             return 0
         if args.action == "revoke":
-            token = tokens.revoke_token(args.id, session=session)
+            token = tokens.revoke_token(args.id, session=session, actor=WHO)
             print(f"Token {token.id} ('{token.label}') is revoked.")
             return 0
         rows = tokens.list_tokens(session=session)
@@ -229,6 +229,46 @@ def cmd_token(args) -> int:
         used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
         expires = f"{t.expires_at:%Y-%m-%d}" if t.expires_at else "never"
         print(f"{t.id:>4}  {t.role:<9} {state:<8} {t.created_at:%Y-%m-%d %H:%M} {used:<17} {expires:<11} {t.label}")
+    return 0
+
+
+def _read_password(args) -> str | None:
+    """The password piped in with --password-stdin (first line), or None to generate one."""
+    return sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+
+
+def cmd_user(args) -> int:
+    with session_scope() as session:
+        if args.action == "create":
+            made = users.create_user(args.name, args.role, session=session, actor=WHO, password=_read_password(args))
+        elif args.action == "reset-password":
+            made = users.reset_password(args.name, session=session, actor=WHO, password=_read_password(args))
+        elif args.action in ("deactivate", "activate"):
+            user = users.set_active(args.name, args.action == "activate", session=session, actor=WHO)
+            print(f"User '{user.name}' is {'active' if user.active else 'deactivated'}.")
+            return 0
+        elif args.action == "role":
+            user = users.set_role(args.name, args.role, session=session, actor=WHO)
+            print(f"User '{user.name}' is now {user.role}.")
+            return 0
+        else:
+            rows = users.list_users(session=session)
+    if args.action in ("create", "reset-password"):
+        print(f"User '{made.user.name}' (role {made.user.role}).", end=" ")
+        if args.password_stdin:
+            print("Password set.")
+        else:
+            print("Password, shown once:")
+            print(made.password)
+        return 0
+    if not rows:
+        print("No users yet: python -m core user create NAME --role viewer|curator|operator|admin")
+        return 0
+    print(f"{'name':<20} {'role':<9} {'state':<12} {'created':<17} last sign-in")
+    for u in rows:
+        last = f"{u.last_sign_in_at:%Y-%m-%d %H:%M}" if u.last_sign_in_at else "never"
+        state = "active" if u.active else "deactivated"
+        print(f"{u.name:<20} {u.role:<9} {state:<12} {u.created_at:%Y-%m-%d %H:%M} {last}")
     return 0
 
 
@@ -256,6 +296,8 @@ def cmd_serve(args) -> int:
     from core.db import get_engine
 
     get_engine()
+    with session_scope() as session:
+        first_password = users.ensure_first_admin(session=session)
     port, host = str(args.port), args.host
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     worker = subprocess.Popen([sys.executable, "-m", "core", "worker"], env=env)
@@ -271,6 +313,10 @@ def cmd_serve(args) -> int:
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
     print(f"\n  Training dashboard: open http://{shown}:{port} in your browser", flush=True)
     print(f"  HTTP API for phones: http://{shown}:{port}/api/ (docs at /api/docs)", flush=True)
+    if first_password:
+        # Printed once: only its hash is stored. `python -m core user reset-password admin` makes a new one.
+        print(f"  First run: sign in as '{users.FIRST_ADMIN}' with the password {first_password}", flush=True)
+        print("  (shown only now; python -m core user reset-password admin makes a new one)", flush=True)
     print(f"  Data folder: {get_settings().data_dir}   (Ctrl-C stops the server and the worker)\n", flush=True)
     try:
         while worker.poll() is None and web.poll() is None:
@@ -367,6 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     t = token_sub.add_parser("revoke", help="revoke a token for good")
     t.add_argument("id", type=int)
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("user", help="dashboard users: create, list, reset a password, change a role, (de)activate")
+    user_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    roles = [r.value for r in USER_ROLES]
+    u = user_sub.add_parser("create", help="a new user; prints a generated password unless --password-stdin")
+    u.add_argument("name")
+    u.add_argument("--role", required=True, choices=roles)
+    u.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    u = user_sub.add_parser("reset-password", help="a new password; prints a generated one unless --password-stdin")
+    u.add_argument("name")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    u = user_sub.add_parser("role", help="give a user another role")
+    u.add_argument("name")
+    u.add_argument("role", choices=roles)
+    for name, text in (("deactivate", "the user can no longer sign in"), ("activate", "undo a deactivation")):
+        user_sub.add_parser(name, help=text).add_argument("name")
+    user_sub.add_parser("list", help="all users (never their passwords)")
+    p.set_defaults(func=cmd_user)
 
     p = sub.add_parser("worker", help="run a queue consumer (training jobs)")
     p.add_argument("--workers", type=int, default=1)

@@ -171,3 +171,44 @@ class ApiToken(SQLModel, table=True):
     last_used_at: datetime | None = None
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+
+
+# A person who signs in to the dashboard. The password is stored as a salted scrypt hash.
+class User(SQLModel, table=True):
+    # "user" is a reserved word in PostgreSQL.
+    __tablename__ = "appuser"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    # viewer | curator | operator | admin (see core/access.py)
+    role: str
+    # "scrypt$n$r$p$salt_hex$hash_hex" (see core/users.py)
+    password_hash: str
+    active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+    last_sign_in_at: datetime | None = None
+
+
+# Failed sign-ins per user name or client address, for the growing wait between tries.
+class SignInThrottle(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    # "name:<user name>" or "client:<address>"
+    key: str = Field(unique=True, index=True)
+    failures: int = 0
+    last_failure_at: datetime | None = None
+    blocked_until: datetime | None = None
+
+
+# One consequential action: who, when, what, on what, and the state before and after.
+class AuditEvent(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    # A user name, `api:<token label>`, `cli` or `auto`.
+    actor: str = Field(index=True)
+    actor_role: str
+    # e.g. image.validate, training.start, model.promote, user.create (see core/audit.py)
+    action: str = Field(index=True)
+    # e.g. image:12, job:<uuid>, model:1.1.0, user:ana, token:3
+    target: str = Field(default="", index=True)
+    before: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    after: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))

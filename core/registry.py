@@ -5,6 +5,8 @@ from pathlib import Path
 import torch
 from sqlmodel import Session, col, select
 
+from core.access import Actor, Permission, require
+from core.audit import record_audit
 from core.config import get_settings
 from core.errors import ConflictError, NotFoundError, UserError
 from core.models import ModelVersion, PromotionEvent, utcnow
@@ -75,7 +77,7 @@ def next_patch(version: ModelVersion, *, session: Session) -> str:
     return format_version(version.major, version.minor, max(patches) + 1)
 
 
-def _set_production(target: ModelVersion | None, *, session: Session, action: str, by: str | None) -> PromotionEvent:
+def _set_production(target: ModelVersion | None, *, session: Session, action: str, actor: Actor) -> PromotionEvent:
     current = production_version(session=session)
     if current is not None:
         current.is_production = False
@@ -90,24 +92,34 @@ def _set_production(target: ModelVersion | None, *, session: Session, action: st
         from_version=current.version if current else None,
         to_version=target.version if target else None,
         action=action,
-        by=by,
+        by=actor.name,
     )
     session.add(event)
+    record_audit(
+        f"model.{action}",
+        session=session,
+        actor=actor,
+        target=f"model:{event.to_version}",
+        before={"production": event.from_version},
+        after={"production": event.to_version},
+    )
     session.flush()
     return event
 
 
-def promote(version: str, *, session: Session, by: str | None, action: str = "promote") -> ModelVersion:
+def promote(version: str, *, session: Session, actor: Actor, action: str = "promote") -> ModelVersion:
     """Make `version` the production model (the previous one stays, for rollback)."""
+    require(actor, Permission.promote)
     target = get_version(version, session=session)
     if target.is_production:
         raise ConflictError(f"Model {version} is already in production")
-    _set_production(target, session=session, action=action, by=by)
+    _set_production(target, session=session, action=action, actor=actor)
     return target
 
 
-def rollback(*, session: Session, by: str | None) -> ModelVersion:
+def rollback(*, session: Session, actor: Actor) -> ModelVersion:
     """Put back the version that was in production before the current one."""
+    require(actor, Permission.promote)
     current = production_version(session=session)
     if current is None:
         raise ConflictError("Nothing is in production, so there is nothing to roll back")
@@ -122,7 +134,7 @@ def rollback(*, session: Session, by: str | None) -> ModelVersion:
             f"Model {current.version} was the first in production; there is no earlier one to roll back to"
         )
     target = get_version(previous, session=session)
-    _set_production(target, session=session, action="rollback", by=by)
+    _set_production(target, session=session, action="rollback", actor=actor)
     return target
 
 

@@ -7,7 +7,8 @@ from datetime import timedelta
 
 from sqlmodel import Session, col, select
 
-from core.access import parse_role
+from core.access import Actor, Permission, parse_role, require
+from core.audit import record_audit
 from core.errors import AuthenticationError, NotFoundError, UserError
 from core.models import ApiToken, as_utc, utcnow
 
@@ -27,8 +28,11 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(*, session: Session, role: str, label: str, expires_days: float | None = None) -> CreatedToken:
+def create_token(
+    *, session: Session, actor: Actor, role: str, label: str, expires_days: float | None = None
+) -> CreatedToken:
     """A new token for `role`; the returned secret is not stored anywhere."""
+    require(actor, Permission.manage_users)
     role = parse_role(role)
     label = label.strip()
     if not label:
@@ -44,6 +48,17 @@ def create_token(*, session: Session, role: str, label: str, expires_days: float
     )
     session.add(token)
     session.flush()
+    record_audit(
+        "token.create",
+        session=session,
+        actor=actor,
+        target=f"token:{token.id}",
+        after={
+            "label": token.label,
+            "role": token.role,
+            "expires_at": token.expires_at and token.expires_at.isoformat(),
+        },
+    )
     return CreatedToken(token, secret)
 
 
@@ -77,14 +92,24 @@ def touch_token(token_id: int, *, session: Session) -> None:
         session.flush()
 
 
-def revoke_token(token_id: int, *, session: Session) -> ApiToken:
+def revoke_token(token_id: int, *, session: Session, actor: Actor) -> ApiToken:
     """Revoke a token for good (revoking twice is harmless)."""
+    require(actor, Permission.manage_users)
     token = session.get(ApiToken, token_id)
     if token is None:
         raise NotFoundError(f"No API token with id {token_id}; `python -m core token list` shows them")
     if token.revoked_at is None:
+        before = token_state(token)
         token.revoked_at = utcnow()
         session.add(token)
+        record_audit(
+            "token.revoke",
+            session=session,
+            actor=actor,
+            target=f"token:{token.id}",
+            before={"state": before},
+            after={"state": "revoked", "label": token.label},
+        )
         session.flush()
     return token
 

@@ -27,6 +27,7 @@ from sqlmodel import Session, col, delete, select, update
 from torch import nn
 
 from core import registry
+from core.access import SYSTEM_ACTOR
 from core.config import get_settings
 from core.dataset import load_images, normalize
 from core.db import read_engine
@@ -833,7 +834,7 @@ def _commit_version(round_, version, config, classes, metrics, artifacts, ckpt, 
         settings.auto_promote == "first" and registry.production_version(session=session) is None
     )
     if promote:
-        registry.promote(version, session=session, by="auto", action="auto")
+        registry.promote(version, session=session, actor=SYSTEM_ACTOR, action="auto")
     round_.status = RoundStatus.completed
     round_.model_version_id = mv.id
     round_.progress = 1.0

@@ -7,6 +7,8 @@ from huey import Huey
 from huey.storage import RedisStorage, SqliteStorage
 
 from core import training
+from core.access import Actor, Permission, require
+from core.audit import record_audit
 from core.config import get_settings
 from core.db import session_scope
 from core.models import TrainingRound
@@ -63,19 +65,38 @@ def requeue_stale_rounds() -> list[int]:
     return round_ids
 
 
-def submit_training(params: Mapping | None, *, requested_by: str | None = None) -> TrainingRound:
+def submit_training(params: Mapping | None, *, actor: Actor) -> TrainingRound:
     """Validate, snapshot and enqueue a training round; returns it (queued)."""
+    require(actor, Permission.train)
     with session_scope() as session:
-        round_ = training.start_training(params, session=session, requested_by=requested_by)
+        round_ = training.start_training(params, session=session, requested_by=actor.name)
         task = run_training_job.s(round_.id)
         round_.queue_task_id = task.id
         session.add(round_)
+        record_audit(
+            "training.start",
+            session=session,
+            actor=actor,
+            target=f"job:{round_.job_id}",
+            after={"parameters": round_.parameters, "total_images": round_.total_images},
+        )
     # Enqueued only once the round is committed, so the worker always finds it.
     huey.enqueue(task)
     return round_
 
 
-def cancel_training(job_id: str, *, by: str | None = None) -> TrainingRound:
+def cancel_training(job_id: str, *, actor: Actor) -> TrainingRound:
     """Cancel a queued job (it will never start) or ask a running one to stop."""
+    require(actor, Permission.train)
     with session_scope() as session:
-        return training.request_cancel(job_id, session=session, by=by)
+        before = training.get_round(job_id, session=session).status.value
+        round_ = training.request_cancel(job_id, session=session, by=actor.name)
+        record_audit(
+            "training.cancel",
+            session=session,
+            actor=actor,
+            target=f"job:{round_.job_id}",
+            before={"status": before},
+            after={"status": round_.status.value, "cancel_requested": True},
+        )
+        return round_

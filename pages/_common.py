@@ -1,26 +1,81 @@
-"""What the pages share: who is acting, and the running-job summary.
+"""What the pages share: who is signed in and what their role allows, and the
+running-job summary.
 
-There is no sign-in yet: the person acting is the name typed in the sidebar.
-`current_user` is the one place a later sign-in replaces.
+The signed-in user lives in `st.session_state["user"]` as plain values
+(`{"id", "name", "role"}`), never an ORM object; the role is read again from
+the database on every run, so a change by an admin applies at the next click.
 """
 
 import streamlit as st
 
+from core import users
+from core.access import Actor, Permission, allows
+from core.db import read_session, session_scope
 from core.models import TrainingImage
 from core.thumbnails import thumbnail
 
-DEFAULT_USER = "dashboard user"
+SESSION_KEY = "user"
 
 
-def current_user() -> str:
-    """The name recorded on reviews, training requests and promotions."""
-    return (st.session_state.get("user_name") or "").strip() or DEFAULT_USER
+def signed_in() -> Actor | None:
+    """The signed-in, still active user, or None."""
+    known = st.session_state.get(SESSION_KEY)
+    if not known:
+        return None
+    with read_session() as session:
+        user = users.current_user(known["id"], session=session)
+    if user is None:
+        st.session_state.pop(SESSION_KEY, None)
+        return None
+    return Actor(user.name, user.role)
 
 
-def user_name_input() -> None:
-    """The sidebar field that sets `current_user` for this browser session."""
-    st.session_state.setdefault("user_name", DEFAULT_USER)
-    st.text_input("Your name", key="user_name", help="Recorded with your reviews, training jobs and promotions.")
+def current_user() -> Actor:
+    """The person acting (recorded on reviews, training requests, promotions
+    and in the audit trail). A page run without one stops here."""
+    actor = signed_in()
+    if actor is None:
+        st.info("Sign in to use the dashboard.")
+        st.stop()
+    return actor
+
+
+def can(permission: Permission) -> bool:
+    """Whether the signed-in user's role allows `permission` (to hide or disable
+    controls; the core functions check again)."""
+    actor = signed_in()
+    return actor is not None and allows(actor.role, permission)
+
+
+def require_page(permission: Permission) -> Actor:
+    """The signed-in user, if their role may use this page; otherwise say so and stop."""
+    actor = current_user()
+    if not allows(actor.role, permission):
+        st.warning(f"Your role ({actor.role}) may not use this page.")
+        st.stop()
+    return actor
+
+
+def sign_in_form() -> None:
+    """User name and password; failures are slowed down (core.users.sign_in)."""
+    st.title("Sign in")
+    with st.form("sign_in"):
+        name = st.text_input("User name", key="sign_in_name")
+        password = st.text_input("Password", type="password", key="sign_in_password")
+        submitted = st.form_submit_button("Sign in", type="primary")
+    if submitted:
+        with session_scope() as session:
+            outcome = users.sign_in(name, password, session=session, client=st.context.ip_address)
+        if not outcome.ok:
+            st.error(outcome.message)
+            return
+        st.session_state[SESSION_KEY] = {"id": outcome.user_id, "name": outcome.name, "role": outcome.role}
+        st.rerun()
+    st.caption("First run? `make run` printed the password of the user `admin` on its console.")
+
+
+def sign_out() -> None:
+    st.session_state.pop(SESSION_KEY, None)
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -8,9 +8,11 @@ import streamlit as st
 from core import registry, stats, training
 from core.db import read_session
 from core.models import FINISHED_STATUSES
-from pages._common import format_seconds, show_thumbnail
+from pages._common import current_user, format_seconds, show_thumbnail
 
 REFRESH_SECONDS = 2
+
+current_user()
 
 st.title("Live metrics")
 

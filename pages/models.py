@@ -4,11 +4,14 @@ import pandas as pd
 import streamlit as st
 
 from core import registry, stats
+from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
 from pages._common import current_user
 
+actor = current_user()
+may_promote = allows(actor.role, Permission.promote)
 st.title("Models")
 
 with read_session() as session:
@@ -70,42 +73,46 @@ comparison(older, newer)
 st.subheader("Production")
 st.write(f"In production now: **{production.version if production else 'none'}**")
 candidates = [n for n in names if production is None or n != production.version]
-left, right = st.columns(2)
-with left:
-    candidate = st.selectbox("Version to promote", candidates, key="promote_version", disabled=not candidates)
-    if st.button("Promote…", key="promote", disabled=not candidate):
-        st.session_state["confirm"] = ("promote", candidate)
-with right:
-    st.write("Put back the version that was in production before the current one.")
-    if st.button("Roll back…", key="rollback", disabled=production is None):
-        st.session_state["confirm"] = ("rollback", None)
+if not may_promote:
+    st.caption("Operators and admins promote and roll back models.")
+    st.session_state.pop("confirm", None)
+else:
+    left, right = st.columns(2)
+    with left:
+        candidate = st.selectbox("Version to promote", candidates, key="promote_version", disabled=not candidates)
+        if st.button("Promote…", key="promote", disabled=not candidate):
+            st.session_state["confirm"] = ("promote", candidate)
+    with right:
+        st.write("Put back the version that was in production before the current one.")
+        if st.button("Roll back…", key="rollback", disabled=production is None):
+            st.session_state["confirm"] = ("rollback", None)
 
-if pending := st.session_state.get("confirm"):
-    action, target = pending
-    with st.container(border=True):
-        if action == "promote":
-            st.markdown(f"**Promote {target} to production?** The mobile apps will download it.")
-            if production is not None:
-                comparison(production.version, target)
-        else:
-            st.markdown(f"**Roll back from {production.version if production else 'nothing'}?**")
-        yes, no = st.columns(2)
-        if yes.button("Confirm", key="confirm_yes", type="primary"):
-            st.session_state.pop("confirm")
-            try:
-                with session_scope() as session:
-                    if action == "promote":
-                        done = registry.promote(target, session=session, by=current_user())
-                    else:
-                        done = registry.rollback(session=session, by=current_user())
-            except UserError as exc:
-                st.error(str(exc))
+    if pending := st.session_state.get("confirm"):
+        action, target = pending
+        with st.container(border=True):
+            if action == "promote":
+                st.markdown(f"**Promote {target} to production?** The mobile apps will download it.")
+                if production is not None:
+                    comparison(production.version, target)
             else:
-                st.session_state["models_message"] = f"Model {done.version} is now in production."
+                st.markdown(f"**Roll back from {production.version if production else 'nothing'}?**")
+            yes, no = st.columns(2)
+            if yes.button("Confirm", key="confirm_yes", type="primary"):
+                st.session_state.pop("confirm")
+                try:
+                    with session_scope() as session:
+                        if action == "promote":
+                            done = registry.promote(target, session=session, actor=actor)
+                        else:
+                            done = registry.rollback(session=session, actor=actor)
+                except UserError as exc:
+                    st.error(str(exc))
+                else:
+                    st.session_state["models_message"] = f"Model {done.version} is now in production."
+                    st.rerun()
+            if no.button("Cancel", key="confirm_no"):
+                st.session_state.pop("confirm")
                 st.rerun()
-        if no.button("Cancel", key="confirm_no"):
-            st.session_state.pop("confirm")
-            st.rerun()
 
 if message := st.session_state.pop("models_message", None):
     st.success(message)

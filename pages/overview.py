@@ -5,11 +5,13 @@ import plotly.express as px
 import streamlit as st
 
 from core import registry, review, stats, training
+from core.access import Permission
 from core.db import read_session, session_scope
-from core.demo import load_demo_dataset
 from core.errors import UserError
-from pages._common import current_user
+from core.uploads import load_demo
+from pages._common import can, current_user
 
+actor = current_user()
 st.title("Overview")
 
 with read_session() as session:
@@ -25,11 +27,18 @@ if not sum(counts.values()):
         "No images yet: upload some on the **Review images** page, or load the demo dataset "
         "(5 categories of drawn shapes, 60 each, already validated) to try the whole loop."
     )
-    if st.button("Load the demo dataset", type="primary", icon=":material/download:"):
+    allowed = can(Permission.review_images)
+    if st.button(
+        "Load the demo dataset",
+        type="primary",
+        icon=":material/download:",
+        disabled=not allowed,
+        help=None if allowed else "Curators, operators and admins may load it.",
+    ):
         with st.spinner("Drawing 300 demo pictures…"):
             try:
                 with session_scope() as session:
-                    report = load_demo_dataset(session=session, uploaded_by=current_user())
+                    report = load_demo(session=session, actor=actor)
             except UserError as exc:
                 st.error(str(exc))
                 st.stop()

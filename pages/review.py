@@ -4,19 +4,21 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import review, stats
+from core import audit, review, stats
+from core.access import Permission
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.uploads import ingest_uploads
-from pages._common import current_user, show_thumbnail
+from pages._common import require_page, show_thumbnail
 
 PAGE_SIZE = 24
 COLUMNS = 6
 ALL = "All"
 
+actor = require_page(Permission.review_images)
 st.title("Review images")
 
 with read_session() as session:
@@ -39,11 +41,11 @@ def _apply(action: str) -> None:
         with session_scope() as session:
             if action == "relabel":
                 target = st.session_state.get("relabel_to")
-                n = review.relabel_images(ids, target or "", session=session, reviewer=current_user())
+                n = review.relabel_images(ids, target or "", session=session, actor=actor)
                 done = f"moved to '{target}'"
             else:
                 status = ImageStatus.validated if action == "validate" else ImageStatus.rejected
-                n = review.set_status(ids, status, session=session, reviewer=current_user())
+                n = review.set_status(ids, status, session=session, actor=actor)
                 done = status.value
     except UserError as exc:
         st.session_state["review_error"] = str(exc)
@@ -117,6 +119,18 @@ with review_tab:
                 who = f" by {image.reviewed_by}" if image.reviewed_by else ""
                 st.caption(f"{image.status.value}{who} · {image.source.value} · {image.uploaded_at:%Y-%m-%d}")
 
+    if page_ids:
+        with st.expander("History of an image"):
+            choices = [*picked, *(i for i in page_ids if i not in picked)]
+            shown = st.selectbox("Image", choices, key="history_image", format_func=lambda i: f"#{i}")
+            with read_session() as session:
+                events = audit.image_history(shown, session=session)
+            if events:
+                history = pd.DataFrame(audit.as_rows(events)).drop(columns=["target"])
+                st.dataframe(history, hide_index=True, key="image_history")
+            else:
+                st.caption("Nothing recorded for this image (it came in before the audit trail existed).")
+
 with upload_tab:
     st.write(
         "Upload images of one category, or a `.zip` with a folder per category "
@@ -141,7 +155,7 @@ with upload_tab:
                     session=session,
                     category=upload_category,
                     status=ImageStatus.validated if as_validated else ImageStatus.pending,
-                    uploaded_by=current_user(),
+                    actor=actor,
                 )
         except UserError as exc:
             st.error(str(exc))
@@ -162,7 +176,7 @@ with categories_tab:
         if st.form_submit_button("Add category"):
             try:
                 with session_scope() as session:
-                    review.add_category(new_name, session=session)
+                    review.add_category(new_name, session=session, actor=actor)
             except UserError as exc:
                 st.error(str(exc))
             else:
@@ -173,7 +187,7 @@ with categories_tab:
         if st.form_submit_button("Rename"):
             try:
                 with session_scope() as session:
-                    review.rename_category(old_name or "", renamed, session=session)
+                    review.rename_category(old_name or "", renamed, session=session, actor=actor)
             except UserError as exc:
                 st.error(str(exc))
             else:

@@ -4,12 +4,14 @@ import pandas as pd
 import streamlit as st
 
 from core import stats, training
+from core.access import Permission
 from core.db import read_session
 from core.errors import UserError
 from core.training import ARCHITECTURES, PARAM_RANGES, TrainingConfig
 from jobs import cancel_training, submit_training
-from pages._common import current_user
+from pages._common import require_page
 
+actor = require_page(Permission.train)
 defaults = TrainingConfig()
 
 st.title("Train")
@@ -91,7 +93,7 @@ with form:
     )
     if clicked:
         try:
-            round_ = submit_training(params, requested_by=current_user())
+            round_ = submit_training(params, actor=actor)
         except UserError as exc:
             st.error(str(exc))
         else:
@@ -136,7 +138,7 @@ def queue() -> None:
     )
     if right.button("Cancel job", key="cancel", icon=":material/cancel:"):
         try:
-            round_ = cancel_training(job_id, by=current_user())
+            round_ = cancel_training(job_id, actor=actor)
         except UserError as exc:
             st.error(str(exc))
         else:

@@ -54,7 +54,9 @@ def add_token(session: Session, role: str, **kwargs) -> dict[str, str]:
     """A new API token for `role`; returns the Authorization header that sends it."""
     from core.tokens import create_token
 
-    created = create_token(session=session, role=role, label=kwargs.pop("label", f"test {role}"), **kwargs)
+    created = create_token(
+        session=session, actor=as_actor(), role=role, label=kwargs.pop("label", f"test {role}"), **kwargs
+    )
     session.commit()
     return {"Authorization": f"Bearer {created.secret}"}
 
@@ -101,3 +103,24 @@ def add_fake_version(session: Session, version: str = "1.0.0", *, production: bo
     session.add(model)
     session.commit()
     return model
+
+
+def as_actor(name: str = "tester", role: str = "admin"):
+    """Who a core call acts as (an admin unless said otherwise)."""
+    from core.access import Actor
+
+    return Actor(name, role)
+
+
+def add_user(session: Session, name: str, role: str, password: str = "correct horse battery"):
+    """A dashboard user with a known password; returns it."""
+    from core.users import create_user
+
+    user = create_user(name, role, session=session, actor=as_actor("setup"), password=password).user
+    session.commit()
+    return user
+
+
+def sign_in(at, user) -> None:
+    """Make an AppTest run as `user` signed in (what the sign-in form stores)."""
+    at.session_state["user"] = {"id": user.id, "name": user.name, "role": user.role}

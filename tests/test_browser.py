@@ -73,7 +73,10 @@ def server(tmp_path):
     try:
         wait_for(lambda: healthy(url) or proc.poll() is not None, timeout=120, message="the web server")
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        yield url
+        # What a newcomer reads on the console: the first admin's password, printed once.
+        printed = re.search(r"sign in as 'admin' with the password (\S+)", (tmp_path / "serve.log").read_text())
+        assert printed, (tmp_path / "serve.log").read_text()
+        yield url, printed.group(1)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -139,10 +142,20 @@ def fill_number(page, label: str, value: str) -> None:
     settle(page)
 
 
-def test_load_demo_train_and_see_the_new_model_in_a_browser(server, page):
+def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model(server, page):
     from playwright.sync_api import expect
 
-    page.goto(server)
+    url, password = server
+    page.goto(url)
+    page.get_by_role("heading", name="Sign in").wait_for()
+    settle(page)
+    shoot(page, "sign_in")
+    page.get_by_label("User name", exact=True).fill("admin")
+    page.get_by_label("Password", exact=True).fill("not the password")
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("Wrong user name or password.").wait_for()
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Sign in").click()
     page.get_by_text("No images yet").wait_for()
     page.get_by_role("button", name="Load the demo dataset").click()
     page.get_by_text("Validated images").first.wait_for(timeout=120_000)
@@ -182,3 +195,12 @@ def test_load_demo_train_and_see_the_new_model_in_a_browser(server, page):
     go(page, "Overview")
     expect(page.get_by_text("Accuracy of every version")).to_be_visible()
     shoot(page, "overview")
+
+    go(page, "Audit trail")
+    expect(page.get_by_text(re.compile(r"\d+ event\(s\), newest first"))).to_be_visible()
+    shoot(page, "audit")
+    go(page, "Users and tokens")
+    shoot(page, "admin")
+
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("heading", name="Sign in").wait_for()

@@ -7,15 +7,31 @@ import pytest
 from sqlmodel import Session, select
 from streamlit.testing.v1 import AppTest
 
-from core.db import read_session
+from core.db import read_session, session_scope
 from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
 from core.review import add_category, validated_counts
 from tests.conftest import ROOT, _clear_caches
-from tests.factories import add_demo, add_images, image_bytes
+from tests.factories import add_demo, add_images, add_user, as_actor, image_bytes, sign_in
 
 
-def app(script: str) -> AppTest:
-    return AppTest.from_file(str(ROOT / script), default_timeout=60)
+def app(script: str, role: str | None = "admin", name: str | None = None) -> AppTest:
+    """The page, run as a signed-in user with `role` (named after it unless
+    `name` is given); `role=None` runs it signed out."""
+    at = AppTest.from_file(str(ROOT / script), default_timeout=60)
+    if role is not None:
+        sign_in(at, user(name or f"{role} user", role))
+    return at
+
+
+def user(name: str, role: str):
+    """The user `name` in the current database (created with `role` if new)."""
+    from core.models import User
+
+    with session_scope() as s:
+        found = s.exec(select(User).where(User.name == name)).first()
+        if found is None:
+            found = add_user(s, name, role)
+        return found
 
 
 def ok(target) -> AppTest:
@@ -85,7 +101,7 @@ def test_dashboard_frame_shows_production_model_and_queue_in_the_sidebar(trained
     sidebar_metrics = {m.label: m.value for m in at.sidebar.metric}
     assert sidebar_metrics["Production model"] == "1.0.0"
     assert any("0 job(s) queued" in c.value for c in at.sidebar.caption)
-    assert at.sidebar.text_input(key="user_name").value == "dashboard user"
+    assert any("admin user" in m.value for m in at.sidebar.markdown)
     # The default page is the overview.
     assert at.title[0].value == "Overview"
 
@@ -121,9 +137,7 @@ def _images() -> dict[int, TrainingImage]:
 
 def test_review_validates_rejects_and_relabels_ticked_images_recording_who(session):
     ids = add_images(session, {"cats": 3, "dogs": 2}, status=ImageStatus.pending)
-    at = app("pages/review.py")
-    at.session_state["user_name"] = "Ada"
-    ok(at)
+    at = ok(app("pages/review.py", "curator", "Ada"))
     assert len(at.image) == 5
     assert {m.label: m.value for m in at.metric}["Pending"] == "5"
 
@@ -172,7 +186,7 @@ def test_review_upload_stores_good_files_and_lists_the_refused_ones_with_a_reaso
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("birds/one.png", image_bytes((10, 200, 10)))
         zf.writestr("birds/broken.png", b"not an image")
-    add_category("fish", session=session)
+    add_category("fish", session=session, actor=as_actor())
     session.commit()
     at = ok(app("pages/review.py"))
     at.file_uploader(key="upload_files").set_value(
@@ -238,9 +252,7 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
     _clear_caches()
     add_demo(session, per_category=4, size=32)
-    at = app("pages/train.py")
-    at.session_state["user_name"] = "Grace"
-    ok(at)
+    at = ok(app("pages/train.py", "operator", "Grace"))
     at.number_input(key="epochs").set_value(1)
     at.number_input(key="image_size").set_value(32)
     at.toggle(key="use_existing_model").set_value(False)
@@ -325,9 +337,7 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
         trained.commit()
     trained.rollback()
 
-    at = app("pages/models.py")
-    at.session_state["user_name"] = "Linus"
-    ok(at)
+    at = ok(app("pages/models.py", "operator", "Linus"))
     listed = table(at, "snapshot_hash")
     assert listed["version"].tolist() == ["1.1.0", "1.0.0"]
     assert listed["production"].tolist() == [False, True]
@@ -349,4 +359,190 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
     assert history[["action", "from", "to", "by"]].values.tolist()[:2] == [
         ["rollback", "1.1.0", "1.0.0", "Linus"],
         ["promote", "1.0.0", "1.1.0", "Linus"],
+    ]
+
+
+# --- sign-in, roles, admin and audit pages --------------------------------------
+
+
+def test_nothing_but_the_sign_in_form_renders_until_someone_signs_in(session):
+    add_user(session, "ana", "curator", password="right password")
+    at = ok(app("dashboard.py", role=None))
+    assert at.title[0].value == "Sign in"
+    assert not at.sidebar.metric and not at.sidebar.button  # no production model, queue or sign-out yet
+    at.text_input(key="sign_in_name").input("ana")
+    at.text_input(key="sign_in_password").input("wrong password")
+    ok(at.get("form_submit_button")[0].click())
+    assert "Wrong user name or password." in at.error[0].value
+    assert at.title[0].value == "Sign in"
+
+    at.text_input(key="sign_in_password").input("right password")
+    ok(at.get("form_submit_button")[0].click())
+    assert at.title[0].value == "Overview"
+    assert any("**ana** · curator" in m.value for m in at.sidebar.markdown)
+    ok(at.sidebar.button(key="sign_out").click())
+    # (AppTest reruns the page last shown rather than the frame: that page stops, asking to sign in.)
+    assert "user" not in at.session_state and not at.sidebar.button
+    assert "Sign in" in at.info[0].value
+
+
+def test_a_page_run_alone_without_sign_in_shows_nothing_but_the_hint(session):
+    for script in ("pages/overview.py", "pages/review.py", "pages/train.py", "pages/models.py", "pages/admin.py"):
+        at = ok(app(script, role=None))
+        assert not at.title and "Sign in" in at.info[0].value, script
+
+
+@pytest.mark.parametrize(
+    ("role", "pages", "hidden"),
+    [
+        (
+            "viewer",
+            {"Overview", "Live metrics", "Models"},
+            {"Review images", "Train", "Audit trail", "Users and tokens"},
+        ),
+        ("curator", {"Overview", "Review images", "Models"}, {"Train", "Audit trail", "Users and tokens"}),
+        ("operator", {"Review images", "Train", "Audit trail"}, {"Users and tokens"}),
+        ("admin", {"Review images", "Train", "Audit trail", "Users and tokens"}, set()),
+    ],
+)
+def test_each_role_sees_only_the_pages_it_may_use(session, role, pages, hidden, monkeypatch):
+    import streamlit as st
+
+    seen = []
+    real = st.navigation
+    monkeypatch.setattr(st, "navigation", lambda sections, **kw: seen.append(sections) or real(sections, **kw))
+    at = ok(app("dashboard.py", role))
+    titles = {page.title for section in seen[-1].values() for page in section}
+    assert pages <= titles and not hidden & titles, titles
+    assert at.title[0].value == "Overview"
+
+
+@pytest.mark.parametrize(
+    ("script", "role"),
+    [("pages/review.py", "viewer"), ("pages/train.py", "curator"), ("pages/audit.py", "curator"),
+     ("pages/admin.py", "operator")],
+)  # fmt: skip
+def test_a_page_opened_by_a_role_that_may_not_use_it_says_so_and_shows_nothing(session, script, role):
+    add_images(session, {"cats": 2}, status=ImageStatus.pending)
+    at = ok(app(script, role))
+    assert f"Your role ({role}) may not use this page." in at.warning[0].value
+    assert not at.button and not at.title
+
+
+def test_a_viewer_clicking_everything_it_sees_changes_nothing(trained):
+    user("viewer user", "viewer")
+    before = _snapshot()
+    for script in ("dashboard.py", "pages/overview.py", "pages/metrics.py", "pages/models.py"):
+        at = ok(app(script, "viewer"))
+        assert not [b for b in at.button if not b.disabled and b.key != "sign_out"], script
+        for button in at.button:
+            if button.key != "sign_out":
+                ok(button.click())
+    at = ok(app("pages/models.py", "viewer"))
+    assert any("Operators and admins promote" in c.value for c in at.caption)
+    assert _snapshot() == before
+
+
+def _snapshot() -> tuple:
+    from core.models import AuditEvent, PromotionEvent
+
+    with read_session() as reader:
+        return (
+            [(i.id, i.status, i.category_id) for i in reader.exec(select(TrainingImage))],
+            [(v.version, v.is_production) for v in reader.exec(select(ModelVersion))],
+            len(reader.exec(select(TrainingRound)).all()),
+            len(reader.exec(select(PromotionEvent)).all()),
+            len(reader.exec(select(AuditEvent)).all()),
+        )
+
+
+def test_overview_demo_button_is_disabled_for_a_viewer(session):
+    at = ok(app("pages/overview.py", "viewer"))
+    assert at.button[0].disabled
+    assert not ok(app("pages/overview.py", "curator")).button[0].disabled
+
+
+def test_models_page_offers_promotion_only_to_operators_and_admins(trained):
+    trained.rollback()
+    assert not ok(app("pages/models.py", "curator")).button  # download buttons are download_buttons
+    keys = {b.key for b in ok(app("pages/models.py", "operator")).button}
+    assert {"promote", "rollback"} <= keys
+
+
+def test_admin_creates_a_user_who_can_sign_in_then_changes_role_resets_and_deactivates(session):
+    from core import users
+
+    at = ok(app("pages/admin.py", "admin", "root"))
+    at.text_input(key="new_user_name").input("bea")
+    at.selectbox(key="new_user_role").select("curator")
+    ok(at.get("form_submit_button")[0].click())
+    password = at.success[0].value.split("`")[1]
+    with session_scope() as s:
+        assert users.sign_in("bea", password, session=s).role == "curator"
+
+    at.selectbox(key="manage_user").select("bea")
+    ok(at)
+    at.selectbox(key="manage_role").select("operator")
+    ok(at.button(key="change_role").click())
+    assert "'bea' is now operator." in at.success[0].value
+    ok(at.button(key="reset_password").click())
+    new_password = at.success[0].value.split("`")[1]
+    with session_scope() as s:
+        assert not users.sign_in("bea", password, session=s).ok
+        assert users.sign_in("bea", new_password, session=s).role == "operator"
+    ok(at.button(key="toggle_active").click())
+    assert "deactivated" in at.success[0].value
+    with session_scope() as s:
+        assert "deactivated" in users.sign_in("bea", new_password, session=s).message
+    assert table(at, "last sign-in").set_index("name").loc["bea", "active"] == False  # noqa: E712
+
+
+def test_admin_creates_a_token_sees_its_secret_once_and_revokes_it(session):
+    from core import tokens
+
+    at = ok(app("pages/admin.py"))
+    at.text_input(key="token_label").input("pixel of Ana")
+    at.selectbox(key="token_role").select("device")
+    at.number_input(key="token_days").set_value(30)
+    ok(at.get("form_submit_button")[1].click())
+    message = at.success[0].value
+    secret = message.split("`")[1]
+    assert secret.startswith("tdb_") and "not shown again" in message
+    listed = table(at, "last used")
+    assert listed[["label", "role", "state"]].values.tolist() == [["pixel of Ana", "device", "active"]]
+    assert secret not in listed.to_string()
+    with read_session() as reader:
+        assert tokens.verify_token(secret, session=reader).label == "pixel of Ana"
+    ok(at)  # the secret is shown once only
+    assert not at.success or secret not in at.success[0].value
+
+    ok(at.button(key="revoke").click())
+    assert table(at, "last used")["state"].tolist() == ["revoked"]
+
+
+def test_audit_page_filters_by_person_and_action(session):
+    from core.access import Actor
+    from core.review import validate_images
+
+    ids = add_images(session, {"cats": 3}, status=ImageStatus.pending)
+    validate_images(ids[:2], session=session, actor=Actor("ana", "curator"))
+    add_category("dogs", session=session, actor=Actor("bo", "admin"))
+    session.commit()
+    at = ok(app("pages/audit.py", "operator"))
+    assert table(at, "action")["action"].tolist() == ["user.create", "category.add", "image.validate", "image.validate"]
+    ok(at.selectbox(key="audit_person").select("ana"))
+    assert set(table(at, "action")["action"]) == {"image.validate"}
+    ok(at.selectbox(key="audit_person").select("All"))
+    ok(at.selectbox(key="audit_action").select("category.add"))
+    assert table(at, "action")[["who", "target"]].values.tolist() == [["bo", "category:dogs"]]
+
+
+def test_review_page_shows_the_history_of_an_image(session):
+    ids = add_images(session, {"cats": 1}, status=ImageStatus.pending)
+    at = ok(app("pages/review.py", "curator", "Ada"))
+    ok(at.checkbox(key=f"pick_{ids[0]}").check())
+    ok(at.button(key="validate").click())
+    history = table(at, "before")
+    assert history[["who", "action", "before", "after"]].values.tolist() == [
+        ["Ada", "image.validate", "status: pending", "status: validated"]
     ]

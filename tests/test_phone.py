@@ -13,7 +13,7 @@ from core.db import read_session
 from core.demo import DEMO_CATEGORIES, generate_demo_folder
 from core.models import ImageStatus, TrainingImage
 from tests.conftest import wait_for
-from tests.factories import add_token
+from tests.factories import add_token, as_actor
 
 
 def test_phone_uploads_operator_trains_phone_downloads_and_classifies(data_dir, session, tmp_path, worker_factory):
@@ -22,7 +22,7 @@ def test_phone_uploads_operator_trains_phone_downloads_and_classifies(data_dir, 
     from api.app import app
 
     for name in DEMO_CATEGORIES:
-        review.add_category(name, session=session)
+        review.add_category(name, session=session, actor=as_actor())
     session.commit()
     phone = add_token(session, "device", label="pixel-7")
     operator = add_token(session, "operator", label="ana")
@@ -44,7 +44,7 @@ def test_phone_uploads_operator_trains_phone_downloads_and_classifies(data_dir, 
     with read_session() as reader:
         stored = reader.exec(select(TrainingImage).where(col(TrainingImage.id).in_(uploaded))).all()
     assert len(stored) == 50 and {img.status for img in stored} == {ImageStatus.pending}
-    review.validate_images(uploaded, session=session, reviewer="curator")
+    review.validate_images(uploaded, session=session, actor=as_actor("curator", "curator"))
     session.commit()
 
     # 3. An operator starts a (tiny) training; a real consumer runs it.

@@ -3,6 +3,7 @@ import pytest
 from core import registry
 from core.errors import ConflictError, NotFoundError, UserError
 from core.models import ModelVersion
+from tests.factories import as_actor
 
 
 def add_version(session, version: str, classes=("cat", "dog")) -> ModelVersion:
@@ -50,10 +51,10 @@ def test_at_most_one_production_version_and_rollback_restores_previous(session):
     add_version(session, "1.0.0")
     add_version(session, "1.1.0")
     add_version(session, "1.2.0")
-    registry.promote("1.0.0", session=session, by="ana")
-    registry.promote("1.2.0", session=session, by="ana")
+    registry.promote("1.0.0", session=session, actor=as_actor("ana"))
+    registry.promote("1.2.0", session=session, actor=as_actor("ana"))
     assert [v.version for v in registry.list_versions(session=session) if v.is_production] == ["1.2.0"]
-    assert registry.rollback(session=session, by="bo").version == "1.0.0"
+    assert registry.rollback(session=session, actor=as_actor("bo")).version == "1.0.0"
     assert registry.production_version(session=session).version == "1.0.0"
     events = registry.promotion_history(session=session)
     assert (events[0].action, events[0].from_version, events[0].to_version, events[0].by) == (
@@ -66,19 +67,19 @@ def test_at_most_one_production_version_and_rollback_restores_previous(session):
 
 def test_rollback_without_an_earlier_version_is_refused(session):
     with pytest.raises(ConflictError, match="Nothing is in production"):
-        registry.rollback(session=session, by="x")
+        registry.rollback(session=session, actor=as_actor("x"))
     add_version(session, "1.0.0")
-    registry.promote("1.0.0", session=session, by="x")
+    registry.promote("1.0.0", session=session, actor=as_actor("x"))
     with pytest.raises(ConflictError, match="no earlier one"):
-        registry.rollback(session=session, by="x")
+        registry.rollback(session=session, actor=as_actor("x"))
 
 
 def test_unknown_or_malformed_versions_are_clear_errors(session):
     add_version(session, "1.0.0")
     with pytest.raises(NotFoundError, match="No model version 3.0.0. Known versions: 1.0.0"):
-        registry.promote("3.0.0", session=session, by="x")
+        registry.promote("3.0.0", session=session, actor=as_actor("x"))
     with pytest.raises(UserError, match="MAJOR.MINOR.PATCH"):
-        registry.promote("latest", session=session, by="x")
+        registry.promote("latest", session=session, actor=as_actor("x"))
 
 
 def test_orphan_files_are_removed_and_referenced_ones_kept(session, data_dir):

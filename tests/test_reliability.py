@@ -13,7 +13,7 @@ from core.db import read_session
 from core.models import EpochMetric, ModelVersion, RoundStatus, TrainingRound
 from jobs import cancel_training, submit_training
 from tests.conftest import wait_for
-from tests.factories import add_demo
+from tests.factories import add_demo, as_actor
 
 FAST_RECOVERY = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TIMEOUT": "3"}
 
@@ -51,7 +51,7 @@ def model_files(data_dir) -> list[str]:
 
 def test_killed_worker_resumes_from_checkpoint_not_from_epoch_1(data_dir, session, worker_factory, fast_recovery):
     add_demo(session, per_category=20, size=64)
-    round_ = submit_training({"epochs": 3, "batch_size": 8, "image_size": 96}, requested_by="test")
+    round_ = submit_training({"epochs": 3, "batch_size": 8, "image_size": 96}, actor=as_actor("test"))
     first = worker_factory()
     wait_for(lambda: get_round(round_.id).current_epoch == 2, timeout=180, interval=0.05, message="epoch 2")
     first.proc.send_signal(signal.SIGKILL)
@@ -89,7 +89,7 @@ def test_worker_killed_between_artifacts_and_commit_leaves_no_orphans_or_duplica
     data_dir, session, worker_factory, fast_recovery
 ):
     add_demo(session, per_category=10, size=32)
-    round_ = submit_training({"epochs": 1, "batch_size": 16, "image_size": 32}, requested_by="test")
+    round_ = submit_training({"epochs": 1, "batch_size": 16, "image_size": 32}, actor=as_actor("test"))
     crashing = worker_factory(CRASH_AT="before_commit")
     crashing.proc.wait(timeout=240)
     assert crashing.proc.returncode == -signal.SIGKILL
@@ -125,8 +125,8 @@ def test_lost_job_without_attempts_left_is_failed_with_the_reason(data_dir, sess
 
 def test_cancel_queued_job_never_starts(data_dir, session, worker_factory):
     add_demo(session, per_category=10, size=32)
-    round_ = submit_training({"epochs": 1, "image_size": 32}, requested_by="test")
-    assert cancel_training(round_.job_id, by="ana").status == RoundStatus.cancelled
+    round_ = submit_training({"epochs": 1, "image_size": 32}, actor=as_actor("test"))
+    assert cancel_training(round_.job_id, actor=as_actor("ana")).status == RoundStatus.cancelled
     worker = worker_factory()
     time.sleep(3)  # the worker had every chance to pick it up
     worker.stop()
@@ -138,11 +138,11 @@ def test_cancel_queued_job_never_starts(data_dir, session, worker_factory):
 
 def test_cancel_running_job_stops_within_a_batch_and_leaves_nothing(data_dir, session, worker_factory):
     add_demo(session, per_category=20, size=64)
-    round_ = submit_training({"epochs": 20, "batch_size": 8, "image_size": 96}, requested_by="test")
+    round_ = submit_training({"epochs": 20, "batch_size": 8, "image_size": 96}, actor=as_actor("test"))
     worker_factory()
     wait_for(lambda: get_round(round_.id).current_batch >= 1, timeout=120, interval=0.05, message="training to start")
     asked = time.monotonic()
-    assert cancel_training(round_.job_id, by="ana").status == RoundStatus.in_progress
+    assert cancel_training(round_.job_id, actor=as_actor("ana")).status == RoundStatus.in_progress
     done = wait_for(lambda: (r := get_round(round_.id)).status == RoundStatus.cancelled and r, timeout=60)
     # A batch of 8 images at 96 px takes well under a second here; allow for polling.
     assert time.monotonic() - asked < 5
@@ -155,12 +155,12 @@ def test_cancel_of_finished_or_unknown_job_is_a_clear_error(data_dir, session):
     from core.errors import ConflictError, NotFoundError
 
     with pytest.raises(NotFoundError, match="No training job with id 'nope'"):
-        cancel_training("nope")
+        cancel_training("nope", actor=as_actor())
     add_demo(session, per_category=10, size=32)
-    round_ = submit_training({"epochs": 1}, requested_by="test")
-    cancel_training(round_.job_id)
+    round_ = submit_training({"epochs": 1}, actor=as_actor("test"))
+    cancel_training(round_.job_id, actor=as_actor())
     with pytest.raises(ConflictError, match="already cancelled"):
-        cancel_training(round_.job_id)
+        cancel_training(round_.job_id, actor=as_actor())
 
 
 def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, monkeypatch):
@@ -214,7 +214,7 @@ def _writer(kind: str, worker: int, count: int, data_dir: str, round_id: int, im
                     [image_ids[i % len(image_ids)]],
                     "validated" if i % 2 else "rejected",
                     session=s,
-                    reviewer=f"r{worker}",
+                    actor=as_actor(f"r{worker}"),
                 )
             elif kind == "metrics":
                 s.add(EpochMetric(round_id=round_id, epoch=worker * 1000 + i, train_loss=1, train_accuracy=1,

@@ -9,7 +9,7 @@ from sqlmodel import select
 from core.db import read_session
 from core.models import EpochMetric, ModelVersion, RoundStatus, TrainingRound
 from tests.conftest import wait_for
-from tests.factories import add_demo
+from tests.factories import add_demo, as_actor
 from tests.servers import start_postgres, start_redis
 
 
@@ -67,12 +67,12 @@ def test_two_consumers_run_each_job_once_and_one_takes_over_a_killed_ones_job(sc
         assert session.get_bind().dialect.name == "postgresql"
         add_demo(session, per_category=12, size=32)
     tiny = {"batch_size": 8, "image_size": 32}
-    long_job = submit_training({**tiny, "epochs": 4, "image_size": 48}, requested_by="test")
+    long_job = submit_training({**tiny, "epochs": 4, "image_size": 48}, actor=as_actor("test"))
     first = worker_factory()
     wait_for(lambda: rounds()[0].current_epoch >= 2, timeout=180, interval=0.05, message="the first job's epoch 2")
     second = worker_factory()
     for _ in range(3):
-        submit_training({**tiny, "epochs": 1}, requested_by="test")
+        submit_training({**tiny, "epochs": 1}, actor=as_actor("test"))
     first.proc.send_signal(signal.SIGKILL)  # a machine goes away mid-job
     first.proc.wait()
 

@@ -13,7 +13,7 @@ from core.errors import UserError
 from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound, utcnow
 from core.thumbnails import thumbnail, thumbnail_path
 from core.uploads import ingest_uploads
-from tests.factories import add_images, image_bytes
+from tests.factories import add_images, as_actor, image_bytes
 
 
 def test_find_images_filters_and_pages_newest_first(session):
@@ -112,6 +112,7 @@ def test_uploads_keep_good_files_and_refuse_bad_ones_and_bad_archives(session):
             ("broken.zip", b"nope"),
         ],
         session=session,
+        actor=as_actor(),
         category="fish",
     )
     assert report.summary() == "3 stored, 0 duplicates, 2 refused"
@@ -122,4 +123,4 @@ def test_uploads_keep_good_files_and_refuse_bad_ones_and_bad_archives(session):
 
 def test_uploads_of_images_need_a_category(session):
     with pytest.raises(UserError, match="Choose a category"):
-        ingest_uploads([("a.png", image_bytes())], session=session, category=None)
+        ingest_uploads([("a.png", image_bytes())], session=session, actor=as_actor(), category=None)
