@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # hub cache); nothing is ever downloaded.
     weights_dir: Path | None = None
     torch_threads: int = Field(0, ge=0)
+    # Decoded images and backbone features kept in memory by a worker process
+    # (least recently used dropped first); the rest is read from DATA_DIR/cache.
+    cache_max_bytes: int = Field(1024**3, ge=0)
 
     @field_validator("data_dir")
     @classmethod
@@ -66,6 +69,10 @@ class Settings(BaseSettings):
     @property
     def rounds_dir(self) -> Path:
         return self.data_dir / "rounds"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
 
     @property
     def checkpoints_dir(self) -> Path:
