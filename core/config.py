@@ -1,5 +1,6 @@
 """One settings object, read from the environment (and an optional `.env`)."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,7 @@ class Settings(BaseSettings):
     # Folder searched for torchvision's ImageNet weight files (besides the torch
     # hub cache); nothing is ever downloaded.
     weights_dir: Path | None = None
+    # CPU threads for training; 0: all cores but one (see `training_threads`).
     torch_threads: int = Field(0, ge=0)
     # Decoded images and backbone features kept in memory by a worker process
     # (least recently used dropped first); the rest is read from DATA_DIR/cache.
@@ -69,6 +71,15 @@ class Settings(BaseSettings):
     @property
     def rounds_dir(self) -> Path:
         return self.data_dir / "rounds"
+
+    @property
+    def training_threads(self) -> int:
+        # Measured on a 2-core machine shared with other work (BENCHMARKS.md):
+        # two threads trained mobilenet_v3_small at 64 px at 14 images/s, one
+        # thread at 215, because PyTorch's threads wait for each other at every
+        # operation and one of them was always descheduled. The web server,
+        # the database and the heartbeat need a core too.
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
     @property
     def cache_dir(self) -> Path:
