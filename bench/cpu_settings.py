@@ -73,12 +73,16 @@ def main() -> None:
                     f"contiguous {plain:7.1f} img/s  channels_last {last:7.1f} img/s",
                     flush=True,
                 )
-    torch.set_num_threads(default_threads)
+    from core.config import get_settings
+
+    threads = get_settings().training_threads
+    torch.set_num_threads(threads)
+    print(f"inference at the product's {threads} thread(s):")
     for arch in ("mobilenet_v3_small", "resnet18"):
         for mode in ("no_grad", "inference_mode"):
             rate = eval_rate(arch, 160, 64, args.batches, mode)
             print(f"eval  {arch:<19} 160px batch 64 {mode:<15} {rate:7.1f} img/s", flush=True)
-        for batch in (16, 64, 128):
+        for batch in (16, 32, 64, 128):
             for channels_last in (False, True):
                 rate = eval_rate(arch, 224, batch, max(2, args.batches // 2), "inference_mode", channels_last)
                 layout = "channels_last" if channels_last else "contiguous"

@@ -74,11 +74,13 @@ class Settings(BaseSettings):
 
     @property
     def training_threads(self) -> int:
-        # Measured on a 2-core machine shared with other work (BENCHMARKS.md):
-        # two threads trained mobilenet_v3_small at 64 px at 14 images/s, one
-        # thread at 215, because PyTorch's threads wait for each other at every
+        # Measured on a 2-core machine (BENCHMARKS.md): idle, two threads train
+        # about 1.8x faster than one; shared with other work (load average 3),
+        # two threads trained mobilenet_v3_small at 64 px at 14 images/s and
+        # one at 215, because PyTorch's threads wait for each other at every
         # operation and one of them was always descheduled. The web server,
-        # the database and the heartbeat need a core too.
+        # the database and the heartbeat run beside training, so one core is
+        # left to them.
         return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
 
     @property

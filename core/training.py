@@ -674,12 +674,15 @@ def active_rounds(*, session: Session) -> int:
     return len(session.exec(select(TrainingRound.id).where(TrainingRound.status == RoundStatus.in_progress)).all())
 
 
-# Measured with bench/cpu_settings.py on a 2-core laptop-class CPU (see
-# BENCHMARKS.md): channels_last trains mobilenet_v3_small at 64 px at 361
-# images/s against 231 in the default layout, and resnet18 gains too.
+# Measured with bench/cpu_settings.py on this project's 2-core machine, one
+# thread (BENCHMARKS.md): channels_last trains mobilenet_v3_small at 64 px at
+# 776 images/s against 414 in the default layout, at 160 px 219 against 125,
+# resnet18 at 160 px 35 against 27 (at 64 px, the same); inference gains as much.
 MEMORY_FORMAT = torch.channels_last
-# Images per forward pass when extracting `head` mode features (measured).
-FEATURE_BATCH = 64
+# Images per forward pass when extracting `head` mode features: at 224 px,
+# channels_last, batches of 16 ran resnet18 at 64 images/s (32: 55, 64: 45,
+# 128: 42) and mobilenet_v3_small at 645 (32: 675, 64: 399, 128: 341).
+FEATURE_BATCH = 16
 # Per-epoch BatchNorm recalibration looks at this many training images: enough
 # for the per-epoch validation figure, and a small part of an epoch (a forward
 # pass over every training image cost a third of the epoch; 128 images still
@@ -887,7 +890,7 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
             loss = loss_fn(logits, y)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
         scheduler.step()

@@ -68,3 +68,26 @@ def test_head_mode_on_a_new_class_list_starts_a_fresh_head(session):
     _, retrained = train(session, training_mode="head")
     assert retrained.version == "2.0.0" and "star" not in retrained.classes
     assert all(a["parity"]["passed"] for a in retrained.artifacts)
+
+
+def test_head_mode_resumes_from_its_checkpoint_with_the_same_backbone(session, monkeypatch):
+    add_demo(session, per_category=10, size=32)
+    train(session)
+    round_ = training.start_training({**TINY, "training_mode": "head", "epochs": 3}, session=session)
+    session.commit()
+    real_epoch = training.RoundReporter.epoch
+
+    def lose_the_worker_after_epoch_2(self, metric):
+        real_epoch(self, metric)
+        if metric.epoch == 2 and self.round.attempts == 1:
+            raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(training.RoundReporter, "epoch", lose_the_worker_after_epoch_2)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        training.run_training_round(round_.id, session=session)
+    version = training.run_training_round(round_.id, session=session)
+    assert version is not None and version.version == "1.1.0"
+    done = session.get(training.TrainingRound, round_.id)
+    assert any("resumed from the checkpoint of epoch 2, at epoch 3" in line for line in done.history)
+    assert [m.epoch for m in training.epoch_metrics(round_.id, session=session)] == [1, 2, 3]
+    assert all(a["parity"]["passed"] for a in version.artifacts)
