@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from core.models import as_utc
-from core.training import ARCHITECTURES, PARAM_RANGES, TrainingConfig
+from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig
 
 # Datetimes come back from SQLite without a zone; they are UTC.
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
@@ -43,6 +43,11 @@ class TrainRequest(BaseModel):
     image_size: int = _param("image_size", "Input size in pixels (square)")
     val_split: float = _param("val_split", "Fraction of each category held out for validation")
     seed: int = _param("seed", "Random seed for the split and the initialisation")
+    training_mode: str = _param(
+        "training_mode",
+        f"One of {', '.join(TRAINING_MODES)}: `head` trains only the classifier on a frozen pretrained backbone "
+        "(ImageNet weights, else the production model's), a quick retrain",
+    )
 
 
 class TrainResponse(BaseModel):

@@ -85,7 +85,16 @@ def cmd_categories(args) -> int:
 
 
 def _train_params(args) -> dict:
-    names = ("epochs", "batch_size", "learning_rate", "architecture", "image_size", "val_split", "seed")
+    names = (
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "architecture",
+        "image_size",
+        "val_split",
+        "seed",
+        "training_mode",
+    )
     params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.use_existing_model is not None:
         params["use_existing_model"] = args.use_existing_model
@@ -378,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help=f"default {defaults.image_size}")
     p.add_argument("--val-split", type=float, help=f"default {defaults.val_split}")
     p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    p.add_argument(
+        "--training-mode",
+        choices=training.TRAINING_MODES,
+        help=f"default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
+    )
     p.add_argument("--use-existing-model", dest="use_existing_model", action="store_true", default=None)
     p.add_argument("--no-existing-model", dest="use_existing_model", action="store_false", help="train from scratch")
     p.add_argument("--wait", action="store_true", help="show progress until the job ends")

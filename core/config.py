@@ -1,5 +1,6 @@
 """One settings object, read from the environment (and an optional `.env`)."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -44,7 +45,11 @@ class Settings(BaseSettings):
     # Folder searched for torchvision's ImageNet weight files (besides the torch
     # hub cache); nothing is ever downloaded.
     weights_dir: Path | None = None
+    # CPU threads for training; 0: all cores but one (see `training_threads`).
     torch_threads: int = Field(0, ge=0)
+    # Decoded images and backbone features kept in memory by a worker process
+    # (least recently used dropped first); the rest is read from DATA_DIR/cache.
+    cache_max_bytes: int = Field(1024**3, ge=0)
 
     @field_validator("data_dir")
     @classmethod
@@ -82,6 +87,21 @@ class Settings(BaseSettings):
     @property
     def rounds_dir(self) -> Path:
         return self.data_dir / "rounds"
+
+    @property
+    def training_threads(self) -> int:
+        # Measured on a 2-core machine (BENCHMARKS.md): idle, two threads train
+        # about 1.8x faster than one; shared with other work (load average 3),
+        # two threads trained mobilenet_v3_small at 64 px at 14 images/s and
+        # one at 215, because PyTorch's threads wait for each other at every
+        # operation and one of them was always descheduled. The web server,
+        # the database and the heartbeat run beside training, so one core is
+        # left to them.
+        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -5,15 +5,20 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, flush it, rename it."""
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` to a temporary file beside `path`, flush it, rename it.
+
+    `durable=False` skips the fsync, for files that can be recomputed (caches):
+    a crash then leaves no file, the complete file or, after a power loss, an
+    unreadable one, never a partly written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,13 +29,14 @@ from torch import nn
 
 from core import registry
 from core.access import SYSTEM_ACTOR
+from core.cache import feature_key, get_cache
 from core.config import get_settings
 from core.dataset import load_images, normalize
 from core.db import read_engine
 from core.errors import ConflictError, NotFoundError, TrainingCancelled, UserError
 from core.export import artifact_path, export_model, remove_files
 from core.faults import crash_point
-from core.ingest import image_path
+from core.ingest import file_sha256, image_path
 from core.models import (
     FINISHED_STATUSES,
     Category,
@@ -52,6 +54,9 @@ from core.storage import commit_temp, temp_path_for
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
+# `full` trains every layer; `head` freezes a pretrained backbone, computes its
+# features once per image and trains only the classifier (a quick retrain).
+TRAINING_MODES = ("full", "head")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class TrainingConfig:
     image_size: int = 224
     val_split: float = 0.2
     seed: int = 42
+    # `full` by default: it works on a fresh install (no pretrained backbone
+    # needed) and adapts every layer to the images; `head` is the quick retrain.
+    training_mode: str = "full"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +114,10 @@ def _check_param(name: str, value):
     if name == "architecture":
         if value not in ARCHITECTURES:
             raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
+        return value
+    if name == "training_mode":
+        if value not in TRAINING_MODES:
+            raise UserError(f"training_mode must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
         return value
     kind, low, high = PARAM_RANGES[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -165,7 +177,13 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
             f"(one to train on, one to validate with): {listed}. Add images or reject them."
         )
     notices = []
-    if config is not None and config.use_existing_model:
+    if config is not None and config.training_mode == "head":
+        backbone = find_backbone(config, session=session)
+        if backbone is None:
+            problems.append(_no_backbone_reason(config, session=session))
+        else:
+            notices.append(f"training_mode head: {backbone.describe()} is frozen; only the classifier is trained.")
+    elif config is not None and config.use_existing_model:
         notices.extend(_existing_model_notice(config, sorted(per_category), session=session))
     return Preflight(len(rows), per_category, problems, notices)
 
@@ -404,18 +422,89 @@ def initial_model(
             warning=True,
         )
         return model
-    state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    head = _head(model)
-    # Keep our freshly initialised head; ImageNet's has 1000 outputs.
-    state = {k: v for k, v in state.items() if not k.startswith(_head_prefix(model))}
-    state.update({f"{_head_prefix(model)}.{k}": v for k, v in head.state_dict().items()})
-    model.load_state_dict(state)
+    _load_keeping_head(model, torch.load(weights_file, map_location="cpu", weights_only=True))
     reporter.note(f"starting from ImageNet weights ({weights_file.name})")
     return model
 
 
 def _head_prefix(model: nn.Module) -> str:
     return "fc" if hasattr(model, "fc") else f"classifier.{len(model.classifier) - 1}"
+
+
+def _load_keeping_head(model: nn.Module, state: dict) -> None:
+    """Load every weight of `state` but the classifier head, which stays as
+    initialised (ImageNet's has 1000 outputs, another model's other classes)."""
+    prefix = _head_prefix(model)
+    state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    state.update({f"{prefix}.{k}": v for k, v in _head(model).state_dict().items()})
+    model.load_state_dict(state)
+
+
+def _set_head(model: nn.Module, module: nn.Module) -> None:
+    if hasattr(model, "fc"):
+        model.fc = module
+    else:
+        model.classifier[-1] = module
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Where `head` mode's frozen backbone comes from: ImageNet weights, or
+    the production model (same architecture) for a quick retrain."""
+
+    architecture: str
+    path: Path
+    production: ModelVersion | None = None
+
+    def describe(self) -> str:
+        if self.production is None:
+            return f"the ImageNet {self.architecture} backbone ({self.path.name})"
+        return f"the backbone of production model {self.production.version} ({self.architecture})"
+
+    def identity(self) -> str:
+        """Names the weights, so cached features never outlive them."""
+        return f"{self.architecture}-{file_sha256(self.path)[:20]}"
+
+    def build(self, classes: list[str]) -> nn.Module:
+        """The whole network: these backbone weights and a head for `classes`
+        (the production model's own head when its classes are the same)."""
+        model = build_model(self.architecture, len(classes))
+        if self.production is None:
+            _load_keeping_head(model, torch.load(self.path, map_location="cpu", weights_only=True))
+            return model
+        state = registry.load_checkpoint(self.production)["state_dict"]
+        if list(self.production.classes) == classes:
+            model.load_state_dict(state)
+        else:
+            _load_keeping_head(model, state)
+        return model
+
+
+def find_backbone(config: TrainingConfig, *, session: Session) -> Backbone | None:
+    """ImageNet weights for the architecture, else the production model's own
+    (when it is that architecture and `use_existing_model` is on), else None."""
+    weights_file = find_pretrained_weights(config.architecture)
+    if weights_file is not None:
+        return Backbone(config.architecture, weights_file)
+    production = registry.production_version(session=session)
+    if config.use_existing_model and production is not None and production.architecture == config.architecture:
+        return Backbone(config.architecture, get_settings().data_dir / production.checkpoint_path, production)
+    return None
+
+
+def _no_backbone_reason(config: TrainingConfig, *, session: Session) -> str:
+    production = registry.production_version(session=session)
+    if production is None:
+        other = "no model is in production yet"
+    elif production.architecture != config.architecture:
+        other = f"the production model {production.version} is a {production.architecture}"
+    else:
+        other = "use_existing_model is off, so the production model may not be used"
+    return (
+        f"training_mode 'head' trains only the classifier on top of a pretrained backbone, but there is none: "
+        f"no ImageNet weights for {config.architecture} are on this machine (WEIGHTS_DIR or the torch hub cache) "
+        f"and {other}. Train with training_mode 'full' first, or add the weights."
+    )
 
 
 def stratified_split(labels: list[int], val_split: float, seed: int) -> tuple[list[int], list[int]]:
@@ -456,7 +545,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, max_images: int = 5
         for start in range(0, sample.shape[0], batch_size):
             chunk = sample[start : start + batch_size]
             if chunk.shape[0] > 1:
-                model(normalize(chunk))
+                model(prepare_batch(chunk))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
 
@@ -467,7 +556,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     logits = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch_size):
-            logits.append(model(normalize(x[start : start + batch_size])))
+            logits.append(model(prepare_batch(x[start : start + batch_size])))
     out = torch.cat(logits) if logits else torch.empty(0)
     loss = float(nn.functional.cross_entropy(out, y)) if len(y) else 0.0
     return loss, out
@@ -600,13 +689,156 @@ def active_rounds(*, session: Session) -> int:
     return len(session.exec(select(TrainingRound.id).where(TrainingRound.status == RoundStatus.in_progress)).all())
 
 
+# Measured with bench/cpu_settings.py on this project's 2-core machine, one
+# thread (BENCHMARKS.md): channels_last trains mobilenet_v3_small at 64 px at
+# 776 images/s against 414 in the default layout, at 160 px 219 against 125,
+# resnet18 at 160 px 35 against 27 (at 64 px, the same); inference gains as much.
+MEMORY_FORMAT = torch.channels_last
+# Images per forward pass when extracting `head` mode features: at 224 px,
+# channels_last, batches of 16 ran resnet18 at 64 images/s (32: 55, 64: 45,
+# 128: 42) and mobilenet_v3_small at 645 (32: 675, 64: 399, 128: 341).
+FEATURE_BATCH = 16
+# Per-epoch BatchNorm recalibration looks at this many training images: enough
+# for the per-epoch validation figure, and a small part of an epoch (a forward
+# pass over every training image cost a third of the epoch; 128 images still
+# held mobilenet_v3_small at 160 px to a/c 0.68 in BENCHMARKS.md). The model
+# that is kept is recalibrated on up to 512 images before its final metrics.
+EPOCH_RECALIBRATION_IMAGES = 64
+
+
+def prepare_batch(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the model's input: normalised, in the fast memory layout."""
+    return normalize(x).contiguous(memory_format=MEMORY_FORMAT)
+
+
+@dataclass
+class Split:
+    """A round's images (uint8) and labels, split for training and validation."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    sha_train: list[str]
+    sha_val: list[str]
+
+
+class FullTrainer:
+    """`full` mode: every layer trains on the decoded images."""
+
+    def __init__(self, config: TrainingConfig, classes: list[str], data: Split):
+        self.config, self.classes, self.data = config, classes, data
+
+    def setup(self, round_: TrainingRound, reporter: RoundReporter, resume: bool, *, session: Session) -> None:
+        if resume:
+            model = build_model(self.config.architecture, len(self.classes))
+        else:
+            model = initial_model(self.config, self.classes, reporter, session=session)
+        self.model = self.trainable = model.to(memory_format=MEMORY_FORMAT)
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        x = self.data.x_train[idx]
+        return prepare_batch(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x))
+
+    def end_epoch(self) -> None:
+        recalibrate_batchnorm(self.model, self.data.x_train, max_images=EPOCH_RECALIBRATION_IMAGES)
+
+    def validate(self) -> tuple[float, torch.Tensor]:
+        return evaluate(self.model, self.data.x_val, self.data.y_val)
+
+    def final_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        recalibrate_batchnorm(self.model, self.data.x_train)
+        _, train_logits = evaluate(self.model, self.data.x_train, self.data.y_train)
+        return train_logits, self.validate()[1]
+
+
+class HeadTrainer(FullTrainer):
+    """`head` mode: a frozen backbone's features, computed once per image and
+    cached, feed the only layer that trains (the classifier head)."""
+
+    def setup(self, round_: TrainingRound, reporter: RoundReporter, resume: bool, *, session: Session) -> None:
+        saved = round_dir(round_) / "backbone.pt"
+        if resume:
+            # The backbone this round started with, even if production changed since.
+            payload = torch.load(saved, map_location="cpu", weights_only=True)
+            model = build_model(self.config.architecture, len(self.classes))
+            model.load_state_dict(payload["state_dict"])
+            identity = payload["identity"]
+        else:
+            backbone = find_backbone(self.config, session=session)
+            if backbone is None:
+                raise UserError(_no_backbone_reason(self.config, session=session))
+            model, identity = backbone.build(self.classes), backbone.identity()
+            _save_checkpoint(saved, {"state_dict": model.state_dict(), "identity": identity})
+            reporter.note(f"training_mode head: {backbone.describe()} is frozen; only the classifier trains")
+        self.model = model.eval().to(memory_format=MEMORY_FORMAT)
+        self.model.requires_grad_(False)
+        self.trainable = _head(self.model).requires_grad_(True)
+        data, size = self.data, self.config.image_size
+        features = partial(extract_features, self.model, size=size, backbone=identity, reporter=reporter)
+        self.f_train = features(data.x_train, data.sha_train)
+        # Flipped copies stand in for the full mode's random flips.
+        self.f_train_flip = features(data.x_train, data.sha_train, flipped=True)
+        self.f_val = features(data.x_val, data.sha_val)
+
+    def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        return torch.where(flip.view(-1, 1), self.f_train_flip[idx], self.f_train[idx])
+
+    def end_epoch(self) -> None:
+        pass  # the frozen backbone's BatchNorm statistics do not change
+
+    def validate(self) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode():
+            logits = self.trainable(self.f_val)
+        return float(nn.functional.cross_entropy(logits, self.data.y_val)), logits
+
+    def final_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            return self.trainable(self.f_train), self.trainable(self.f_val)
+
+
+def extract_features(
+    model: nn.Module,
+    x: torch.Tensor,
+    shas: list[str],
+    *,
+    size: int,
+    backbone: str,
+    reporter: RoundReporter | None = None,
+    flipped: bool = False,
+) -> torch.Tensor:
+    """The input of `model`'s classifier head for each image (N, D), from the
+    cache where an earlier epoch or job computed it."""
+    cache = get_cache()
+    keys = [feature_key(sha, size, backbone, flipped) for sha in shas]
+    found = [cache.get(key) for key in keys]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        head = _head(model)
+        _set_head(model, nn.Identity())
+        try:
+            model.eval()
+            for start in range(0, len(todo), FEATURE_BATCH):
+                if reporter is not None:
+                    reporter.check_cancel()
+                chunk = todo[start : start + FEATURE_BATCH]
+                images = x[chunk].flip(3) if flipped else x[chunk]
+                with torch.inference_mode():
+                    out = model(prepare_batch(images))
+                for i, row in zip(chunk, out, strict=True):
+                    found[i] = row.clone()
+                    cache.put(keys[i], found[i])
+        finally:
+            _set_head(model, head)
+    return torch.stack(found) if found else torch.empty(0)
+
+
 def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, session: Session) -> ModelVersion:
     config = TrainingConfig(**round_.parameters)
     classes = list(round_.classes)
     index = {name: i for i, name in enumerate(classes)}
     settings = get_settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.training_threads)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -620,36 +852,43 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
     if missing:
         raise RuntimeError(f"{len(missing)} image(s) of the snapshot are no longer in the database (ids {missing[:5]})")
     paths = [image_path(images[s["id"]]) for s in round_.snapshot]
+    shas = [s["sha256"] for s in round_.snapshot]
     labels = [index[s["label"]] for s in round_.snapshot]
     train_idx, val_idx = stratified_split(labels, config.val_split, config.seed)
-    x_all = load_images(paths, config.image_size)
+    x_all = load_images(paths, config.image_size, shas)
     y_all = torch.tensor(labels, dtype=torch.long)
-    x_train, y_train = x_all[train_idx], y_all[train_idx]
-    x_val, y_val = x_all[val_idx], y_all[val_idx]
+    data = Split(
+        x_all[train_idx],
+        y_all[train_idx],
+        x_all[val_idx],
+        y_all[val_idx],
+        [shas[i] for i in train_idx],
+        [shas[i] for i in val_idx],
+    )
+    del x_all
 
-    model = build_model(config.architecture, len(classes))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    trainer = (HeadTrainer if config.training_mode == "head" else FullTrainer)(config, classes, data)
+    ckpt_path = round_dir(round_) / "checkpoint.pt"
+    resume = ckpt_path.is_file()
+    trainer.setup(round_, reporter, resume, session=session)
+    trainable = trainer.trainable
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     generator = torch.Generator().manual_seed(config.seed)
     state = TrainState()
-    ckpt_path = round_dir(round_) / "checkpoint.pt"
-    if ckpt_path.is_file():
-        state = _resume(ckpt_path, model, optimizer, scheduler, generator)
+    if resume:
+        state = _resume(ckpt_path, trainable, optimizer, scheduler, generator)
         delete_epoch_metrics_after(round_.id, state.epoch, session=session)
         reporter.note(
             f"attempt {round_.attempts}: resumed from the checkpoint of epoch {state.epoch}, at epoch {state.epoch + 1}"
         )
-    else:
-        model = initial_model(config, classes, reporter, session=session)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = nn.CrossEntropyLoss()
     n_train = len(train_idx)
     n_batches = max(1, math.ceil(n_train / config.batch_size))
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         started = time.perf_counter()
-        model.train()
+        trainable.train()
         order = torch.randperm(n_train, generator=generator)
         total_loss, correct, seen = 0.0, 0, 0
         lr = optimizer.param_groups[0]["lr"]
@@ -658,29 +897,29 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on a single image
-            x = normalize(x_train[idx])
             flip = torch.rand(len(idx), generator=generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            y = y_train[idx]
+            x = trainer.batch(idx, flip)
+            y = data.y_train[idx]
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
+            logits = trainable(x)
             loss = loss_fn(logits, y)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
         scheduler.step()
-        recalibrate_batchnorm(model, x_train)
-        val_loss, val_logits = evaluate(model, x_val, y_val)
-        val_acc = accuracy(val_logits, y_val)
+        trainer.end_epoch()
+        val_loss, val_logits = trainer.validate()
+        val_acc = accuracy(val_logits, data.y_val)
         state.epoch = epoch
         if val_acc > state.best_accuracy:
             state.best_accuracy, state.best_epoch = val_acc, epoch
-            state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state.best_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
         # Checkpoint first, then the metric row: a crash in between re-trains
         # this epoch on resume and its (deleted) row is written again.
-        _save_checkpoint(ckpt_path, _checkpoint_payload(config, classes, state, model, optimizer, scheduler, generator))
+        payload = _checkpoint_payload(config, classes, state, trainable, optimizer, scheduler, generator)
+        _save_checkpoint(ckpt_path, payload)
         reporter.epoch(
             EpochMetric(
                 round_id=round_.id,
@@ -694,21 +933,21 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
             )
         )
 
-    best_acc, best_epoch, best_state = state.best_accuracy, state.best_epoch, state.best_state
-    model.load_state_dict(best_state)
-    reporter.note(f"training done; best epoch {best_epoch} with validation accuracy {best_acc:.1f}%")
-    _, train_logits = evaluate(model, x_train, y_train)
-    _, val_logits = evaluate(model, x_val, y_val)
+    trainable.load_state_dict(state.best_state)
+    reporter.note(f"training done; best epoch {state.best_epoch} with validation accuracy {state.best_accuracy:.1f}%")
+    train_logits, val_logits = trainer.final_logits()
     metrics = {
-        "train_accuracy": round(accuracy(train_logits, y_train), 2),
-        "val_accuracy": round(accuracy(val_logits, y_val), 2),
-        "best_epoch": best_epoch,
+        "train_accuracy": round(accuracy(train_logits, data.y_train), 2),
+        "val_accuracy": round(accuracy(val_logits, data.y_val), 2),
+        "best_epoch": state.best_epoch,
         "train_images": n_train,
         "val_images": len(val_idx),
-        **summarise(val_logits, y_val, classes),
-        "misclassified": _misclassified(val_logits, y_val, [round_.snapshot[i]["id"] for i in val_idx], classes),
+        **summarise(val_logits, data.y_val, classes),
+        "misclassified": _misclassified(val_logits, data.y_val, [round_.snapshot[i]["id"] for i in val_idx], classes),
     }
-    val_images = normalize(x_val)
+    # Exported in the default layout: the mobile runtimes expect it.
+    model = trainer.model.to(memory_format=torch.contiguous_format)
+    val_images = normalize(data.x_val)
     return _export_and_register(round_, model, config, classes, metrics, val_images, reporter, session=session)
 
 
@@ -723,13 +962,17 @@ class TrainState:
 
 
 def _checkpoint_payload(config, classes, state: TrainState, model, optimizer, scheduler, generator) -> dict:
+    """`model` is what trains: the whole network, or in `head` mode only the
+    head (the frozen backbone is saved once per round, as backbone.pt)."""
     return {
         "config": config.to_dict(),
         "classes": classes,
         "epoch": state.epoch,
         "best_accuracy": state.best_accuracy,
         "best_epoch": state.best_epoch,
-        "best_state": state.best_state,
+        # None when this epoch is the best: its weights are `state_dict` (a
+        # quarter of the file, and of its write time, saved).
+        "best_state": None if state.best_epoch == state.epoch else state.best_state,
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -745,7 +988,10 @@ def _resume(path: Path, model, optimizer, scheduler, generator) -> TrainState:
     random.setstate(payload["rng"]["python"])
     torch.set_rng_state(payload["rng"]["torch"])
     generator.set_state(payload["rng"]["generator"])
-    return TrainState(payload["epoch"], payload["best_accuracy"], payload["best_epoch"], payload["best_state"])
+    best_state = payload["best_state"]
+    if best_state is None:
+        best_state = {k: v.clone() for k, v in payload["state_dict"].items()}
+    return TrainState(payload["epoch"], payload["best_accuracy"], payload["best_epoch"], best_state)
 
 
 def _misclassified(logits: torch.Tensor, y: torch.Tensor, image_ids: list[int], classes: list[str]) -> list[dict]:

@@ -1,0 +1,75 @@
+"""`head` against `full` mode: wall time of a job on 300 images at 224 px,
+and each one's validation accuracy.
+
+    .venv/bin/python -m bench.head_vs_full [--full-epochs 3]
+
+`full` trains first (from scratch: there are no ImageNet weights here) and
+becomes production; the `head` job then retrains on top of it, 20 epochs.
+`full` may run fewer epochs to stay short; its 20-epoch time is extrapolated
+from its measured set-up, per-epoch and export times, and printed as such.
+"""
+
+import argparse
+import time
+
+from bench.common import fresh_data_dir, load_average
+
+
+def run(params: dict) -> tuple[float, dict, list[float], float]:
+    from sqlmodel import select
+
+    from core import training
+    from core.db import session_scope
+    from core.models import EpochMetric
+
+    started = time.perf_counter()
+    with session_scope() as session:
+        round_ = training.start_training(params, session=session)
+    with session_scope() as session:
+        version = training.run_training_round(round_.id, session=session)
+        assert version is not None, session.get(training.TrainingRound, round_.id).error
+        epochs = session.exec(select(EpochMetric).where(EpochMetric.round_id == round_.id)).all()
+        metrics = dict(version.metrics)
+        last_epoch_at = max(e.created_at for e in epochs)
+        finished = session.get(training.TrainingRound, round_.id).finished_at
+    wall = time.perf_counter() - started
+    return wall, metrics, [e.seconds for e in epochs], (finished - last_epoch_at).total_seconds()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--architecture", default="mobilenet_v3_small")
+    parser.add_argument("--full-epochs", type=int, default=20)
+    parser.add_argument("--head-epochs", type=int, default=20)
+    args = parser.parse_args()
+    fresh_data_dir("head")
+    from core.db import session_scope
+    from core.demo import load_demo_dataset
+
+    with session_scope() as session:
+        load_demo_dataset(session=session, per_category=60, size=96)
+    common = {"architecture": args.architecture, "image_size": 224, "batch_size": 32}
+    print(f"load average {load_average():.2f}")
+    full_wall, full_metrics, full_epochs, full_tail = run({**common, "epochs": args.full_epochs})
+    per_epoch = sum(full_epochs) / len(full_epochs)
+    full_20 = full_wall + (20 - len(full_epochs)) * per_epoch
+    print(
+        f"full: {full_wall:.1f} s for {len(full_epochs)} epochs ({per_epoch:.1f} s/epoch, "
+        f"{full_wall - sum(full_epochs) - full_tail:.1f} s before the first epoch, {full_tail:.1f} s export), "
+        f"val accuracy {full_metrics['val_accuracy']}%; 20 epochs: {full_20:.1f} s"
+        + (" (extrapolated)" if len(full_epochs) < 20 else "")
+    )
+    print(f"load average {load_average():.2f}")
+    head_wall, head_metrics, head_epochs, head_tail = run(
+        {**common, "epochs": args.head_epochs, "training_mode": "head"}
+    )
+    print(
+        f"head: {head_wall:.1f} s for {len(head_epochs)} epochs ({sum(head_epochs):.2f} s in epochs, "
+        f"{head_wall - sum(head_epochs) - head_tail:.1f} s before the first epoch incl. features, "
+        f"{head_tail:.1f} s export), val accuracy {head_metrics['val_accuracy']}%"
+    )
+    print(f"speed-up full/head (20 epochs each): {full_20 / head_wall:.1f}x; load average {load_average():.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`head` mode: a quick retrain of the classifier on a frozen backbone, whose
+model is the whole network and exports like any other."""
+
+import pytest
+import torch
+from sqlmodel import select
+
+from core import registry, training
+from core.errors import UserError
+from core.models import Category, TrainingImage
+from core.training import TrainingConfig
+from tests.factories import add_demo
+
+TINY = {"epochs": 1, "batch_size": 16, "image_size": 32}
+
+
+def train(session, **params):
+    round_ = training.start_training({**TINY, **params}, session=session)
+    session.commit()
+    version = training.run_training_round(round_.id, session=session)
+    assert version is not None, round_.error
+    return round_, version
+
+
+def test_an_unknown_training_mode_is_refused_naming_the_choices():
+    with pytest.raises(UserError, match="training_mode must be one of full, head \\(got 'fast'\\)"):
+        TrainingConfig.from_params({"training_mode": "fast"})
+
+
+def test_head_mode_without_any_pretrained_backbone_is_refused_saying_why(session):
+    add_demo(session, per_category=10, size=32)
+    with pytest.raises(UserError) as info:
+        training.start_training({"training_mode": "head"}, session=session)
+    message = str(info.value)
+    assert "no ImageNet weights for mobilenet_v3_small" in message
+    assert "no model is in production yet" in message
+    assert "training_mode 'full'" in message
+    assert training.list_rounds(session=session) == []
+
+
+def test_head_mode_retrains_only_the_head_of_production_and_exports_with_parity(session, data_dir):
+    add_demo(session, per_category=10, size=32)
+    _, first = train(session)
+    assert first.is_production
+    round_, retrained = train(session, training_mode="head", epochs=2)
+    assert retrained.version == "1.1.0"
+    assert any("backbone of production model 1.0.0" in line for line in round_.history)
+    assert {a["format"] for a in retrained.artifacts} == {"ptl", "pte"}
+    assert all(a["parity"]["passed"] for a in retrained.artifacts)
+
+    before = registry.load_checkpoint(first)["state_dict"]
+    after = registry.load_checkpoint(retrained)["state_dict"]
+    head = "classifier.3."
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(head))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(head))
+    assert list((data_dir / "cache").rglob("*.npy"))  # features and pixels kept for the next job
+
+
+def test_head_mode_on_a_new_class_list_starts_a_fresh_head(session):
+    add_demo(session, per_category=13, size=32)  # 52 images are left without one category
+    train(session)
+
+    star = session.exec(select(Category).where(Category.name == "star")).one()
+    for image in session.exec(select(TrainingImage).where(TrainingImage.category_id == star.id)):
+        image.status = "rejected"
+        session.add(image)
+    session.commit()
+    _, retrained = train(session, training_mode="head")
+    assert retrained.version == "2.0.0" and "star" not in retrained.classes
+    assert all(a["parity"]["passed"] for a in retrained.artifacts)
+
+
+def test_head_mode_resumes_from_its_checkpoint_with_the_same_backbone(session, monkeypatch):
+    add_demo(session, per_category=10, size=32)
+    train(session)
+    round_ = training.start_training({**TINY, "training_mode": "head", "epochs": 3}, session=session)
+    session.commit()
+    real_epoch = training.RoundReporter.epoch
+
+    def lose_the_worker_after_epoch_2(self, metric):
+        real_epoch(self, metric)
+        if metric.epoch == 2 and self.round.attempts == 1:
+            raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(training.RoundReporter, "epoch", lose_the_worker_after_epoch_2)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        training.run_training_round(round_.id, session=session)
+    version = training.run_training_round(round_.id, session=session)
+    assert version is not None and version.version == "1.1.0"
+    done = session.get(training.TrainingRound, round_.id)
+    assert any("resumed from the checkpoint of epoch 2, at epoch 3" in line for line in done.history)
+    assert [m.epoch for m in training.epoch_metrics(round_.id, session=session)] == [1, 2, 3]
+    assert all(a["parity"]["passed"] for a in version.artifacts)
