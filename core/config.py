@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # Folder searched for torchvision's ImageNet weight files (besides the torch
     # hub cache); nothing is ever downloaded.
     weights_dir: Path | None = None
-    # CPU threads for training; 0: all cores but one (see `training_threads`).
+    # CPU threads for training; 0: all cores (see `training_threads`).
     torch_threads: int = Field(0, ge=0)
     # Decoded images and backbone features kept in memory by a worker process
     # (least recently used dropped first); the rest is read from DATA_DIR/cache.
@@ -90,14 +90,13 @@ class Settings(BaseSettings):
 
     @property
     def training_threads(self) -> int:
-        # Measured on a 2-core machine (BENCHMARKS.md): idle, two threads train
-        # about 1.8x faster than one; shared with other work (load average 3),
-        # two threads trained mobilenet_v3_small at 64 px at 14 images/s and
-        # one at 215, because PyTorch's threads wait for each other at every
-        # operation and one of them was always descheduled. The web server,
-        # the database and the heartbeat run beside training, so one core is
-        # left to them.
-        return self.torch_threads or max(1, (os.cpu_count() or 1) - 1)
+        # All cores by default: on an idle 2-core machine two threads train
+        # 1.2-1.8x faster than one (mobilenet_v3_small 64 px 660 -> 796,
+        # resnet18 64 px 146 -> 268 images/s). PyTorch's threads wait for each
+        # other at every operation, so on a machine busy with other heavy work
+        # one thread can be many times faster (BENCHMARKS.md): set
+        # TORCH_THREADS=1 there.
+        return self.torch_threads or max(1, os.cpu_count() or 1)
 
     @property
     def cache_dir(self) -> Path:
