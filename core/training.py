@@ -916,10 +916,9 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
         if val_acc > state.best_accuracy:
             state.best_accuracy, state.best_epoch = val_acc, epoch
             state.best_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
-        # Checkpoint first, then the metric row: a crash in between re-trains
-        # this epoch on resume and its (deleted) row is written again.
-        payload = _checkpoint_payload(config, classes, state, trainable, optimizer, scheduler, generator)
-        _save_checkpoint(ckpt_path, payload)
+        # The metric row first, then the checkpoint: a crash in between resumes
+        # from the previous checkpoint, deletes this row and trains the epoch
+        # again, so every epoch keeps exactly one row.
         reporter.epoch(
             EpochMetric(
                 round_id=round_.id,
@@ -932,6 +931,8 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
                 seconds=time.perf_counter() - started,
             )
         )
+        payload = _checkpoint_payload(config, classes, state, trainable, optimizer, scheduler, generator)
+        _save_checkpoint(ckpt_path, payload)
 
     trainable.load_state_dict(state.best_state)
     reporter.note(f"training done; best epoch {state.best_epoch} with validation accuracy {state.best_accuracy:.1f}%")

@@ -1,8 +1,9 @@
 """Crashes, cancels and concurrent writers: nothing lost, nothing half-made."""
 
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from core import training
 from core.db import read_session
 from core.models import EpochMetric, ModelVersion, RoundStatus, TrainingRound
 from jobs import cancel_training, submit_training
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from tests.factories import add_demo, as_actor
 
 FAST_RECOVERY = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TIMEOUT": "3"}
@@ -235,15 +236,20 @@ def test_several_processes_writing_at_once_lose_nothing(data_dir, session):
     session.commit()
     count = 40
     plan = [("upload", 1), ("upload", 2), ("review", 3), ("metrics", 4), ("metrics", 5), ("status", 6)]
-    context = multiprocessing.get_context("spawn")
+    # Separate interpreters (not multiprocessing: after AppTest has run a page
+    # as __main__, spawned children would re-run that page).
     procs = [
-        context.Process(target=_writer, args=(kind, w, count, str(data_dir), round_.id, image_ids)) for kind, w in plan
+        subprocess.Popen(
+            [sys.executable, "-c", f"from tests.test_reliability import _writer; _writer(*{args!r})"],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in [(kind, w, count, str(data_dir), round_.id, image_ids) for kind, w in plan]
     ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    assert [p.exitcode for p in procs] == [0] * len(plan), "a writer failed (e.g. 'database is locked')"
+    errors = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(plan), f"a writer failed: {errors}"
+    assert not any("database is locked" in e for e in errors)
     session.expire_all()
     from core.models import TrainingImage
 
