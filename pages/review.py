@@ -14,7 +14,7 @@ from core.models import ImageStatus
 from core.uploads import ingest_uploads
 from pages._common import require_page, show_thumbnail
 
-PAGE_SIZE = 24
+PAGE_SIZE = 48
 COLUMNS = 6
 ALL = "All"
 

@@ -166,15 +166,15 @@ def test_review_validates_rejects_and_relabels_ticked_images_recording_who(sessi
 
 
 def test_review_filters_by_status_and_category_and_pages_the_grid(session):
-    add_demo(session, per_category=6, size=32, status=ImageStatus.pending)
+    add_demo(session, per_category=12, size=32, status=ImageStatus.pending)
     at = ok(app("pages/review.py"))
-    assert len(at.image) == 24  # first page of 30
+    assert len(at.image) == 48  # first page of 60
     assert at.get("pagination")[0].num_pages == 2
     ok(at.get("pagination")[0].select(2))
-    assert len(at.image) == 6
+    assert len(at.image) == 12
 
     ok(at.selectbox(key="filter_category").select("star"))
-    assert len(at.image) == 6
+    assert len(at.image) == 12
     assert all("star" in c.label for c in at.checkbox if c.key.startswith("pick_"))
     ok(at.selectbox(key="filter_status").select("validated"))
     assert len(at.image) == 0
