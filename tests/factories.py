@@ -67,8 +67,6 @@ def add_fake_version(session: Session, version: str = "1.0.0", *, production: bo
 
     from core.config import get_settings
     from core.export import artifact_path, runtime_version
-    from core.models import ModelVersion
-    from core.registry import parse_version
 
     artifacts = []
     for fmt in ("ptl", "pte"):
@@ -86,16 +84,9 @@ def add_fake_version(session: Session, version: str = "1.0.0", *, production: bo
                 "parity": {"passed": True},
             }
         )
-    major, minor, patch = parse_version(version)
-    model = ModelVersion(
-        version=version,
-        major=major,
-        minor=minor,
-        patch=patch,
-        classes=list(classes),
-        architecture="mobilenet_v3_small",
-        image_size=32,
-        checkpoint_path=f"checkpoints/model_{version}.pt",
+    model = version_row(
+        version,
+        classes,
         metrics={"train_accuracy": 98.2, "val_accuracy": 95.5, "model_size_mb": 8.1},
         artifacts=artifacts,
         is_production=production,
@@ -124,3 +115,22 @@ def add_user(session: Session, name: str, role: str, password: str = "correct ho
 def sign_in(at, user) -> None:
     """Make an AppTest run as `user` signed in (what the sign-in form stores)."""
     at.session_state["user"] = {"id": user.id, "name": user.name, "role": user.role}
+
+
+def version_row(version: str, classes=("cat", "dog"), **fields):
+    """An unsaved ModelVersion row (no files)."""
+    from core.models import ModelVersion
+    from core.registry import parse_version
+
+    major, minor, patch = parse_version(version)
+    return ModelVersion(
+        version=version,
+        major=major,
+        minor=minor,
+        patch=patch,
+        classes=list(classes),
+        architecture="mobilenet_v3_small",
+        image_size=32,
+        checkpoint_path=f"checkpoints/model_{version}.pt",
+        **fields,
+    )

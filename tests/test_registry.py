@@ -3,21 +3,11 @@ import pytest
 from core import registry
 from core.errors import ConflictError, NotFoundError, UserError
 from core.models import ModelVersion
-from tests.factories import as_actor
+from tests.factories import as_actor, version_row
 
 
 def add_version(session, version: str, classes=("cat", "dog")) -> ModelVersion:
-    major, minor, patch = registry.parse_version(version)
-    mv = ModelVersion(
-        version=version,
-        major=major,
-        minor=minor,
-        patch=patch,
-        classes=list(classes),
-        architecture="mobilenet_v3_small",
-        image_size=32,
-        checkpoint_path=f"checkpoints/model_{version}.pt",
-    )
+    mv = version_row(version, classes)
     session.add(mv)
     session.flush()
     return mv
