@@ -163,7 +163,7 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     expect(page.get_by_text("No model yet")).to_be_visible()
 
     go(page, "Review images")
-    expect(page.locator('[data-testid="stImage"]')).to_have_count(24)
+    expect(page.locator('[data-testid="stImage"]')).to_have_count(48)
     shoot(page, "review")
 
     go(page, "Train")
