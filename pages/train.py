@@ -7,7 +7,7 @@ from core import stats, training
 from core.access import Permission
 from core.db import read_session
 from core.errors import UserError
-from core.training import ARCHITECTURES, PARAM_RANGES, TrainingConfig
+from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig
 from jobs import cancel_training, submit_training
 from pages._common import require_page
 
@@ -50,6 +50,15 @@ with form:
             "Validation split", *PARAM_RANGES["val_split"][1:], value=defaults.val_split, step=0.05, key="val_split"
         )
         seed = a2.number_input("Seed", *PARAM_RANGES["seed"][1:], value=defaults.seed, step=1, key="seed")
+        training_mode = a1.radio(
+            "Training mode",
+            TRAINING_MODES,
+            index=TRAINING_MODES.index(defaults.training_mode),
+            key="training_mode",
+            horizontal=True,
+            help="full: train every layer. head: keep a pretrained backbone (ImageNet weights, or the production "
+            "model's own) frozen and train only the classifier, in seconds; the preflight says when it cannot.",
+        )
 
 params = {
     "epochs": int(epochs),
@@ -60,6 +69,7 @@ params = {
     "image_size": int(image_size),
     "val_split": float(val_split),
     "seed": int(seed),
+    "training_mode": training_mode,
 }
 
 with check:

@@ -245,7 +245,19 @@ def test_train_shows_the_original_defaults_and_the_advanced_section(session):
     assert (values["image_size"], values["val_split"], values["seed"]) == (224, 0.2, 42)
     assert at.toggle(key="use_existing_model").value is True
     assert at.selectbox(key="architecture").value == "mobilenet_v3_small"
+    assert at.radio(key="training_mode").value == "full"
     assert at.expander[0].label == "Advanced"
+
+
+def test_head_mode_without_a_backbone_disables_train_and_says_why(session, monkeypatch):
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    at = ok(app("pages/train.py"))
+    assert not at.button(key="train").disabled
+    ok(at.radio(key="training_mode").set_value("head"))
+    assert at.button(key="train").disabled
+    assert "head" in " ".join(e.value for e in at.error)
 
 
 def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(session, monkeypatch):
