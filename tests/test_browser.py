@@ -172,7 +172,7 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     page.get_by_text("Advanced").click()
     fill_number(page, "Image size (px)", "32")
     page.get_by_text("The dataset meets the rules").wait_for()
-    page.get_by_role("button", name="Train").click()
+    page.get_by_role("button", name="Train", exact=True).click()
     queued = page.get_by_text(re.compile(r"Training job \S+ queued"))
     queued.wait_for()
     job_id = re.search(r"Training job (\S+) queued", queued.inner_text()).group(1)
