@@ -70,6 +70,11 @@ class TrainingImage(SQLModel, table=True):
     uploaded_by: str | None = None
     reviewed_by: str | None = None
     reviewed_at: datetime | None = None
+    # 64-bit difference hash (16 hex digits) for near-duplicate search (core/duplicates.py).
+    phash: str | None = Field(default=None, index=True, max_length=16)
+    # Uniform in [0, 1), fixed once per image (shared by its near-duplicates):
+    # decides test, validation or training (core/splits.py).
+    split_key: float | None = Field(default=None, index=True)
 
 
 # One training job: parameters, life cycle and the exact dataset it saw.
@@ -96,6 +101,10 @@ class TrainingRound(SQLModel, table=True):
     warnings: list = _json(list)
     # Timestamped lines: attempts, resumes, fallbacks, the outcome.
     history: list = _json(list)
+    # What started it automatically (`new_images`, `schedule`); None: a person.
+    trigger: str | None = Field(default=None, index=True)
+    # Where it trained, e.g. "cpu" or "cuda:0 NVIDIA H100 (bf16)".
+    device: str | None = None
     current_epoch: int = 0
     current_batch: int = 0
     total_batches: int = 0
@@ -148,6 +157,8 @@ class ModelVersion(SQLModel, table=True):
     is_production: bool = Field(default=False, index=True)
     created_at: datetime = Field(default_factory=utcnow)
     promoted_at: datetime | None = None
+    # The promotion gate's decision when the version was made (core/gate.py).
+    gate: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 # Who moved production from one version to another, and when.
@@ -158,6 +169,49 @@ class PromotionEvent(SQLModel, table=True):
     action: str  # promote | rollback | auto
     by: str | None = None
     at: datetime = Field(default_factory=utcnow)
+    # A person promoting a version the gate held back says why.
+    reason: str | None = None
+    override: bool = False
+
+
+# An image the newest model thinks is probably mislabelled, and what a curator decided.
+class SuspectScore(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="trainingimage.id", unique=True, index=True)
+    model_version: str
+    given_label: str
+    suggested_label: str
+    # The model's probability of the given label, and how far the top class is above it.
+    given_probability: float
+    margin: float
+    # Higher: more likely mislabelled (core/suspects.py).
+    score: float = Field(index=True)
+    scored_at: datetime = Field(default_factory=utcnow)
+    # None: open; accepted | kept | rejected
+    resolution: str | None = Field(default=None, index=True)
+    resolved_by: str | None = None
+    resolved_at: datetime | None = None
+
+
+# Automatic retraining triggers and the promotion gate (one row, id 1), set on the Train page.
+class Automation(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    new_images_enabled: bool = False
+    new_images_threshold: int = 100
+    schedule_enabled: bool = False
+    schedule_hours: float = 24.0
+    # Training parameters for automatic jobs (TrainingConfig fields); {}: the defaults.
+    parameters: dict = _json(dict)
+    # A new version goes to production by itself only when its test accuracy is
+    # at least this many points above production's, on the same test images ...
+    gate_min_improvement: float = 1.0
+    # ... and no category's test accuracy fell by more than this many points.
+    gate_max_category_drop: float = 5.0
+    last_check_at: datetime | None = None
+    last_check_result: str | None = None
+    last_scheduled_at: datetime | None = None
+    updated_by: str | None = None
+    updated_at: datetime | None = None
 
 
 # A bearer token for the HTTP API. Only the SHA-256 of the secret is stored.
