@@ -212,9 +212,12 @@ def snapshot_hash(snapshot: list[dict]) -> str:
     return hashlib.sha256(json.dumps(snapshot, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def start_training(params: Mapping | None, *, session: Session, requested_by: str | None = None) -> TrainingRound:
+def start_training(
+    params: Mapping | None, *, session: Session, requested_by: str | None = None, trigger: str | None = None
+) -> TrainingRound:
     """Validate a request and create a `queued` round with a frozen dataset snapshot.
 
+    `trigger` names the automatic trigger that asked for it (None: a person).
     The caller enqueues the round (see `jobs.submit_training`)."""
     config = TrainingConfig.from_params(params)
     check = preflight(config, session=session)
@@ -225,13 +228,20 @@ def start_training(params: Mapping | None, *, session: Session, requested_by: st
     round_ = TrainingRound(
         parameters=config.to_dict(),
         requested_by=requested_by,
+        trigger=trigger,
         snapshot=snapshot,
         snapshot_hash=snapshot_hash(snapshot),
         total_images=len(snapshot),
         category_distribution=check.per_category,
         classes=sorted(check.per_category),
         warnings=check.notices,
-        history=[_line(f"queued by {requested_by or 'unknown'} with {len(snapshot)} images")],
+        history=[
+            _line(
+                f"queued by {requested_by or 'unknown'}"
+                + (f" (automatic trigger: {trigger})" if trigger else "")
+                + f" with {len(snapshot)} images"
+            )
+        ],
     )
     session.add(round_)
     session.flush()
