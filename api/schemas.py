@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from core.models import as_utc
-from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig
+from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
 
 # Datetimes come back from SQLite without a zone; they are UTC.
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
@@ -19,7 +19,7 @@ def allowed_range(name: str) -> str | None:
     """'between 1 and 500' for a training parameter, None for other fields."""
     if name not in PARAM_RANGES:
         return None
-    _, low, high = PARAM_RANGES[name]
+    _, low, high = param_range(name)
     return f"between {low:g} and {high:g}"
 
 
@@ -47,6 +47,11 @@ class TrainRequest(BaseModel):
         "training_mode",
         f"One of {', '.join(TRAINING_MODES)}: `head` trains only the classifier on a frozen pretrained backbone "
         "(ImageNet weights, else the production model's), a quick retrain",
+    )
+    processes: int = _param(
+        "processes",
+        "Processes that train the job together (PyTorch DDP: gloo on the CPU, NCCL with one GPU each); "
+        "at most MAX_TRAINING_PROCESSES; `full` mode only",
     )
 
 

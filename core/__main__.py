@@ -94,6 +94,7 @@ def _train_params(args) -> dict:
         "val_split",
         "seed",
         "training_mode",
+        "processes",
     )
     params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.use_existing_model is not None:
@@ -152,6 +153,8 @@ def cmd_status(args) -> int:
     print(
         f"  epoch {round_.current_epoch}/{round_.parameters['epochs']}, progress {round_.progress:.0%}, attempts {round_.attempts}"
     )
+    if round_.device:
+        print(f"  device {round_.device}")
     for m in metrics:
         print(
             f"  epoch {m.epoch:>3}: train loss {m.train_loss:.3f} acc {m.train_accuracy:5.1f}%  "
@@ -391,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--training-mode",
         choices=training.TRAINING_MODES,
         help=f"default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        help=f"default {defaults.processes}; train in N processes (PyTorch DDP), at most MAX_TRAINING_PROCESSES "
+        f"({get_settings().max_training_processes})",
     )
     p.add_argument("--use-existing-model", dest="use_existing_model", action="store_true", default=None)
     p.add_argument("--no-existing-model", dest="use_existing_model", action="store_false", help="train from scratch")

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # Decoded images and backbone features kept in memory by a worker process
     # (least recently used dropped first); the rest is read from DATA_DIR/cache.
     cache_max_bytes: int = Field(1024**3, ge=0)
+    # `auto`: a CUDA GPU when there is one (with mixed precision), else the CPU.
+    training_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The most processes (DDP ranks) one job may ask for; on CUDA each needs its own GPU.
+    max_training_processes: int = Field(4, ge=1)
 
     @field_validator("data_dir")
     @classmethod

@@ -52,6 +52,6 @@ def load_images(
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) to float, scaled and ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
     return (batch.float().div_(255.0) - mean) / std

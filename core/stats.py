@@ -193,6 +193,7 @@ def queue_overview(*, session: Session, recent: int = 10) -> list[dict]:
                 "created": _aware(r.created_at),
                 "duration_s": round(elapsed, 1) if elapsed is not None else None,
                 "images": r.total_images,
+                "device": r.device,
                 "version": versions.get(r.model_version_id),
                 "cancel_requested": r.cancel_requested,
             }

@@ -26,13 +26,15 @@ import torchvision
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select, update
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler
 
 from core import registry
 from core.access import SYSTEM_ACTOR
 from core.cache import feature_key, get_cache
 from core.config import get_settings
 from core.dataset import load_images, normalize
-from core.db import read_engine
+from core.db import get_engine, read_engine
+from core.distributed import Placement, run_ranks
 from core.errors import ConflictError, NotFoundError, TrainingCancelled, UserError
 from core.export import artifact_path, export_model, remove_files
 from core.faults import crash_point
@@ -74,6 +76,8 @@ class TrainingConfig:
     # `full` by default: it works on a fresh install (no pretrained backbone
     # needed) and adapts every layer to the images; `head` is the quick retrain.
     training_mode: str = "full"
+    # Processes (DDP ranks) that train the job together; at most MAX_TRAINING_PROCESSES.
+    processes: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +96,14 @@ class TrainingConfig:
             if value is None:
                 continue
             values[name] = _check_param(name, value)
-        return cls(**values)
+        config = cls(**values)
+        if config.training_mode == "head" and config.processes > 1:
+            raise UserError(
+                "training_mode 'head' runs in one process: it trains one linear layer on cached features, "
+                f"which several processes cannot speed up. Set processes to 1 (got {config.processes}) "
+                "or use training_mode 'full'"
+            )
+        return config
 
 
 # name -> (type, minimum, maximum)
@@ -103,7 +114,17 @@ PARAM_RANGES: dict[str, tuple[type, float, float]] = {
     "image_size": (int, 32, 512),
     "val_split": (float, 0.05, 0.5),
     "seed": (int, 0, 2**31 - 1),
+    # The maximum is MAX_TRAINING_PROCESSES (see `param_range`).
+    "processes": (int, 1, 1),
 }
+
+
+def param_range(name: str) -> tuple[type, float, float]:
+    """(type, minimum, maximum) of a numeric parameter, with today's settings."""
+    kind, low, high = PARAM_RANGES[name]
+    if name == "processes":
+        high = get_settings().max_training_processes
+    return kind, low, high
 
 
 def _check_param(name: str, value):
@@ -119,13 +140,14 @@ def _check_param(name: str, value):
         if value not in TRAINING_MODES:
             raise UserError(f"training_mode must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
         return value
-    kind, low, high = PARAM_RANGES[name]
+    kind, low, high = param_range(name)
+    top = f"MAX_TRAINING_PROCESSES={high:g}" if name == "processes" else f"{high:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{name} must be a number between {low:g} and {high:g} (got {value!r})")
+        raise UserError(f"{name} must be a number between {low:g} and {top} (got {value!r})")
     if kind is int and (isinstance(value, float) and not value.is_integer()):
-        raise UserError(f"{name} must be a whole number between {low:g} and {high:g} (got {value!r})")
+        raise UserError(f"{name} must be a whole number between {low:g} and {top} (got {value!r})")
     if not math.isfinite(value) or not low <= value <= high:
-        raise UserError(f"{name} must be between {low:g} and {high:g} (got {value!r})")
+        raise UserError(f"{name} must be between {low:g} and {top} (got {value!r})")
     return kind(value)
 
 
@@ -323,14 +345,17 @@ class RoundReporter:
         # per-batch check never holds the database's write lock.
         self._reader = read_engine(str(session.get_bind().url))
 
-    def check_cancel(self) -> None:
+    def cancel_requested(self) -> bool:
         query = select(TrainingRound.cancel_requested).where(TrainingRound.id == self.round.id)
         with Session(self._reader) as reader:
-            if reader.exec(query).one():
-                raise TrainingCancelled()
+            return reader.exec(query).one()
+
+    def check_cancel(self) -> None:
+        if self.cancel_requested():
+            raise TrainingCancelled()
 
     def batch(self, epoch: int, batch: int, total_batches: int, epochs: int) -> None:
-        self.check_cancel()
+        """Progress (at most every `min_interval` seconds); the loop checks for a cancel."""
         now = time.monotonic()
         if now - self._last >= self.min_interval or batch == total_batches:
             self._last = now
@@ -352,6 +377,25 @@ class RoundReporter:
             self.round.warnings = [*self.round.warnings, text]
         self.session.add(self.round)
         self.session.commit()
+
+
+class SilentReporter(RoundReporter):
+    """The reporter of ranks other than 0: they never write, and follow rank 0's cancel decision."""
+
+    def __init__(self, round_: TrainingRound):
+        self.round = round_
+
+    def cancel_requested(self) -> bool:
+        return False
+
+    def batch(self, epoch: int, batch: int, total_batches: int, epochs: int) -> None:
+        pass
+
+    def epoch(self, metric: EpochMetric) -> None:
+        pass
+
+    def note(self, text: str, warning: bool = False) -> None:
+        pass
 
 
 class Heartbeat:
@@ -550,26 +594,33 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, max_images: int = 5
         m.momentum = None  # a plain average over the batches below
     # A fixed random sample: the rows of `x` are grouped by class.
     sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_images]]
+    device = _device_of(model)
     model.train()
     with torch.no_grad():
         for start in range(0, sample.shape[0], batch_size):
             chunk = sample[start : start + batch_size]
             if chunk.shape[0] > 1:
-                model(prepare_batch(chunk))
+                model(prepare_batch(chunk, device))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> tuple[float, torch.Tensor]:
-    """Mean loss and the logits of every image (eval mode, no autograd)."""
+    """Mean loss and the logits of every image (eval mode, no autograd, full
+    precision: the figures recorded are those of the exported float model)."""
+    device = _device_of(model)
     model.eval()
     logits = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch_size):
-            logits.append(model(prepare_batch(x[start : start + batch_size])))
+            logits.append(model(prepare_batch(x[start : start + batch_size], device)).float().cpu())
     out = torch.cat(logits) if logits else torch.empty(0)
     loss = float(nn.functional.cross_entropy(out, y)) if len(y) else 0.0
     return loss, out
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -632,10 +683,12 @@ def run_training_round(round_id: int, *, session: Session) -> ModelVersion | Non
     round_.history = [*round_.history, _line(f"attempt {round_.attempts} of {max_attempts()} started")]
     session.add(round_)
     session.commit()
-    reporter = RoundReporter(round_, session)
     try:
         with Heartbeat(round_.id, session.get_bind(), get_settings().heartbeat_interval):
-            return _train_and_register(round_, reporter, session=session)
+            if round_.parameters.get("processes", 1) > 1:
+                return _train_in_ranks(round_, session=session)
+            reporter = RoundReporter(round_, session)
+            return _train_and_register(round_, reporter, Placement.local(), session=session)
     except TrainingCancelled:
         session.rollback()
         _finish(round_, RoundStatus.cancelled, "cancelled while training; no model was made")
@@ -656,6 +709,22 @@ def run_training_round(round_id: int, *, session: Session) -> ModelVersion | Non
         session.add(round_)
         session.commit()
         raise
+
+
+def _train_in_ranks(round_: TrainingRound, *, session: Session) -> ModelVersion:
+    """The training part in `processes` DDP ranks (see `core.distributed`);
+    rank 0 writes the round's progress, history and outcome itself."""
+    try:
+        run_ranks(round_.id, round_.parameters["processes"])
+    except Exception:
+        session.refresh(round_)
+        # A rank that failed after rank 0 committed the version changes nothing.
+        if round_.status != RoundStatus.completed:
+            raise
+    session.refresh(round_)
+    version = session.get(ModelVersion, round_.model_version_id)
+    session.commit()
+    return version
 
 
 def _is_stale(round_: TrainingRound) -> bool:
@@ -704,6 +773,7 @@ def active_rounds(*, session: Session) -> int:
 # 776 images/s against 414 in the default layout, at 160 px 219 against 125,
 # resnet18 at 160 px 35 against 27 (at 64 px, the same); inference gains as much.
 MEMORY_FORMAT = torch.channels_last
+CPU = torch.device("cpu")
 # Images per forward pass when extracting `head` mode features: at 224 px,
 # channels_last, batches of 16 ran resnet18 at 64 images/s (32: 55, 64: 45,
 # 128: 42) and mobilenet_v3_small at 645 (32: 675, 64: 399, 128: 341).
@@ -716,9 +786,10 @@ FEATURE_BATCH = 16
 EPOCH_RECALIBRATION_IMAGES = 64
 
 
-def prepare_batch(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images to the model's input: normalised, in the fast memory layout."""
-    return normalize(x).contiguous(memory_format=MEMORY_FORMAT)
+def prepare_batch(x: torch.Tensor, device: torch.device = CPU) -> torch.Tensor:
+    """uint8 images to the model's input on `device`: normalised, in the fast
+    memory layout. The pixels travel as uint8 (a quarter of the bytes)."""
+    return normalize(x.to(device, non_blocking=True)).contiguous(memory_format=MEMORY_FORMAT)
 
 
 @dataclass
@@ -736,19 +807,20 @@ class Split:
 class FullTrainer:
     """`full` mode: every layer trains on the decoded images."""
 
-    def __init__(self, config: TrainingConfig, classes: list[str], data: Split):
-        self.config, self.classes, self.data = config, classes, data
+    def __init__(self, config: TrainingConfig, classes: list[str], data: Split, placement: Placement):
+        self.config, self.classes, self.data, self.placement = config, classes, data, placement
 
     def setup(self, round_: TrainingRound, reporter: RoundReporter, resume: bool, *, session: Session) -> None:
-        if resume:
+        # Ranks other than 0 start from any weights: DDP copies rank 0's to them.
+        if resume or not self.placement.leader:
             model = build_model(self.config.architecture, len(self.classes))
         else:
             model = initial_model(self.config, self.classes, reporter, session=session)
-        self.model = self.trainable = model.to(memory_format=MEMORY_FORMAT)
+        self.model = self.trainable = model.to(self.placement.device, memory_format=MEMORY_FORMAT)
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         x = self.data.x_train[idx]
-        return prepare_batch(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x))
+        return prepare_batch(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x), self.placement.device)
 
     def end_epoch(self) -> None:
         recalibrate_batchnorm(self.model, self.data.x_train, max_images=EPOCH_RECALIBRATION_IMAGES)
@@ -764,7 +836,8 @@ class FullTrainer:
 
 class HeadTrainer(FullTrainer):
     """`head` mode: a frozen backbone's features, computed once per image and
-    cached, feed the only layer that trains (the classifier head)."""
+    cached, feed the only layer that trains (the classifier head). One
+    process only (`TrainingConfig` refuses more)."""
 
     def setup(self, round_: TrainingRound, reporter: RoundReporter, resume: bool, *, session: Session) -> None:
         saved = round_dir(round_) / "backbone.pt"
@@ -781,30 +854,32 @@ class HeadTrainer(FullTrainer):
             model, identity = backbone.build(self.classes), backbone.identity()
             _save_checkpoint(saved, {"state_dict": model.state_dict(), "identity": identity})
             reporter.note(f"training_mode head: {backbone.describe()} is frozen; only the classifier trains")
-        self.model = model.eval().to(memory_format=MEMORY_FORMAT)
+        device = self.placement.device
+        self.model = model.eval().to(device, memory_format=MEMORY_FORMAT)
         self.model.requires_grad_(False)
         self.trainable = _head(self.model).requires_grad_(True)
         data, size = self.data, self.config.image_size
         features = partial(extract_features, self.model, size=size, backbone=identity, reporter=reporter)
-        self.f_train = features(data.x_train, data.sha_train)
+        self.f_train = features(data.x_train, data.sha_train).to(device)
         # Flipped copies stand in for the full mode's random flips.
-        self.f_train_flip = features(data.x_train, data.sha_train, flipped=True)
-        self.f_val = features(data.x_val, data.sha_val)
+        self.f_train_flip = features(data.x_train, data.sha_train, flipped=True).to(device)
+        self.f_val = features(data.x_val, data.sha_val).to(device)
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        return torch.where(flip.view(-1, 1), self.f_train_flip[idx], self.f_train[idx])
+        flip = flip.to(self.placement.device).view(-1, 1)
+        return torch.where(flip, self.f_train_flip[idx], self.f_train[idx])
 
     def end_epoch(self) -> None:
         pass  # the frozen backbone's BatchNorm statistics do not change
 
     def validate(self) -> tuple[float, torch.Tensor]:
         with torch.inference_mode():
-            logits = self.trainable(self.f_val)
+            logits = self.trainable(self.f_val).float().cpu()
         return float(nn.functional.cross_entropy(logits, self.data.y_val)), logits
 
     def final_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            return self.trainable(self.f_train), self.trainable(self.f_val)
+            return self.trainable(self.f_train).float().cpu(), self.trainable(self.f_val).float().cpu()
 
 
 def extract_features(
@@ -817,14 +892,15 @@ def extract_features(
     reporter: RoundReporter | None = None,
     flipped: bool = False,
 ) -> torch.Tensor:
-    """The input of `model`'s classifier head for each image (N, D), from the
-    cache where an earlier epoch or job computed it."""
+    """The input of `model`'s classifier head for each image (N, D), on the
+    CPU, from the cache where an earlier epoch or job computed it."""
     cache = get_cache()
     keys = [feature_key(sha, size, backbone, flipped) for sha in shas]
     found = [cache.get(key) for key in keys]
     todo = [i for i, f in enumerate(found) if f is None]
     if todo:
         head = _head(model)
+        device = _device_of(model)
         _set_head(model, nn.Identity())
         try:
             model.eval()
@@ -834,7 +910,7 @@ def extract_features(
                 chunk = todo[start : start + FEATURE_BATCH]
                 images = x[chunk].flip(3) if flipped else x[chunk]
                 with torch.inference_mode():
-                    out = model(prepare_batch(images))
+                    out = model(prepare_batch(images, device)).float().cpu()
                 for i, row in zip(chunk, out, strict=True):
                     found[i] = row.clone()
                     cache.put(keys[i], found[i])
@@ -843,14 +919,39 @@ def extract_features(
     return torch.stack(found) if found else torch.empty(0)
 
 
-def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, session: Session) -> ModelVersion:
+def train_rank(round_id: int, placement: Placement) -> None:
+    """One rank of a round's DDP group (`python -m core.distributed`): rank 0
+    writes as a single-process job does, the others read through a read-only
+    engine and never write. Errors propagate to `core.distributed`, which
+    reports them to the worker that started the ranks."""
+    engine = get_engine() if placement.leader else read_engine(get_settings().db_url)
+    with Session(engine, expire_on_commit=False) as session:
+        round_ = session.get(TrainingRound, round_id)
+        if round_ is None:
+            raise NotFoundError(f"No training round {round_id}")
+        reporter = RoundReporter(round_, session) if placement.leader else SilentReporter(round_)
+        _train_and_register(round_, reporter, placement, session=session)
+
+
+def _epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The random flips of one rank's epoch: the same on a resumed attempt."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+
+
+def _train_and_register(
+    round_: TrainingRound, reporter: RoundReporter, placement: Placement, *, session: Session
+) -> ModelVersion | None:
+    """Train and, on rank 0, export and register; other ranks return None after the last epoch."""
     config = TrainingConfig(**round_.parameters)
     classes = list(round_.classes)
     index = {name: i for i, name in enumerate(classes)}
     settings = get_settings()
-    torch.set_num_threads(settings.training_threads)
+    torch.set_num_threads(placement.threads(settings.training_threads))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    if placement.leader:  # another rank's change would be flushed: its session only reads
+        round_.device = placement.describe()
+        reporter.note(f"training on {round_.device}")
 
     images = {
         img.id: img
@@ -877,48 +978,67 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
     )
     del x_all
 
-    trainer = (HeadTrainer if config.training_mode == "head" else FullTrainer)(config, classes, data)
+    trainer = (HeadTrainer if config.training_mode == "head" else FullTrainer)(config, classes, data, placement)
     ckpt_path = round_dir(round_) / "checkpoint.pt"
     resume = ckpt_path.is_file()
     trainer.setup(round_, reporter, resume, session=session)
     trainable = trainer.trainable
+    net = placement.wrap(trainable)
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    generator = torch.Generator().manual_seed(config.seed)
+    scaler = placement.grad_scaler()
     state = TrainState()
     if resume:
-        state = _resume(ckpt_path, trainable, optimizer, scheduler, generator)
-        delete_epoch_metrics_after(round_.id, state.epoch, session=session)
+        state = _resume(ckpt_path, trainable, optimizer, scheduler)
+        if placement.leader:
+            delete_epoch_metrics_after(round_.id, state.epoch, session=session)
         reporter.note(
             f"attempt {round_.attempts}: resumed from the checkpoint of epoch {state.epoch}, at epoch {state.epoch + 1}"
         )
     loss_fn = nn.CrossEntropyLoss()
     n_train = len(train_idx)
-    n_batches = max(1, math.ceil(n_train / config.batch_size))
+    # Each rank takes its share of every batch, so one step still sees
+    # `batch_size` images (the learning rate means the same for any count).
+    sampler = DistributedSampler(
+        range(n_train), num_replicas=placement.world_size, rank=placement.rank, shuffle=True, seed=config.seed
+    )
+    rank_batch = math.ceil(config.batch_size / placement.world_size)
+    n_batches = max(1, math.ceil(len(sampler) / rank_batch))
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         started = time.perf_counter()
-        trainable.train()
-        order = torch.randperm(n_train, generator=generator)
-        total_loss, correct, seen = 0.0, 0, 0
+        net.train()
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+        generator = _epoch_generator(config.seed, epoch, placement.rank)
+        total_loss = torch.zeros((), device=placement.device)
+        correct = torch.zeros((), dtype=torch.long, device=placement.device)
+        seen = 0
         lr = optimizer.param_groups[0]["lr"]
         for b in range(n_batches):
             reporter.batch(epoch, b + 1, n_batches, config.epochs)
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+            if placement.agree(reporter.cancel_requested()):
+                raise TrainingCancelled()
+            idx = order[b * rank_batch : (b + 1) * rank_batch]
             if len(idx) < 2:
-                continue  # BatchNorm cannot train on a single image
+                continue  # BatchNorm cannot train on a single image (every rank's share is the same size)
             flip = torch.rand(len(idx), generator=generator) < 0.5
             x = trainer.batch(idx, flip)
-            y = data.y_train[idx]
+            y = data.y_train[idx].to(placement.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            logits = trainable(x)
-            loss = loss_fn(logits, y)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
+            with placement.autocast():
+                logits = net(x)
+                loss = loss_fn(logits, y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.detach().float() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
         scheduler.step()
+        total_loss, correct, seen = placement.sum(total_loss, correct, seen)
+        if not placement.leader:
+            continue  # rank 0 validates and checkpoints; the others go on to the next epoch
         trainer.end_epoch()
         val_loss, val_logits = trainer.validate()
         val_acc = accuracy(val_logits, data.y_val)
@@ -941,9 +1061,11 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
                 seconds=time.perf_counter() - started,
             )
         )
-        payload = _checkpoint_payload(config, classes, state, trainable, optimizer, scheduler, generator)
+        payload = _checkpoint_payload(config, classes, state, trainable, optimizer, scheduler)
         _save_checkpoint(ckpt_path, payload)
 
+    if not placement.leader:
+        return None
     trainable.load_state_dict(state.best_state)
     reporter.note(f"training done; best epoch {state.best_epoch} with validation accuracy {state.best_accuracy:.1f}%")
     train_logits, val_logits = trainer.final_logits()
@@ -956,8 +1078,9 @@ def _train_and_register(round_: TrainingRound, reporter: RoundReporter, *, sessi
         **summarise(val_logits, data.y_val, classes),
         "misclassified": _misclassified(val_logits, data.y_val, [round_.snapshot[i]["id"] for i in val_idx], classes),
     }
-    # Exported in the default layout: the mobile runtimes expect it.
-    model = trainer.model.to(memory_format=torch.contiguous_format)
+    # Exported from the CPU, in the default layout: the mobile runtimes expect
+    # it, and the parity checks run there.
+    model = trainer.model.to(CPU, memory_format=torch.contiguous_format)
     val_images = normalize(data.x_val)
     return _export_and_register(round_, model, config, classes, metrics, val_images, reporter, session=session)
 
@@ -972,9 +1095,11 @@ class TrainState:
     best_state: dict | None = None
 
 
-def _checkpoint_payload(config, classes, state: TrainState, model, optimizer, scheduler, generator) -> dict:
+def _checkpoint_payload(config, classes, state: TrainState, model, optimizer, scheduler) -> dict:
     """`model` is what trains: the whole network, or in `head` mode only the
-    head (the frozen backbone is saved once per round, as backbone.pt)."""
+    head (the frozen backbone is saved once per round, as backbone.pt). The
+    data order and flips follow from the seed and the epoch, so no sampler
+    state is needed."""
     return {
         "config": config.to_dict(),
         "classes": classes,
@@ -987,18 +1112,17 @@ def _checkpoint_payload(config, classes, state: TrainState, model, optimizer, sc
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()},
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
     }
 
 
-def _resume(path: Path, model, optimizer, scheduler, generator) -> TrainState:
+def _resume(path: Path, model, optimizer, scheduler) -> TrainState:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(payload["state_dict"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     random.setstate(payload["rng"]["python"])
     torch.set_rng_state(payload["rng"]["torch"])
-    generator.set_state(payload["rng"]["generator"])
     best_state = payload["best_state"]
     if best_state is None:
         best_state = {k: v.clone() for k, v in payload["state_dict"].items()}

@@ -86,6 +86,8 @@ def live(round_id: int) -> None:
     else:
         c2.metric("Duration", format_seconds(elapsed))
         c3.metric("Epochs run", f"{len(metrics)}/{epochs}")
+    if round_.device:
+        st.caption(f"Device: {round_.device}")
     curves(metrics)
 
 

@@ -7,7 +7,7 @@ from core import stats, training
 from core.access import Permission
 from core.db import read_session
 from core.errors import UserError
-from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig
+from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
 from jobs import cancel_training, submit_training
 from pages._common import require_page
 
@@ -59,6 +59,15 @@ with form:
             help="full: train every layer. head: keep a pretrained backbone (ImageNet weights, or the production "
             "model's own) frozen and train only the classifier, in seconds; the preflight says when it cannot.",
         )
+        processes = a2.number_input(
+            "Processes",
+            *param_range("processes")[1:],
+            value=defaults.processes,
+            step=1,
+            key="processes",
+            help="Train the job in this many processes together (PyTorch DDP): gloo on the CPU, NCCL on GPUs, "
+            "where each process needs its own GPU. The maximum is MAX_TRAINING_PROCESSES. Full mode only.",
+        )
 
 params = {
     "epochs": int(epochs),
@@ -70,6 +79,7 @@ params = {
     "val_split": float(val_split),
     "seed": int(seed),
     "training_mode": training_mode,
+    "processes": int(processes),
 }
 
 with check:
