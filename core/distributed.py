@@ -40,7 +40,7 @@ CANCELLED_EXIT = 3
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
-def choose_device(local_rank: int = 0) -> torch.device:
+def choose_device(local_rank: int = 0, world_size: int = 1) -> torch.device:
     """`cuda:LOCAL_RANK` when TRAINING_DEVICE allows it and a GPU is there, else the CPU."""
     wanted = get_settings().training_device
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
@@ -51,7 +51,7 @@ def choose_device(local_rank: int = 0) -> torch.device:
         )
     if local_rank >= torch.cuda.device_count():
         raise UserError(
-            f"{local_rank + 1} processes on CUDA need one GPU each (NCCL), but this machine has "
+            f"{world_size} processes on CUDA need one GPU each (NCCL), but this machine has "
             f"{torch.cuda.device_count()}: lower processes, or set TRAINING_DEVICE=cpu"
         )
     return torch.device("cuda", local_rank)
@@ -137,7 +137,7 @@ class Placement:
 def join_group() -> Placement:
     """Join the process group that torchrun's environment variables describe."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = choose_device(int(os.environ.get("LOCAL_RANK", rank)))
+    device = choose_device(int(os.environ.get("LOCAL_RANK", rank)), world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     placement = Placement(device, rank, world_size)
