@@ -197,7 +197,7 @@ def cmd_versions(args) -> int:
 
 def cmd_promote(args) -> int:
     with session_scope() as session:
-        version = registry.promote(args.version, session=session, actor=WHO)
+        version = registry.promote(args.version, session=session, actor=WHO, reason=args.reason)
     print(f"Model {version.version} is now in production.")
     return 0
 
@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("versions", help="list model versions").set_defaults(func=cmd_versions)
     p = sub.add_parser("promote", help="put a version in production")
     p.add_argument("version")
+    p.add_argument(
+        "--reason", help="why; required for a version the promotion gate held back (recorded as an override)"
+    )
     p.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help="put the previous production version back").set_defaults(func=cmd_rollback)
 

@@ -1182,13 +1182,7 @@ def _commit_version(
         version, scores.image_ids, scores.labels, scores.probabilities, classes, session=session
     )
     current = registry.production_version(session=session)
-    mode = settings.auto_promote
-    if mode == "always":
-        promote = True
-    elif current is None:
-        promote = mode in ("first", "gate")
-    else:
-        promote = mode == "gate" and decision["passed"]
+    promote = should_promote(settings.auto_promote, current is not None, decision)
     if promote:
         registry.promote(version, session=session, actor=SYSTEM_ACTOR, action="auto")
     round_.status = RoundStatus.completed
@@ -1204,6 +1198,15 @@ def _commit_version(
     session.add(round_)
     session.commit()
     return mv
+
+
+def should_promote(mode: str, in_production: bool, decision: dict) -> bool:
+    """Whether a new version goes to production by itself (AUTO_PROMOTE)."""
+    if mode == "always":
+        return True
+    if not in_production:
+        return mode in ("first", "gate")
+    return mode == "gate" and decision["passed"]
 
 
 def _gate_decision(metrics: dict, outcome: Outcome, production: tuple, *, session: Session) -> dict:
