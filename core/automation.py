@@ -164,6 +164,11 @@ def next_check_at(now: datetime | None = None, last_check_at: datetime | None = 
     return last + CHECK_INTERVAL * (math.floor((now - last) / CHECK_INTERVAL) + 1)
 
 
+def parameters_text(settings: Automation) -> str:
+    """The automatic jobs' training parameters, for people."""
+    return ", ".join(f"{name} {value}" for name, value in settings.parameters.items()) or "the defaults"
+
+
 @dataclass(frozen=True)
 class TriggerDecision:
     """What a check decided: the trigger that fires (None: nothing), and why."""
@@ -242,7 +247,8 @@ class AutomationState:
             f"New images: {self.new_images_text}",
             f"Schedule: {self.schedule_text}",
             f"Last check: {self.last_check_text}",
-            f"Next check: {self.next_check_at:%Y-%m-%d %H:%M} UTC",
+            f"Next check: by {self.next_check_at:%Y-%m-%d %H:%M:%S} UTC",
+            f"Automatic jobs train with: {parameters_text(self.settings)}",
         ]
         return [*lines, f"Warning: {self.warning}"] if self.warning else lines
 
