@@ -283,3 +283,26 @@ def test_a_real_consumer_runs_the_automatic_job_and_its_periodic_check(session, 
     wait_for(lambda: saved().last_check_result.startswith("waiting"), timeout=90, message="the periodic check")
     assert saved().last_check_result == "waiting: 0 of 20 new validated images"
     assert len(automatic_rounds()) == 1
+
+
+# --- the command line ----------------------------------------------------------
+
+
+def test_cli_shows_and_changes_the_settings_as_cli(session, capsys):
+    from core.__main__ import main
+
+    assert main(["automation", "--new-images", "40", "--schedule-hours", "12", "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Automatic retraining updated." in out and "New images: on: 0 of 40 new validated images" in out
+    assert "Schedule: on, every 12 h: due now" in out and "Automatic jobs train with: epochs 3" in out
+    assert main(["automation", "--no-schedule", "--image-size", "64", "--min-improvement", "2"]) == 0
+    row = saved()
+    assert (row.new_images_enabled, row.schedule_enabled, row.gate_min_improvement) == (True, False, 2.0)
+    assert row.parameters == {"epochs": 3, "image_size": 64} and row.updated_by == "cli"
+
+    assert main(["automation", "--off", "--new-images", "5"]) == 2
+    assert main(["automation", "--schedule-hours", "0"]) == 2
+    assert "schedule_hours must be between 0.25 and 720 (got 0.0)" in capsys.readouterr().err
+    assert main(["automation", "--off", "--default-parameters"]) == 0
+    row = saved()
+    assert (row.new_images_enabled, row.schedule_enabled, row.parameters) == (False, False, {})
