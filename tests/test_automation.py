@@ -10,13 +10,14 @@ from sqlmodel import Session, select
 
 from core import automation
 from core.automation import check_triggers, update_automation
-from core.db import read_session
+from core.db import get_engine, read_session
 from core.errors import PermissionDeniedError, UserError
 from core.ingest import ingest_bytes
 from core.models import AuditEvent, Automation, ImageStatus, RoundStatus, TrainingRound
 from jobs.queue import cancel_training, check_automatic_training, huey, run_automatic_check
 from tests.conftest import _clear_caches, wait_for
 from tests.factories import add_demo, as_actor, image_bytes
+from tests.servers import start_postgres
 
 OPERATOR = as_actor("olga", "operator")
 # Automatic jobs in these tests: as small as training gets.
@@ -119,7 +120,28 @@ def test_a_failed_automatic_round_does_not_fire_again_on_the_same_images(session
     assert len(automatic_rounds()) == 1
 
 
-def test_two_checks_at_once_never_queue_two_automatic_jobs(session):
+@pytest.fixture(scope="module")
+def postgres_url():
+    try:
+        server = start_postgres()
+    except (FileNotFoundError, KeyError) as exc:
+        pytest.skip(f"needs a real PostgreSQL: {exc}")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, data_dir, monkeypatch) -> Session:
+    """A session on SQLite (the default) and on PostgreSQL where it is installed."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("postgres_url"))
+        _clear_caches()
+    with Session(get_engine(), expire_on_commit=False) as session:
+        yield session
+
+
+def test_two_checks_at_once_never_queue_two_automatic_jobs(any_database):
+    session = any_database
     configure(session, new_images_enabled=True, new_images_threshold=4)
     add_validated(session, 4)
     start = threading.Barrier(4)
