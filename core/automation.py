@@ -202,7 +202,11 @@ def _decide(settings: Automation, now: datetime, *, session: Session) -> Trigger
             waiting.append(f"next scheduled run at {due:%Y-%m-%d %H:%M} UTC")
         return TriggerDecision(None, "waiting: " + "; ".join(waiting))
     text = " and ".join(reason for _, reason in reasons)
-    check = preflight(TrainingConfig.from_params(settings.parameters), session=session)
+    try:
+        config = TrainingConfig.from_params(settings.parameters)
+    except UserError as exc:  # saved under older rules; say so at every check instead of failing
+        return TriggerDecision(None, f"{text}, but the automatic jobs' parameters are invalid: {exc}")
+    check = preflight(config, session=session)
     if not check.ok:
         return TriggerDecision(None, f"{text}, but training cannot start: {' '.join(check.problems)}")
     return TriggerDecision(reasons[0][0], f"started by {text}")
