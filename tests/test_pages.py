@@ -290,6 +290,31 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     assert table(at, "job_id")["status"].tolist() == ["cancelled"]
 
 
+def test_train_page_shows_automatic_retraining_and_saving_changes_the_settings(session):
+    from core.models import Automation
+
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    assert "Automatic retraining" in [h.value for h in at.subheader]
+    shown = " ".join(m.value for m in at.markdown)
+    assert "**New images:** off (0 of 100 new validated images)" in shown and "**Last check:** never" in shown
+    assert at.toggle(key="auto_new_images_enabled").value is False
+    assert "beats production on the same test images" in at.number_input(key="gate_min_improvement").help
+
+    at.toggle(key="auto_new_images_enabled").set_value(True)
+    at.number_input(key="auto_new_images_threshold").set_value(25)
+    at.number_input(key="gate_max_category_drop").set_value(3.0)
+    at.number_input(key="epochs").set_value(2)
+    at.checkbox(key="auto_use_params").check()
+    ok(at.button(key="auto_save").click())
+
+    assert "settings saved" in at.success[0].value
+    with read_session() as reader:
+        row = reader.get(Automation, 1)
+    assert (row.new_images_enabled, row.new_images_threshold, row.gate_max_category_drop) == (True, 25, 3.0)
+    assert row.parameters["epochs"] == 2 and row.updated_by == "Grace"
+    assert "**New images:** on: 0 of 25 new validated images" in " ".join(m.value for m in at.markdown)
+
+
 # --- live metrics ---------------------------------------------------------------
 
 
