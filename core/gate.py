@@ -15,7 +15,16 @@ from collections.abc import Mapping
 
 from sqlmodel import Session, col, select
 
-from core.models import Category, ImageStatus, ModelVersion, TrainingImage
+from core.models import Automation, Category, ImageStatus, ModelVersion, TrainingImage
+
+
+def rules(*, session: Session) -> dict[str, float]:
+    """The gate's settings (set on the Train page; core/automation.py)."""
+    settings = session.get(Automation, 1) or Automation()
+    return {
+        "min_improvement": settings.gate_min_improvement,
+        "max_category_drop": settings.gate_max_category_drop,
+    }
 
 
 def accuracy_on(predictions: Mapping[int, str], truth: Mapping[int, str], ids) -> tuple[float | None, dict]:

@@ -29,7 +29,6 @@ from torch import nn
 
 from core import gate, registry, suspects
 from core.access import SYSTEM_ACTOR
-from core.automation import get_automation
 from core.cache import feature_key, get_cache
 from core.config import get_settings
 from core.dataset import load_images, normalize
@@ -1212,11 +1211,7 @@ def should_promote(mode: str, in_production: bool, decision: dict) -> bool:
 def _gate_decision(metrics: dict, outcome: Outcome, production: tuple, *, session: Session) -> dict:
     predicted_version, predictions, failure = production
     current = registry.production_version(session=session)
-    automation = get_automation(session=session)
-    rules = {
-        "min_improvement": automation.gate_min_improvement,
-        "max_category_drop": automation.gate_max_category_drop,
-    }
+    rules = gate.rules(session=session)
     if current is not None and current.version != predicted_version:
         reason = f"production changed to {current.version} while this version was made; compare them by hand"
         return {"passed": False, "production": current.version, "reasons": [reason], **rules}
