@@ -78,7 +78,10 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
         report.model_version = version.version
         report.model_version_id = version.id
         report.accuracy = version.metrics.get("val_accuracy")
-        report.metrics |= {key: version.metrics.get(key) for key in ("train_accuracy", "val_accuracy", "model_size_mb")}
+        report.metrics |= {
+            key: version.metrics.get(key)
+            for key in ("train_accuracy", "val_accuracy", "test_accuracy", "model_size_mb")
+        }
         if round_.started_at and round_.finished_at:
             seconds = (as_utc(round_.finished_at) - as_utc(round_.started_at)).total_seconds()
             report.duration_minutes = round(seconds / 60, 2)

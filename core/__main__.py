@@ -13,12 +13,12 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
-from core import registry, review, training, uploads, users
+from core import automation, registry, review, training, uploads, users
 from core.access import CLI_ACTOR, USER_ROLES, Role
 from core.config import REPO_ROOT, get_settings
-from core.db import session_scope
+from core.db import read_session, session_scope
 from core.errors import UserError
-from core.models import FINISHED_STATUSES, Category, ImageStatus, RoundStatus, TrainingImage
+from core.models import FINISHED_STATUSES, Automation, Category, ImageStatus, RoundStatus, TrainingImage
 
 # The command line runs where the database is: it acts as a local admin, recorded as "cli".
 WHO = CLI_ACTOR
@@ -182,6 +182,42 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def _automation_changes(args, current: Automation) -> dict:
+    if args.off and (args.new_images is not None or args.schedule_hours is not None):
+        raise UserError("--off switches both triggers off; leave it out to switch one on")
+    changes = {}
+    if args.off or args.no_new_images:
+        changes["new_images_enabled"] = False
+    if args.off or args.no_schedule:
+        changes["schedule_enabled"] = False
+    if args.new_images is not None:
+        changes.update(new_images_enabled=True, new_images_threshold=args.new_images)
+    if args.schedule_hours is not None:
+        changes.update(schedule_enabled=True, schedule_hours=args.schedule_hours)
+    if args.min_improvement is not None:
+        changes["gate_min_improvement"] = args.min_improvement
+    if args.max_category_drop is not None:
+        changes["gate_max_category_drop"] = args.max_category_drop
+    params = _train_params(args)
+    if args.default_parameters or params:
+        changes["parameters"] = params if args.default_parameters else {**current.parameters, **params}
+    return changes
+
+
+def cmd_automation(args) -> int:
+    with session_scope() as session:
+        changes = _automation_changes(args, automation.get_automation(session=session))
+        if changes:
+            automation.update_automation(changes, session=session, actor=WHO)
+    with read_session() as session:
+        now = automation.state(session=session)
+    if changes:
+        print("Automatic retraining updated.")
+    for line in now.lines():
+        print(line)
+    return 0
+
+
 def cmd_versions(args) -> int:
     with session_scope() as session:
         versions = registry.list_versions(session=session)
@@ -200,7 +236,7 @@ def cmd_versions(args) -> int:
 
 def cmd_promote(args) -> int:
     with session_scope() as session:
-        version = registry.promote(args.version, session=session, actor=WHO)
+        version = registry.promote(args.version, session=session, actor=WHO, reason=args.reason)
     print(f"Model {version.version} is now in production.")
     return 0
 
@@ -347,6 +383,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The training parameters as options (read back by `_train_params`)."""
+    defaults = training.TrainingConfig()
+    p.add_argument("--epochs", type=int, help=f"{prefix}default {defaults.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"{prefix}default {defaults.batch_size}")
+    p.add_argument("--learning-rate", type=float, help=f"{prefix}default {defaults.learning_rate}")
+    p.add_argument("--architecture", choices=training.ARCHITECTURES, help=f"{prefix}default {defaults.architecture}")
+    p.add_argument("--image-size", type=int, help=f"{prefix}default {defaults.image_size}")
+    p.add_argument("--val-split", type=float, help=f"{prefix}default {defaults.val_split}")
+    p.add_argument("--seed", type=int, help=f"{prefix}default {defaults.seed}")
+    p.add_argument(
+        "--training-mode",
+        choices=training.TRAINING_MODES,
+        help=f"{prefix}default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        help=f"{prefix}default {defaults.processes}; train in N processes (PyTorch DDP), at most "
+        f"MAX_TRAINING_PROCESSES ({get_settings().max_training_processes})",
+    )
+    p.add_argument("--use-existing-model", dest="use_existing_model", action="store_true", default=None)
+    p.add_argument("--no-existing-model", dest="use_existing_model", action="store_false", help="train from scratch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Training dashboard, from the command line.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -381,30 +442,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"))
     p.set_defaults(func=cmd_categories)
 
-    defaults = training.TrainingConfig()
     p = sub.add_parser("train", help="queue a training job")
-    p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
-    p.add_argument("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
-    p.add_argument("--architecture", choices=training.ARCHITECTURES, help=f"default {defaults.architecture}")
-    p.add_argument("--image-size", type=int, help=f"default {defaults.image_size}")
-    p.add_argument("--val-split", type=float, help=f"default {defaults.val_split}")
-    p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
-    p.add_argument(
-        "--training-mode",
-        choices=training.TRAINING_MODES,
-        help=f"default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
-    )
-    p.add_argument(
-        "--processes",
-        type=int,
-        help=f"default {defaults.processes}; train in N processes (PyTorch DDP), at most MAX_TRAINING_PROCESSES "
-        f"({get_settings().max_training_processes})",
-    )
-    p.add_argument("--use-existing-model", dest="use_existing_model", action="store_true", default=None)
-    p.add_argument("--no-existing-model", dest="use_existing_model", action="store_false", help="train from scratch")
+    _add_training_options(p)
     p.add_argument("--wait", action="store_true", help="show progress until the job ends")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "automation",
+        help="show or change automatic retraining (triggers, promotion gate, parameters)",
+        description="Without options: the triggers' state, the last check and the next. With options: change them. "
+        "A worker (`python -m core worker`) checks every minute.",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--new-images", type=int, metavar="N", help="retrain when N new validated images arrived since the last round"
+    )
+    group.add_argument("--no-new-images", action="store_true", help="switch the new-images trigger off")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--schedule-hours", type=float, metavar="H", help="retrain every H hours (0.25 to 720)")
+    group.add_argument("--no-schedule", action="store_true", help="switch the schedule off")
+    p.add_argument("--off", action="store_true", help="switch both triggers off")
+    p.add_argument(
+        "--min-improvement",
+        type=float,
+        metavar="POINTS",
+        help="promotion gate: test accuracy at least this many points above production's",
+    )
+    p.add_argument(
+        "--max-category-drop",
+        type=float,
+        metavar="POINTS",
+        help="promotion gate: no category's test accuracy falls by more than this",
+    )
+    p.add_argument(
+        "--default-parameters",
+        action="store_true",
+        help="automatic jobs forget their saved training parameters (before applying the options below)",
+    )
+    _add_training_options(p, "automatic jobs: ")
+    p.set_defaults(func=cmd_automation)
 
     p = sub.add_parser("status", help="show a training job")
     p.add_argument("job_id")
@@ -417,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("versions", help="list model versions").set_defaults(func=cmd_versions)
     p = sub.add_parser("promote", help="put a version in production")
     p.add_argument("version")
+    p.add_argument(
+        "--reason", help="why; required for a version the promotion gate held back (recorded as an override)"
+    )
     p.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help="put the previous production version back").set_defaults(func=cmd_rollback)
 

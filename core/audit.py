@@ -19,6 +19,7 @@ ACTIONS = (
     "category.rename",
     "training.start",
     "training.cancel",
+    "automation.update",
     "model.promote",
     "model.rollback",
     "model.auto",

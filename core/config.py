@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     min_training_images: int = Field(50, ge=2)
     # Each category needs one image to train on and one to validate with.
     min_images_per_category: int = Field(2, ge=2)
+    # Share of images held out as the test set, never trained on (core/splits.py).
+    # Changing it moves images between test and training: set it once.
+    test_split: float = Field(0.15, ge=0.0, le=0.5)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # Larger images are refused as decompression bombs (default 50 megapixels).
     max_image_pixels: int = Field(50_000_000, ge=1024)
@@ -39,9 +42,11 @@ class Settings(BaseSettings):
     # heartbeat is older than the timeout lost its worker and is re-enqueued.
     heartbeat_interval: float = Field(5.0, gt=0)
     heartbeat_timeout: float = Field(60.0, gt=0)
-    # Whether a finished model becomes production by itself: only when nothing
-    # is in production yet (`first`), every time (`always`) or never (`never`).
-    auto_promote: Literal["first", "always", "never"] = "first"
+    # Whether a finished model becomes production by itself: when nothing is in
+    # production yet or it passes the promotion gate (`gate`, see core/gate.py),
+    # only when nothing is in production yet (`first`), every time (`always`) or
+    # never (`never`).
+    auto_promote: Literal["gate", "first", "always", "never"] = "gate"
     # Folder searched for torchvision's ImageNet weight files (besides the torch
     # hub cache); nothing is ever downloaded.
     weights_dir: Path | None = None

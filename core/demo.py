@@ -17,6 +17,7 @@ from sqlmodel import Session
 
 from core.ingest import IngestReport, ingest_bytes
 from core.models import ImageSource, ImageStatus
+from core.splits import assign_splits
 
 # category -> (hue centre in 0..1, drawing function name)
 DEMO_CATEGORIES = {
@@ -134,6 +135,8 @@ def load_demo_dataset(
                 status=status,
                 source=ImageSource.import_,
                 uploaded_by=uploaded_by,
+                assign_split=False,
             )
             report.results.append(result)
+    assign_splits(session=session)
     return report

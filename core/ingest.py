@@ -10,8 +10,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlmodel import Session, select
 
 from core.config import get_settings
+from core.duplicates import dhash
 from core.errors import FileTooLargeError, InvalidImageError, UserError
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
+from core.splits import assign_splits
 from core.storage import write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -55,6 +57,8 @@ class CheckedImage:
     width: int
     height: int
     format: str
+    # The near-duplicate hash (core/duplicates.py).
+    phash: str
 
 
 def safe_filename(name: str) -> str:
@@ -89,6 +93,7 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
             im.load()
             oriented = ImageOps.exif_transpose(im)
             width, height = oriented.size
+            phash = dhash(oriented)
     except InvalidImageError:
         raise
     except UnidentifiedImageError:
@@ -99,7 +104,7 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
         raise InvalidImageError(f"{filename}: the image is damaged or truncated ({exc})") from None
     if fmt not in _FORMAT_SUFFIX:
         raise InvalidImageError(f"{filename}: image format {fmt} is not supported")
-    return CheckedImage(width=width, height=height, format=fmt)
+    return CheckedImage(width=width, height=height, format=fmt, phash=phash)
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -137,8 +142,11 @@ def ingest_bytes(
     device_id: str | None = None,
     uploaded_by: str | None = None,
     create_category: bool = True,
+    assign_split: bool = True,
 ) -> IngestResult:
-    """Check and store one file. Bad files are refused, not raised."""
+    """Check and store one file. Bad files are refused, not raised.
+
+    Bulk imports pass `assign_split=False` and call `assign_splits` once at the end."""
     name = safe_filename(filename)
     try:
         checked = check_image(data, name)
@@ -165,9 +173,12 @@ def ingest_bytes(
         height=checked.height,
         size_bytes=len(data),
         uploaded_by=uploaded_by,
+        phash=checked.phash,
     )
     session.add(image)
     session.flush()
+    if assign_split:
+        assign_splits(session=session)
     return IngestResult(name, "stored", image_id=image.id)
 
 
@@ -197,8 +208,10 @@ def import_folder(
                 status=status,
                 source=source,
                 uploaded_by=uploaded_by,
+                assign_split=False,
             )
             report.results.append(result)
+    assign_splits(session=session)
     return report
 
 
@@ -256,8 +269,10 @@ def import_zip(
                 status=status,
                 source=source,
                 uploaded_by=uploaded_by,
+                assign_split=False,
             )
             report.results.append(result)
+    assign_splits(session=session)
     return report
 
 

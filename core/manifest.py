@@ -70,6 +70,7 @@ def model_manifest(version: ModelVersion, *, download_url: Callable[[str, str], 
         "metrics": {
             "train_accuracy": metrics.get("train_accuracy"),
             "val_accuracy": metrics.get("val_accuracy"),
+            "test_accuracy": metrics.get("test_accuracy"),
             "model_size_mb": metrics.get("model_size_mb"),
         },
         "artifacts": [

@@ -77,7 +77,15 @@ def next_patch(version: ModelVersion, *, session: Session) -> str:
     return format_version(version.major, version.minor, max(patches) + 1)
 
 
-def _set_production(target: ModelVersion | None, *, session: Session, action: str, actor: Actor) -> PromotionEvent:
+def _set_production(
+    target: ModelVersion | None,
+    *,
+    session: Session,
+    action: str,
+    actor: Actor,
+    reason: str | None = None,
+    override: bool = False,
+) -> PromotionEvent:
     current = production_version(session=session)
     if current is not None:
         current.is_production = False
@@ -93,6 +101,8 @@ def _set_production(target: ModelVersion | None, *, session: Session, action: st
         to_version=target.version if target else None,
         action=action,
         by=actor.name,
+        reason=reason,
+        override=override,
     )
     session.add(event)
     record_audit(
@@ -101,19 +111,37 @@ def _set_production(target: ModelVersion | None, *, session: Session, action: st
         actor=actor,
         target=f"model:{event.to_version}",
         before={"production": event.from_version},
-        after={"production": event.to_version},
+        after={"production": event.to_version, **({"reason": reason, "override": override} if reason else {})},
     )
     session.flush()
     return event
 
 
-def promote(version: str, *, session: Session, actor: Actor, action: str = "promote") -> ModelVersion:
-    """Make `version` the production model (the previous one stays, for rollback)."""
+def held_back(version: ModelVersion) -> bool:
+    """Whether the promotion gate kept `version` from production."""
+    return bool(version.gate) and not version.gate.get("passed", True)
+
+
+def promote(
+    version: str, *, session: Session, actor: Actor, action: str = "promote", reason: str | None = None
+) -> ModelVersion:
+    """Make `version` the production model (the previous one stays, for rollback).
+
+    A version the promotion gate held back goes only with a `reason`, recorded
+    with the promotion as an override."""
     require(actor, Permission.promote)
     target = get_version(version, session=session)
     if target.is_production:
         raise ConflictError(f"Model {version} is already in production")
-    _set_production(target, session=session, action=action, actor=actor)
+    reason = (reason or "").strip() or None
+    override = action == "promote" and held_back(target)
+    if override and reason is None:
+        why = "; ".join(target.gate.get("reasons", []))
+        raise UserError(
+            f"Model {version} did not pass the promotion gate ({why}). "
+            "Give a reason to promote it anyway; it is recorded with the promotion."
+        )
+    _set_production(target, session=session, action=action, actor=actor, reason=reason, override=override)
     return target
 
 

@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from sqlmodel import Session, col, func, select
 
+from core import gate
 from core.models import (
     FINISHED_STATUSES,
     Category,
@@ -231,6 +232,9 @@ def versions_table(*, session: Session) -> list[dict]:
             "version": v.version,
             "production": v.is_production,
             "created": _aware(v.created_at),
+            "test_accuracy": v.metrics.get("test_accuracy"),
+            "test_images": v.metrics.get("test_images"),
+            "gate": _gate_label(v),
             "val_accuracy": v.metrics.get("val_accuracy"),
             "train_accuracy": v.metrics.get("train_accuracy"),
             "size_mb": v.metrics.get("model_size_mb"),
@@ -245,14 +249,43 @@ def versions_table(*, session: Session) -> list[dict]:
     ]
 
 
-def compare_versions(old: ModelVersion, new: ModelVersion) -> dict[str, list[dict]]:
+def _gate_label(version: ModelVersion) -> str:
+    if not version.gate:
+        return "—"
+    return "passed" if version.gate.get("passed") else "held back"
+
+
+def gate_reasons(versions: list[ModelVersion]) -> list[dict]:
+    """Each version's promotion-gate decision in words, newest first."""
+    return [
+        {
+            "version": v.version,
+            "gate": _gate_label(v),
+            "compared with": (v.gate or {}).get("production"),
+            "test images": (v.gate or {}).get("compared_on"),
+            "why": "; ".join((v.gate or {}).get("reasons", [])) or "made before the promotion gate existed",
+        }
+        for v in versions
+    ]
+
+
+def compare_versions(old: ModelVersion, new: ModelVersion, *, session: Session | None = None) -> dict:
     """Side-by-side metrics and per-category accuracy of two versions; deltas
-    are `new - old` (positive: `new` is better, or bigger for size)."""
+    are `new - old` (positive: `new` is better, or bigger for size).
+
+    Given a session, the first row is both versions' accuracy on the test
+    images both were scored on (with today's labels), `test_images` says how
+    many, and the per-category table is over those images."""
 
     def delta(a, b):
         return round(b - a, 2) if a is not None and b is not None else None
 
     summary = []
+    on_test = gate.compare_on_test(old, new, session=session) if session is not None else None
+    if on_test is not None:
+        a, b = on_test["a"], on_test["b"]
+        label = f"test accuracy (%) on the {on_test['images']} test images both scored"
+        summary.append({"metric": label, old.version: a, new.version: b, "delta": delta(a, b)})
     for key, label in (
         ("val_accuracy", "validation accuracy (%)"),
         ("train_accuracy", "training accuracy (%)"),
@@ -262,10 +295,52 @@ def compare_versions(old: ModelVersion, new: ModelVersion) -> dict[str, list[dic
     ):
         a, b = old.metrics.get(key), new.metrics.get(key)
         summary.append({"metric": label, old.version: a, new.version: b, "delta": delta(a, b)})
-    per_class_old = old.metrics.get("per_class_accuracy", {})
-    per_class_new = new.metrics.get("per_class_accuracy", {})
+    if on_test is not None and on_test["images"]:
+        per_class_old, per_class_new, basis = on_test["per_class_a"], on_test["per_class_b"], "test (both scored)"
+    else:
+        per_class_old = old.metrics.get("per_class_accuracy", {})
+        per_class_new = new.metrics.get("per_class_accuracy", {})
+        basis = "validation"
     per_category = []
     for name in sorted(set(per_class_old) | set(per_class_new)):
         a, b = per_class_old.get(name), per_class_new.get(name)
         per_category.append({"category": name, old.version: a, new.version: b, "delta": delta(a, b)})
-    return {"summary": summary, "per_category": per_category}
+    return {
+        "summary": summary,
+        "per_category": per_category,
+        "per_category_basis": basis,
+        "test_images": on_test["images"] if on_test is not None else None,
+    }
+
+
+def accuracy_by_origin(version: ModelVersion, *, session: Session) -> dict[str, list[dict]]:
+    """`version`'s accuracy on its test images, grouped by source and by
+    device (phones' `device_id`; "none" for images without one), worst first,
+    with today's labels. A phone whose camera produces bad pictures stands out."""
+    predictions = gate.test_predictions(version)
+    truth = gate.current_labels(predictions, session=session)
+    rows = session.exec(
+        select(TrainingImage.id, TrainingImage.source, TrainingImage.device_id).where(
+            col(TrainingImage.id).in_(list(truth))
+        )
+    ).all()
+    groups: dict[str, dict[str, list[int]]] = {"source": {}, "device": {}}
+    for image_id, source, device_id in rows:
+        hit = int(predictions[image_id] == truth[image_id])
+        groups["source"].setdefault(ImageSource(source).value, []).append(hit)
+        groups["device"].setdefault(device_id or "none", []).append(hit)
+    return {
+        kind: sorted(
+            (
+                {
+                    kind: name,
+                    "images": len(hits),
+                    "correct": sum(hits),
+                    "accuracy": round(100.0 * sum(hits) / len(hits), 1),
+                }
+                for name, hits in found.items()
+            ),
+            key=lambda row: (row["accuracy"], -row["images"]),
+        )
+        for kind, found in groups.items()
+    }

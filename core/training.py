@@ -28,7 +28,7 @@ from sqlmodel import Session, col, delete, select, update
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from core import registry
+from core import gate, registry, suspects
 from core.access import SYSTEM_ACTOR
 from core.cache import feature_key, get_cache
 from core.config import get_settings
@@ -51,6 +51,7 @@ from core.models import (
     as_utc,
     utcnow,
 )
+from core.splits import assign_splits, split_snapshot, stratified_split  # noqa: F401  (stratified_split: re-exported)
 from core.storage import commit_temp, temp_path_for
 
 log = logging.getLogger(__name__)
@@ -245,8 +246,9 @@ def start_training(
     check = preflight(config, session=session)
     if not check.ok:
         raise UserError(" ".join(check.problems))
+    assign_splits(session=session)  # images stored before split keys existed
     rows = validated_images(session=session)
-    snapshot = [{"id": img.id, "sha256": img.sha256, "label": label} for img, label in rows]
+    snapshot = [{"id": img.id, "sha256": img.sha256, "label": label, "split_key": img.split_key} for img, label in rows]
     round_ = TrainingRound(
         parameters=config.to_dict(),
         requested_by=requested_by,
@@ -561,24 +563,6 @@ def _no_backbone_reason(config: TrainingConfig, *, session: Session) -> str:
     )
 
 
-def stratified_split(labels: list[int], val_split: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices for training and validation, the same for the same inputs.
-
-    Every class gets at least one validation and one training image."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(label, []).append(index)
-    train, val = [], []
-    for label in sorted(by_class):
-        members = by_class[label][:]
-        rng.shuffle(members)
-        n_val = min(max(1, round(len(members) * val_split)), len(members) - 1)
-        val.extend(members[:n_val])
-        train.extend(members[n_val:])
-    return sorted(train), sorted(val)
-
-
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, max_images: int = 512, batch_size: int = 64) -> None:
     """Recompute BatchNorm running statistics from the current weights.
 
@@ -614,7 +598,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch_size):
             logits.append(model(prepare_batch(x[start : start + batch_size], device)).float().cpu())
-    out = torch.cat(logits) if logits else torch.empty(0)
+    out = torch.cat(logits) if logits else torch.empty(0, _head(model).out_features)
     loss = float(nn.functional.cross_entropy(out, y)) if len(y) else 0.0
     return loss, out
 
@@ -794,7 +778,7 @@ def prepare_batch(x: torch.Tensor, device: torch.device = CPU) -> torch.Tensor:
 
 @dataclass
 class Split:
-    """A round's images (uint8) and labels, split for training and validation."""
+    """A round's images (uint8) and labels: training, validation and test."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -802,6 +786,9 @@ class Split:
     y_val: torch.Tensor
     sha_train: list[str]
     sha_val: list[str]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    sha_test: list[str]
 
 
 class FullTrainer:
@@ -828,10 +815,12 @@ class FullTrainer:
     def validate(self) -> tuple[float, torch.Tensor]:
         return evaluate(self.model, self.data.x_val, self.data.y_val)
 
-    def final_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def final_logits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits of the kept model for the training, validation and test images."""
         recalibrate_batchnorm(self.model, self.data.x_train)
         _, train_logits = evaluate(self.model, self.data.x_train, self.data.y_train)
-        return train_logits, self.validate()[1]
+        _, test_logits = evaluate(self.model, self.data.x_test, self.data.y_test)
+        return train_logits, self.validate()[1], test_logits
 
 
 class HeadTrainer(FullTrainer):
@@ -864,6 +853,7 @@ class HeadTrainer(FullTrainer):
         # Flipped copies stand in for the full mode's random flips.
         self.f_train_flip = features(data.x_train, data.sha_train, flipped=True).to(device)
         self.f_val = features(data.x_val, data.sha_val).to(device)
+        self.f_test = features(data.x_test, data.sha_test).to(device)
 
     def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         flip = flip.to(self.placement.device).view(-1, 1)
@@ -877,9 +867,12 @@ class HeadTrainer(FullTrainer):
             logits = self.trainable(self.f_val).float().cpu()
         return float(nn.functional.cross_entropy(logits, self.data.y_val)), logits
 
-    def final_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def final_logits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            return self.trainable(self.f_train).float().cpu(), self.trainable(self.f_val).float().cpu()
+            train, val = self.trainable(self.f_train).float().cpu(), self.trainable(self.f_val).float().cpu()
+            if len(self.data.y_test):
+                return train, val, self.trainable(self.f_test).float().cpu()
+            return train, val, torch.empty(0, train.shape[1])
 
 
 def extract_features(
@@ -965,7 +958,12 @@ def _train_and_register(
     paths = [image_path(images[s["id"]]) for s in round_.snapshot]
     shas = [s["sha256"] for s in round_.snapshot]
     labels = [index[s["label"]] for s in round_.snapshot]
-    train_idx, val_idx = stratified_split(labels, config.val_split, config.seed)
+    parts = split_snapshot(
+        [s.get("split_key") for s in round_.snapshot], labels, classes, config.val_split, config.seed
+    )
+    for note in parts.notes:
+        reporter.note(note)
+    train_idx, val_idx, test_idx = parts.train, parts.val, parts.test
     x_all = load_images(paths, config.image_size, shas)
     y_all = torch.tensor(labels, dtype=torch.long)
     data = Split(
@@ -975,6 +973,9 @@ def _train_and_register(
         y_all[val_idx],
         [shas[i] for i in train_idx],
         [shas[i] for i in val_idx],
+        x_all[test_idx],
+        y_all[test_idx],
+        [shas[i] for i in test_idx],
     )
     del x_all
 
@@ -1068,7 +1069,15 @@ def _train_and_register(
         return None
     trainable.load_state_dict(state.best_state)
     reporter.note(f"training done; best epoch {state.best_epoch} with validation accuracy {state.best_accuracy:.1f}%")
-    train_logits, val_logits = trainer.final_logits()
+    train_logits, val_logits, test_logits = trainer.final_logits()
+    ids = [entry["id"] for entry in round_.snapshot]
+    test_ids = [ids[i] for i in test_idx]
+    test_predictions = {str(i): classes[p] for i, p in zip(test_ids, test_logits.argmax(1).tolist(), strict=True)}
+    test_accuracy, test_per_class = gate.accuracy_on(
+        {i: classes[p] for i, p in zip(test_ids, test_logits.argmax(1).tolist(), strict=True)},
+        {i: classes[y] for i, y in zip(test_ids, data.y_test.tolist(), strict=True)},
+        test_ids,
+    )
     metrics = {
         "train_accuracy": round(accuracy(train_logits, data.y_train), 2),
         "val_accuracy": round(accuracy(val_logits, data.y_val), 2),
@@ -1076,13 +1085,86 @@ def _train_and_register(
         "train_images": n_train,
         "val_images": len(val_idx),
         **summarise(val_logits, data.y_val, classes),
-        "misclassified": _misclassified(val_logits, data.y_val, [round_.snapshot[i]["id"] for i in val_idx], classes),
+        "misclassified": _misclassified(val_logits, data.y_val, [ids[i] for i in val_idx], classes),
+        "test_images": len(test_idx),
+        "test_accuracy": test_accuracy,
+        "test_per_class_accuracy": test_per_class,
+        "test_predictions": test_predictions,
     }
+    # Every image of the snapshot, scored by the kept model (suspected mislabels).
+    order = [*train_idx, *val_idx, *test_idx]
+    scores = Scores(
+        image_ids=[ids[i] for i in order],
+        labels=[round_.snapshot[i]["label"] for i in order],
+        probabilities=torch.cat([train_logits, val_logits, test_logits]).float().softmax(1),
+    )
+    test_images = TestImages(
+        ids=test_ids,
+        labels=[round_.snapshot[i]["label"] for i in test_idx],
+        paths=[paths[i] for i in test_idx],
+        shas=[shas[i] for i in test_idx],
+    )
     # Exported from the CPU, in the default layout: the mobile runtimes expect
     # it, and the parity checks run there.
     model = trainer.model.to(CPU, memory_format=torch.contiguous_format)
     val_images = normalize(data.x_val)
-    return _export_and_register(round_, model, config, classes, metrics, val_images, reporter, session=session)
+    return _export_and_register(
+        round_, model, config, classes, metrics, val_images, reporter, Outcome(scores, test_images), session=session
+    )
+
+
+@dataclass
+class Scores:
+    """The kept model's probabilities for every image of the snapshot."""
+
+    image_ids: list[int]
+    labels: list[str]
+    probabilities: torch.Tensor
+
+
+@dataclass
+class TestImages:
+    ids: list[int]
+    labels: list[str]
+    paths: list[Path]
+    shas: list[str]
+
+
+@dataclass
+class Outcome:
+    """What a round learnt besides the model: scores for the suspects list, and
+    the test images the promotion gate compares it with production on."""
+
+    scores: Scores
+    test: TestImages
+
+
+def predict_test_images(version: ModelVersion, test: TestImages) -> dict[int, str]:
+    """`version`'s prediction for each test image whose label it knows."""
+    known = [i for i, label in enumerate(test.labels) if label in version.classes]
+    if not known:
+        return {}
+    payload = registry.load_checkpoint(version)
+    model = build_model(version.architecture, len(version.classes))
+    model.load_state_dict(payload["state_dict"])
+    model = model.to(memory_format=MEMORY_FORMAT)
+    x = load_images([test.paths[i] for i in known], version.image_size, [test.shas[i] for i in known])
+    _, logits = evaluate(model, x, torch.zeros(len(known), dtype=torch.long))
+    return {test.ids[i]: version.classes[p] for i, p in zip(known, logits.argmax(1).tolist(), strict=True)}
+
+
+def _production_predictions(test: TestImages, reporter: "RoundReporter", *, session: Session) -> tuple:
+    """(production version, its test predictions or None, why not) for the gate."""
+    production = registry.production_version(session=session)
+    session.rollback()
+    if production is None:
+        return None, None, None
+    try:
+        return production.version, predict_test_images(production, test), None
+    except Exception as exc:  # a missing or unreadable checkpoint must not lose the new model
+        log.exception("could not score production %s on the test images", production.version)
+        reporter.note(f"production {production.version} could not be scored on the test images: {exc}")
+        return production.version, None, f"production {production.version} could not be scored: {exc}"
 
 
 @dataclass
@@ -1153,6 +1235,7 @@ def _export_and_register(
     metrics: dict,
     val_images: torch.Tensor,
     reporter: RoundReporter,
+    outcome: Outcome,
     *,
     session: Session,
 ) -> ModelVersion:
@@ -1170,12 +1253,16 @@ def _export_and_register(
         "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),
         "training_duration_seconds": round(duration, 1),
     }
+    reporter.note("scoring production on the test images for the promotion gate")
+    production = _production_predictions(outcome.test, reporter, session=session)
     try:
         reporter.check_cancel()
         crash_point("before_commit")
         for _ in range(5):
             try:
-                mv = _commit_version(round_, version, config, classes, metrics, artifacts, ckpt, session=session)
+                mv = _commit_version(
+                    round_, version, config, classes, metrics, artifacts, ckpt, outcome, production, session=session
+                )
                 break
             except IntegrityError:
                 # Another job took this version number between our export and commit.
@@ -1192,10 +1279,14 @@ def _export_and_register(
     return mv
 
 
-def _commit_version(round_, version, config, classes, metrics, artifacts, ckpt, *, session: Session) -> ModelVersion:
-    """The version row and the round's completion, in one transaction."""
+def _commit_version(
+    round_, version, config, classes, metrics, artifacts, ckpt, outcome: Outcome, production: tuple, *, session: Session
+) -> ModelVersion:
+    """The version row, its gate decision, the suspect scores and the round's
+    completion, in one transaction."""
     settings = get_settings()
     major, minor, patch = registry.parse_version(version)
+    decision = _gate_decision(metrics, outcome, production, session=session)
     mv = ModelVersion(
         version=version,
         major=major,
@@ -1208,22 +1299,54 @@ def _commit_version(round_, version, config, classes, metrics, artifacts, ckpt, 
         checkpoint_path=ckpt.relative_to(settings.data_dir).as_posix(),
         metrics=metrics,
         artifacts=artifacts,
+        gate=decision,
     )
     session.add(mv)
     session.flush()
-    promote = settings.auto_promote == "always" or (
-        settings.auto_promote == "first" and registry.production_version(session=session) is None
+    scores = outcome.scores
+    n_suspects = suspects.record_scores(
+        version, scores.image_ids, scores.labels, scores.probabilities, classes, session=session
     )
+    current = registry.production_version(session=session)
+    promote = should_promote(settings.auto_promote, current is not None, decision)
     if promote:
         registry.promote(version, session=session, actor=SYSTEM_ACTOR, action="auto")
     round_.status = RoundStatus.completed
     round_.model_version_id = mv.id
     round_.progress = 1.0
     round_.finished_at = utcnow()
-    round_.history = [*round_.history, _line(f"completed: model {version}" + (" (in production)" if promote else ""))]
+    outcome_text = "in production" if promote else "a candidate: " + "; ".join(decision["reasons"])
+    round_.history = [
+        *round_.history,
+        _line(f"{n_suspects} suspected mislabels among {len(scores.image_ids)} images"),
+        _line(f"completed: model {version} ({outcome_text})"),
+    ]
     session.add(round_)
     session.commit()
     return mv
+
+
+def should_promote(mode: str, in_production: bool, decision: dict) -> bool:
+    """Whether a new version goes to production by itself (AUTO_PROMOTE)."""
+    if mode == "always":
+        return True
+    if not in_production:
+        return mode in ("first", "gate")
+    return mode == "gate" and decision["passed"]
+
+
+def _gate_decision(metrics: dict, outcome: Outcome, production: tuple, *, session: Session) -> dict:
+    predicted_version, predictions, failure = production
+    current = registry.production_version(session=session)
+    rules = gate.rules(session=session)
+    if current is not None and current.version != predicted_version:
+        reason = f"production changed to {current.version} while this version was made; compare them by hand"
+        return {"passed": False, "production": current.version, "reasons": [reason], **rules}
+    if failure:
+        return {"passed": False, "production": predicted_version, "reasons": [failure], **rules}
+    truth = dict(zip(outcome.test.ids, outcome.test.labels, strict=True))
+    new = {int(k): v for k, v in metrics["test_predictions"].items()}
+    return gate.decide(new, predictions, truth, production_version=predicted_version, **rules)
 
 
 def _rename_version(files, artifacts, ckpt, old: str, new: str):

@@ -13,6 +13,7 @@ from core.demo import load_demo_dataset
 from core.errors import UserError
 from core.ingest import IngestReport, IngestResult, import_folder, import_zip, ingest_bytes
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
+from core.splits import assign_splits
 
 
 def _require(actor: Actor, status: ImageStatus) -> None:
@@ -77,6 +78,7 @@ def ingest_uploads(
                     device_id=device_id,
                     uploaded_by=actor.name,
                     create_category=archives,
+                    assign_split=False,
                 )
             )
             continue
@@ -86,6 +88,7 @@ def ingest_uploads(
             report.results.append(IngestResult(name, "refused", reason=f"{name}: {exc}"))
         else:
             report.results.extend(found.results)
+    assign_splits(session=session)
     return _audit(report, session=session, actor=actor)
 
 

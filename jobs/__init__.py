@@ -1,5 +1,5 @@
 """The job queue: a Huey instance and thin task wrappers around `core`."""
 
-from jobs.queue import cancel_training, huey, run_training_job, submit_training
+from jobs.queue import cancel_training, huey, run_automatic_check, run_training_job, submit_training
 
-__all__ = ["cancel_training", "huey", "run_training_job", "submit_training"]
+__all__ = ["cancel_training", "huey", "run_automatic_check", "run_training_job", "submit_training"]

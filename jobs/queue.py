@@ -3,11 +3,13 @@
 import logging
 from collections.abc import Mapping
 
-from huey import Huey
+from huey import Huey, crontab
+from huey.api import Task
 from huey.storage import RedisStorage, SqliteStorage
+from sqlmodel import Session
 
-from core import training
-from core.access import Actor, Permission, require
+from core import automation, training
+from core.access import SYSTEM_ACTOR, Actor, Permission, require
 from core.audit import record_audit
 from core.config import get_settings
 from core.db import session_scope
@@ -65,24 +67,58 @@ def requeue_stale_rounds() -> list[int]:
     return round_ids
 
 
+def _queue_task(round_: TrainingRound, *, session: Session, actor: Actor) -> Task:
+    """Give a new round its queue task and audit its start, in the caller's
+    transaction. The caller enqueues the task only once that commits, so the
+    worker always finds the round."""
+    task = run_training_job.s(round_.id)
+    round_.queue_task_id = task.id
+    session.add(round_)
+    after = {"parameters": round_.parameters, "total_images": round_.total_images}
+    if round_.trigger:
+        after["trigger"] = round_.trigger
+    record_audit("training.start", session=session, actor=actor, target=f"job:{round_.job_id}", after=after)
+    return task
+
+
 def submit_training(params: Mapping | None, *, actor: Actor) -> TrainingRound:
     """Validate, snapshot and enqueue a training round; returns it (queued)."""
     require(actor, Permission.train)
     with session_scope() as session:
         round_ = training.start_training(params, session=session, requested_by=actor.name)
-        task = run_training_job.s(round_.id)
-        round_.queue_task_id = task.id
-        session.add(round_)
-        record_audit(
-            "training.start",
-            session=session,
-            actor=actor,
-            target=f"job:{round_.job_id}",
-            after={"parameters": round_.parameters, "total_images": round_.total_images},
-        )
-    # Enqueued only once the round is committed, so the worker always finds it.
+        task = _queue_task(round_, session=session, actor=actor)
     huey.enqueue(task)
     return round_
+
+
+def run_automatic_check() -> TrainingRound | None:
+    """Check the automatic triggers; when one fires, queue its round (returned).
+
+    The check and the new round share one transaction, which holds the
+    automation row's lock: a second consumer checking at the same moment waits,
+    then sees the queued automatic round and starts nothing."""
+    with session_scope() as session:
+        decision = automation.check_triggers(session=session)
+        if decision.trigger is None:
+            return None
+        round_ = training.start_training(
+            automation.get_automation(session=session).parameters,
+            session=session,
+            requested_by=SYSTEM_ACTOR.name,
+            trigger=decision.trigger,
+        )
+        task = _queue_task(round_, session=session, actor=SYSTEM_ACTOR)
+    huey.enqueue(task)
+    log.info("automatic training job %s queued: %s", round_.job_id, decision.reason)
+    return round_
+
+
+# A check that waited over a minute (its consumer was busy training) is
+# dropped: the next one is already queued, so they do not pile up.
+@huey.periodic_task(crontab(minute="*"), expires=55)
+def check_automatic_training() -> None:
+    """Every minute, on every consumer started with periodic tasks (jobs/worker.py)."""
+    run_automatic_check()
 
 
 def cancel_training(job_id: str, *, actor: Actor) -> TrainingRound:

@@ -155,5 +155,22 @@ for i, item in enumerate(wrong[:48]):
             show_thumbnail(image)
         st.caption(f"#{item['image_id']}: {item['true']} → **{item['predicted']}** ({item['confidence']:.0%})")
 
+st.markdown("**Held-out test images**")
+if version.metrics.get("test_images"):
+    t1, t2 = st.columns(2)
+    t1.metric("Test accuracy", f"{version.metrics['test_accuracy']:.1f}%", border=True)
+    t2.metric("Test images", version.metrics["test_images"], border=True, help="never trained on by any version")
+    with read_session() as session:
+        by_origin = stats.accuracy_by_origin(version, session=session)
+    st.caption(
+        "Accuracy on the test images by where they came from, worst first, with today's labels: "
+        "a phone whose camera produces bad pictures stands out."
+    )
+    by_source, by_device = st.columns(2)
+    by_source.dataframe(pd.DataFrame(by_origin["source"]), hide_index=True, key="accuracy_by_source")
+    by_device.dataframe(pd.DataFrame(by_origin["device"]), hide_index=True, key="accuracy_by_device")
+else:
+    st.caption("This version was made before test images were held out.")
+
 with st.expander("Round history"):
     st.code("\n".join(selected.history) or "–", language=None)

@@ -1,6 +1,7 @@
 """Models (operators): versions, comparison, promotion and rollback, downloads."""
 
 import pandas as pd
+import plotly.express as px
 import streamlit as st
 
 from core import registry, stats
@@ -32,6 +33,8 @@ st.dataframe(
         "version",
         "production",
         "created",
+        "test_accuracy",
+        "gate",
         "val_accuracy",
         "train_accuracy",
         "size_mb",
@@ -45,6 +48,10 @@ st.dataframe(
     column_config={
         "production": st.column_config.CheckboxColumn("production"),
         "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+        "test_accuracy": st.column_config.NumberColumn(
+            "test acc (%)", format="%.1f", help="on the held-out test images when the version was made"
+        ),
+        "gate": st.column_config.TextColumn("promotion gate", help="see 'Why candidates stayed candidates' below"),
         "val_accuracy": st.column_config.NumberColumn("val acc (%)", format="%.1f"),
         "train_accuracy": st.column_config.NumberColumn("train acc (%)", format="%.1f"),
         "size_mb": st.column_config.NumberColumn("size (MB)", format="%.2f"),
@@ -55,8 +62,48 @@ st.dataframe(
 )
 
 
+scored = [row for row in table if row["test_accuracy"] is not None]
+if scored:
+    st.subheader("Test accuracy over time")
+    frame = pd.DataFrame(scored).sort_values("created")
+    frame["in production"] = frame["production"].map({True: "yes", False: "no"})
+    chart = px.line(
+        frame,
+        x="created",
+        y="test_accuracy",
+        markers=True,
+        hover_data=["version", "test_images", "gate"],
+        labels={"test_accuracy": "test accuracy (%)", "created": ""},
+    )
+    chart.update_traces(line_color="#888")
+    chart.add_scatter(
+        x=frame.loc[frame["production"], "created"],
+        y=frame.loc[frame["production"], "test_accuracy"],
+        mode="markers",
+        marker={"size": 14, "symbol": "star"},
+        name="in production",
+    )
+    chart.update_yaxes(range=[0, 100])
+    st.plotly_chart(chart, key="test_accuracy_chart")
+    st.caption(
+        "Each version's accuracy on the test images held out when it was made; the test set grows with the "
+        "data, so compare two versions below on the images both were scored on."
+    )
+
+with st.expander("Why candidates stayed candidates (the promotion gate)"):
+    st.dataframe(pd.DataFrame(stats.gate_reasons(list(versions.values()))), hide_index=True, key="gate_table")
+
+
 def comparison(old: str, new: str) -> None:
-    compared = stats.compare_versions(versions[old], versions[new])
+    with read_session() as session:
+        compared = stats.compare_versions(versions[old], versions[new], session=session)
+    if compared["test_images"]:
+        st.caption(
+            f"Compared on the {compared['test_images']} test images both versions were scored on, "
+            "with today's labels; per category: the same images."
+        )
+    else:
+        st.caption("No test image was scored by both versions: per category shows validation accuracy.")
     left, right = st.columns(2)
     left.dataframe(pd.DataFrame(compared["summary"]), hide_index=True)
     right.dataframe(pd.DataFrame(compared["per_category"]), hide_index=True)
@@ -90,24 +137,28 @@ else:
     if pending := st.session_state.get("confirm"):
         action, target = pending
         with st.container(border=True):
+            reason = None
             if action == "promote":
                 st.markdown(f"**Promote {target} to production?** The mobile apps will download it.")
+                if registry.held_back(versions[target]):
+                    st.warning("The promotion gate held it back: " + "; ".join(versions[target].gate["reasons"]))
+                    reason = st.text_input("Reason for overriding the gate (required, recorded)", key="override_reason")
                 if production is not None:
                     comparison(production.version, target)
             else:
                 st.markdown(f"**Roll back from {production.version if production else 'nothing'}?**")
             yes, no = st.columns(2)
             if yes.button("Confirm", key="confirm_yes", type="primary"):
-                st.session_state.pop("confirm")
                 try:
                     with session_scope() as session:
                         if action == "promote":
-                            done = registry.promote(target, session=session, actor=actor)
+                            done = registry.promote(target, session=session, actor=actor, reason=reason)
                         else:
                             done = registry.rollback(session=session, actor=actor)
                 except UserError as exc:
                     st.error(str(exc))
                 else:
+                    st.session_state.pop("confirm")
                     st.session_state["models_message"] = f"Model {done.version} is now in production."
                     st.rerun()
             if no.button("Cancel", key="confirm_no"):
@@ -122,7 +173,14 @@ if history:
     st.dataframe(
         pd.DataFrame(
             [
-                {"when": e.at, "action": e.action, "from": e.from_version, "to": e.to_version, "by": e.by}
+                {
+                    "when": e.at,
+                    "action": "promote (gate overridden)" if e.override else e.action,
+                    "from": e.from_version,
+                    "to": e.to_version,
+                    "by": e.by,
+                    "reason": e.reason or "",
+                }
                 for e in history
             ]
         ),

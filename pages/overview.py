@@ -52,6 +52,12 @@ middle.metric(
     "Validation accuracy",
     f"{production.metrics.get('val_accuracy', 0):.1f}%" if production else "–",
     border=True,
+    help=(
+        f"On the held-out test images: {production.metrics['test_accuracy']:.1f}% "
+        f"({production.metrics['test_images']} images)"
+        if production and production.metrics.get("test_accuracy") is not None
+        else None
+    ),
 )
 right.metric("Validated images", counts["validated"], border=True, help=f"{counts['pending']} waiting for review")
 if rounds:
@@ -66,12 +72,12 @@ if versions:
     frame = (
         pd.DataFrame(versions)
         .sort_values("created")
-        .rename(columns={"val_accuracy": "validation", "train_accuracy": "training"})
+        .rename(columns={"test_accuracy": "test", "val_accuracy": "validation", "train_accuracy": "training"})
     )
     chart = px.line(
         frame,
         x="version",
-        y=["validation", "training"],
+        y=["test", "validation", "training"],
         markers=True,
         hover_data=["created"],
         labels={"value": "accuracy (%)", "version": "version (oldest to newest)"},

@@ -1,11 +1,12 @@
-"""Train (operators): parameters, the preflight check, the queue."""
+"""Train (operators): parameters, the preflight check, the queue, automatic retraining."""
 
 import pandas as pd
 import streamlit as st
 
-from core import stats, training
+from core import automation, stats, training
 from core.access import Permission
-from core.db import read_session
+from core.automation import SETTING_RANGES
+from core.db import read_session, session_scope
 from core.errors import UserError
 from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
 from jobs import cancel_training, submit_training
@@ -170,3 +171,105 @@ def queue() -> None:
 
 
 queue()
+
+
+GATE_HELP = (
+    "A new model goes to production automatically only when it beats production on the same test images "
+    "by this margin and no category drops more than this."
+)
+
+st.subheader("Automatic retraining")
+settings_column, state_column = st.columns([3, 2], gap="large")
+with read_session() as session:
+    saved = automation.get_automation(session=session)
+
+with settings_column, st.form("automation"):
+    t1, t2 = st.columns(2)
+    new_images_enabled = t1.toggle(
+        "Retrain on new images",
+        value=saved.new_images_enabled,
+        key="auto_new_images_enabled",
+        help="Start a job when at least this many validated images arrived since the last round's snapshot.",
+    )
+    new_images_threshold = t1.number_input(
+        "New validated images",
+        *SETTING_RANGES["new_images_threshold"][1:],
+        value=saved.new_images_threshold,
+        step=10,
+        key="auto_new_images_threshold",
+    )
+    schedule_enabled = t2.toggle(
+        "Retrain on a schedule",
+        value=saved.schedule_enabled,
+        key="auto_schedule_enabled",
+        help="Start a job every so many hours; the first at the next check after switching it on.",
+    )
+    schedule_hours = t2.number_input(
+        "Every (hours)",
+        *SETTING_RANGES["schedule_hours"][1:],
+        value=float(saved.schedule_hours),
+        step=1.0,
+        key="auto_schedule_hours",
+    )
+    g1, g2 = st.columns(2)
+    gate_min_improvement = g1.number_input(
+        "Minimum test-accuracy improvement (points)",
+        *SETTING_RANGES["gate_min_improvement"][1:],
+        value=float(saved.gate_min_improvement),
+        step=0.5,
+        key="gate_min_improvement",
+        help=GATE_HELP,
+    )
+    gate_max_category_drop = g2.number_input(
+        "Maximum drop of any category (points)",
+        *SETTING_RANGES["gate_max_category_drop"][1:],
+        value=float(saved.gate_max_category_drop),
+        step=0.5,
+        key="gate_max_category_drop",
+        help=GATE_HELP,
+    )
+    use_params = st.checkbox(
+        "Automatic jobs use the parameters above",
+        key="auto_use_params",
+        help=f"Otherwise they keep what they use now: {automation.parameters_text(saved)}.",
+    )
+    save = st.form_submit_button("Save", key="auto_save", type="primary")
+
+if save:
+    changes = {
+        "new_images_enabled": new_images_enabled,
+        "new_images_threshold": int(new_images_threshold),
+        "schedule_enabled": schedule_enabled,
+        "schedule_hours": float(schedule_hours),
+        "gate_min_improvement": float(gate_min_improvement),
+        "gate_max_category_drop": float(gate_max_category_drop),
+    }
+    if use_params:
+        changes["parameters"] = params
+    try:
+        with session_scope() as session:
+            automation.update_automation(changes, session=session, actor=actor)
+    except UserError as exc:
+        settings_column.error(str(exc))
+    else:
+        settings_column.success("Automatic retraining settings saved.")
+
+
+@st.fragment(run_every=30)
+def automation_state() -> None:
+    with read_session() as session:
+        now = automation.state(session=session)
+    st.markdown(
+        f"**New images:** {now.new_images_text}  \n"
+        f"**Schedule:** {now.schedule_text}  \n"
+        f"**Last check:** {now.last_check_text}  \n"
+        f"**Next check:** by {now.next_check_at:%H:%M:%S} UTC"
+    )
+    changed = f" Last changed by {now.settings.updated_by}." if now.settings.updated_by else ""
+    st.caption(f"Automatic jobs train with {automation.parameters_text(now.settings)}; requested by `auto`.{changed}")
+    if now.warning:
+        st.warning(now.warning)
+
+
+with state_column:
+    automation_state()

@@ -305,6 +305,7 @@ def test_completed_and_failed_jobs_report_their_outcome(client, session, tokens)
         "category_distribution": {"cat": 30, "dog": 30},
         "train_accuracy": 98.2,
         "val_accuracy": 95.5,
+        "test_accuracy": None,
         "model_size_mb": 8.1,
     }
     assert status["start_time"].endswith("Z")
@@ -335,7 +336,12 @@ def test_latest_describes_the_production_model_and_links_its_files(client, sessi
     assert manifest["classes"] == ["zebra", "apple"] and manifest["num_classes"] == 2
     assert manifest["input"]["shape"] == [1, 3, 32, 32]
     assert manifest["input"]["mean"] == [0.485, 0.456, 0.406] and manifest["input"]["std"] == [0.229, 0.224, 0.225]
-    assert manifest["metrics"] == {"train_accuracy": 98.2, "val_accuracy": 95.5, "model_size_mb": 8.1}
+    assert manifest["metrics"] == {
+        "train_accuracy": 98.2,
+        "val_accuracy": 95.5,
+        "test_accuracy": None,
+        "model_size_mb": 8.1,
+    }
     assert [a["format"] for a in manifest["artifacts"]] == ["ptl", "pte"]
     for artifact in manifest["artifacts"]:
         assert artifact["filename"] == f"model_1.1.0.{artifact['format']}"

@@ -290,6 +290,31 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     assert table(at, "job_id")["status"].tolist() == ["cancelled"]
 
 
+def test_train_page_shows_automatic_retraining_and_saving_changes_the_settings(session):
+    from core.models import Automation
+
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    assert "Automatic retraining" in [h.value for h in at.subheader]
+    shown = " ".join(m.value for m in at.markdown)
+    assert "**New images:** off (0 of 100 new validated images)" in shown and "**Last check:** never" in shown
+    assert at.toggle(key="auto_new_images_enabled").value is False
+    assert "beats production on the same test images" in at.number_input(key="gate_min_improvement").help
+
+    at.toggle(key="auto_new_images_enabled").set_value(True)
+    at.number_input(key="auto_new_images_threshold").set_value(25)
+    at.number_input(key="gate_max_category_drop").set_value(3.0)
+    at.number_input(key="epochs").set_value(2)
+    at.checkbox(key="auto_use_params").check()
+    ok(at.button(key="auto_save").click())
+
+    assert "settings saved" in at.success[0].value
+    with read_session() as reader:
+        row = reader.get(Automation, 1)
+    assert (row.new_images_enabled, row.new_images_threshold, row.gate_max_category_drop) == (True, 25, 3.0)
+    assert row.parameters["epochs"] == 2 and row.updated_by == "Grace"
+    assert "**New images:** on: 0 of 25 new validated images" in " ".join(m.value for m in at.markdown)
+
+
 # --- live metrics ---------------------------------------------------------------
 
 
@@ -320,8 +345,11 @@ def test_metrics_page_shows_progress_and_curves_of_a_running_round(session):
 
 def test_metrics_page_shows_results_of_a_finished_round(trained):
     at = ok(app("pages/metrics.py"))
-    assert {m.label for m in at.metric} >= {"Validation accuracy", "Training accuracy", "Size"}
+    assert {m.label for m in at.metric} >= {"Validation accuracy", "Training accuracy", "Size", "Test accuracy"}
     assert charts(at) == 4  # loss, accuracy, per category, confusion matrix
+    by_source = table(at, "source")  # the test images by where they came from
+    assert by_source["source"].tolist() == ["import"] and by_source["images"].sum() > 0
+    assert table(at, "device")["device"].tolist() == ["none"]
     version = trained.exec(select(ModelVersion)).first()
     assert any(f"({len(version.metrics['misclassified'])})" in m.value for m in at.markdown)
     assert len(at.image) == min(48, len(version.metrics["misclassified"]))
@@ -372,6 +400,40 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
         ["rollback", "1.1.0", "1.0.0", "Linus"],
         ["promote", "1.0.0", "1.1.0", "Linus"],
     ]
+
+
+def test_models_page_asks_why_before_promoting_a_version_the_gate_held_back(trained):
+    first = trained.exec(select(ModelVersion).where(ModelVersion.version == "1.0.0")).one()
+    if not trained.exec(select(ModelVersion).where(ModelVersion.version == "1.2.0")).first():
+        gate = {"passed": False, "production": "1.0.0", "reasons": ["category 'star' fell from 90.0% to 40.0%"]}
+        trained.add(ModelVersion(**{**first.model_dump(exclude={"id", "is_production", "promoted_at"}),
+                                    "version": "1.2.0", "minor": 2, "gate": gate}))  # fmt: skip
+        trained.commit()
+    trained.rollback()
+    before = _production()
+
+    at = ok(app("pages/models.py", "operator", "Grace"))
+    gates = table(at, "why")
+    assert "category 'star' fell" in gates.loc[gates["version"] == "1.2.0", "why"].item()
+    assert charts(at) == 1  # test accuracy over time
+    ok(at.selectbox(key="promote_version").select("1.2.0"))
+    ok(at.button(key="promote").click())
+    assert "held it back: category 'star' fell" in at.warning[0].value
+    ok(at.button(key="confirm_yes").click())  # no reason given
+    assert "Give a reason" in at.error[0].value and _production() == before
+    ok(at.text_input(key="override_reason").input("field test showed the old model fails on stars too"))
+    ok(at.button(key="confirm_yes").click())
+    assert _production() == ["1.2.0"]
+    history = table(at, "reason")
+    assert history[["action", "to", "by", "reason"]].values.tolist()[0] == [
+        "promote (gate overridden)",
+        "1.2.0",
+        "Grace",
+        "field test showed the old model fails on stars too",
+    ]
+    ok(at.button(key="rollback").click())
+    ok(at.button(key="confirm_yes").click())
+    assert _production() == before
 
 
 # --- sign-in, roles, admin and audit pages --------------------------------------

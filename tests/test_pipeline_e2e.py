@@ -43,7 +43,12 @@ def test_two_trainings_through_the_queue_give_1_0_0_then_1_1_0(data_dir, worker_
         assert epochs == [[1, 2], [1]]
         versions = list(session.exec(select(ModelVersion).order_by(ModelVersion.id)))
     assert [v.version for v in versions] == ["1.0.0", "1.1.0"]
-    assert [v.is_production for v in versions] == [True, False]
+    # The first goes to production (nothing was there); the second only if the
+    # promotion gate passed it, having scored both on the same test images.
+    assert versions[0].is_production and versions[0].gate["passed"]
+    gate = versions[1].gate
+    assert gate["production"] == "1.0.0" and gate["compared_on"] == versions[1].metrics["test_images"] > 0
+    assert versions[1].is_production == gate["passed"]
 
     example = torch.zeros(1, 3, 32, 32)
     for version in versions:
