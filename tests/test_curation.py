@@ -1,7 +1,9 @@
 """Suspected mislabels (core/suspects.py) and near-duplicates (core/duplicates.py):
 the core functions, the review page's Suspects and Duplicates tabs, the command line."""
 
+import ctypes
 import io
+import random
 
 import pytest
 import torch
@@ -11,12 +13,13 @@ from sqlmodel import select
 from core import duplicates, review, suspects
 from core.__main__ import main
 from core.audit import find_events
+from core.config import get_settings
 from core.db import read_session
-from core.demo import load_demo_dataset
+from core.demo import DEMO_CATEGORIES, load_demo_dataset
 from core.errors import NotFoundError, PermissionDeniedError, UserError
 from core.ingest import ingest_bytes
 from core.models import Category, ImageStatus, SuspectScore, TrainingImage
-from core.splits import assign_splits
+from core.splits import assign_splits, split_of
 from tests.factories import add_images, as_actor
 from tests.test_pages import app, ok
 from tests.test_pipeline_e2e import cli
@@ -263,3 +266,47 @@ def test_cli_lists_and_resolves_suspects_and_lists_duplicate_clusters(session, c
     clusters = capsys.readouterr().out
     # add_images draws flat colours: they all hash alike, a cluster of their own.
     assert "cluster 1: 4 images" in clusters and "cluster 2: 3 images" in clusters and "copy0.png" in clusters
+
+
+# --- the measured recall ----------------------------------------------------------------
+
+
+def stand_in_export(model, version, images):
+    """Export is tested elsewhere (test_training, test_model_quality); here it
+    would be most of the runtime."""
+    return [{"format": "ptl", "path": f"mobile_models/model_{version}.ptl", "sha256": "", "size_bytes": 1}]
+
+
+@pytest.mark.slow
+def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_one_round(session, monkeypatch):
+    from core import training
+
+    # The demo's noise comes from C's rand(): seed it so the pictures are the same in every run.
+    ctypes.CDLL(None).srand(1)
+    monkeypatch.setattr(training, "export_model", stand_in_export)
+    # One thread: on a machine shared with other test runs, two are several times slower.
+    monkeypatch.setenv("TORCH_THREADS", "1")
+    get_settings.cache_clear()
+    ids = [r.image_id for r in load_demo_dataset(session=session, per_category=40, size=40).results]
+    rng = random.Random(1)
+    swapped = rng.sample(ids, 10)
+    for n, image_id in enumerate(swapped):
+        label = label_of(session, image_id)
+        wrong = [c for c in DEMO_CATEGORIES if c != label][n % 4]
+        review.relabel_images([image_id], wrong, session=session, actor=as_actor())
+    session.commit()
+    params = {"epochs": 8, "batch_size": 16, "learning_rate": 0.003, "image_size": 40, "use_existing_model": False}
+    round_ = training.start_training(params, session=session)
+    session.commit()
+    assert training.run_training_round(round_.id, session=session) is not None, round_.error
+
+    top = {s.image.id for s in suspects.list_suspects(session=session, limit=2 * len(swapped))}
+    found = [i for i in swapped if i in top]
+    held_out = [i for i in swapped if split_of(session.get(TrainingImage, i).split_key, 0.2) != "train"]
+    recall = len(found) / len(swapped)
+    held_out_found = sum(i in top for i in held_out)
+    print(f"recall in the top {2 * len(swapped)}: {recall:.2f}; held-out swaps found: {held_out_found}/{len(held_out)}")
+    # Measured 0.6 (6 of 10; 2 of the 3 validation and test images among them).
+    # The misses are mostly training images the model learnt with their wrong label.
+    assert recall >= 0.4
+    assert held_out_found >= len(held_out) / 2
