@@ -420,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(scored after each completed round). accept: move the image to the suggested category; "
         "keep: keep its label (it stays kept in later rounds); reject: reject the image.",
     )
-    p.add_argument("action", nargs="?", choices=list(suspects.ACTIONS), help="decide about the images IDS")
-    p.add_argument("ids", nargs="*", type=int, metavar="IMAGE_ID")
+    p.add_argument("action", nargs="?", choices=list(suspects.ACTIONS), help="decide about the images IMAGE_ID...")
+    p.add_argument("ids", nargs="*", type=int, metavar="IMAGE_ID", help="images to decide about (with an action)")
     p.add_argument("--limit", type=int, default=50, help="rows to list (default 50)")
     p.add_argument("--all", action="store_true", help="list decided suspects too")
     p.set_defaults(func=cmd_suspects)
