@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
-from core import automation, registry, review, training, uploads, users
+from core import automation, duplicates, registry, review, suspects, training, uploads, users
 from core.access import CLI_ACTOR, USER_ROLES, Role
 from core.config import REPO_ROOT, get_settings
 from core.db import read_session, session_scope
@@ -69,6 +69,46 @@ def cmd_review(args) -> int:
             status = {"validate": ImageStatus.validated, "reject": ImageStatus.rejected}[args.command]
             n = review.set_status(args.ids, status, session=session, actor=WHO)
     print(f"{args.command}: {n} image(s) updated.")
+    return 0
+
+
+def cmd_suspects(args) -> int:
+    if args.action:
+        if not args.ids:
+            raise UserError(f"Name the images: python -m core suspects {args.action} IMAGE_ID...")
+        with session_scope() as session:
+            done = [suspects.resolve(i, args.action, session=session, actor=WHO) for i in args.ids]
+        for row in done:
+            print(f"image {row.image_id}: {row.resolution} ({row.given_label} -> {row.suggested_label})")
+        return 0
+    with session_scope() as session:
+        rows = suspects.list_suspects(session=session, limit=args.limit, include_resolved=args.all)
+        total = suspects.count_suspects(session=session, include_resolved=args.all)
+    if not rows:
+        print("No suspected mislabels: they are scored after each completed training round.")
+        return 0
+    print(f"{'id':>6}  {'given -> suggested':<28} {'p(given)':>8} {'margin':>7}  {'version':<8} {'decision':<9} file")
+    for s in rows:
+        change = f"{s.row.given_label} -> {s.row.suggested_label}"
+        print(
+            f"{s.image.id:>6}  {change:<28} {s.row.given_probability:>8.3f} {s.row.margin:>7.3f}  "
+            f"{s.row.model_version:<8} {s.row.resolution or 'open':<9} {s.image.original_filename}"
+        )
+    print(f"{len(rows)} of {total} shown, most likely mislabelled first.")
+    return 0
+
+
+def cmd_duplicates(args) -> int:
+    with session_scope() as session:
+        groups = duplicates.clusters(session=session)
+        if not groups:
+            print("No near-duplicates among the images that are not rejected.")
+            return 0
+        for n, ids in enumerate(groups, start=1):
+            print(f"cluster {n}: {len(ids)} images")
+            for image, name in duplicates.labelled_images(ids, session=session):
+                print(f"  {image.id:>6}  {image.status.value:<10} {name:<16} {image.original_filename}")
+    print(f"{len(groups)} cluster(s); validate or reject one with `python -m core validate|reject ID...`.")
     return 0
 
 
@@ -436,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="+", type=int)
     p.add_argument("--category", required=True)
     p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser(
+        "suspects",
+        help="list suspected mislabels (most likely first), or accept|keep|reject them",
+        description="Without an action: the open suspects, most likely mislabelled first "
+        "(scored after each completed round). accept: move the image to the suggested category; "
+        "keep: keep its label (it stays kept in later rounds); reject: reject the image.",
+    )
+    p.add_argument("action", nargs="?", choices=list(suspects.ACTIONS), help="decide about the images IMAGE_ID...")
+    p.add_argument("ids", nargs="*", type=int, metavar="IMAGE_ID", help="images to decide about (with an action)")
+    p.add_argument("--limit", type=int, default=50, help="rows to list (default 50)")
+    p.add_argument("--all", action="store_true", help="list decided suspects too")
+    p.set_defaults(func=cmd_suspects)
+    sub.add_parser(
+        "duplicates", help="list clusters of near-duplicate images (not rejected), largest first"
+    ).set_defaults(func=cmd_duplicates)
 
     p = sub.add_parser("categories", help="list, add or rename categories")
     p.add_argument("--add", metavar="NAME")

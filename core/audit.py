@@ -14,6 +14,7 @@ ACTIONS = (
     "image.validate",
     "image.reject",
     "image.relabel",
+    "image.keep_label",
     "image.upload",
     "category.add",
     "category.rename",

@@ -13,14 +13,14 @@ a pixel is brighter than its right-hand neighbour. Two pictures whose hashes
 differ in at most `MAX_DISTANCE` of the 64 bits are near-duplicates.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from sqlmodel import Session, col, select
 
-from core.models import TrainingImage
+from core.models import Category, TrainingImage
 
 # Measured on the demo's 96 px drawings (hard cases: small, flat areas): copies
 # re-encoded as JPEG (quality 95, 70, 40), resized (64, 200 px) or 10% brighter
@@ -72,16 +72,49 @@ class HashIndex:
         return sorted(((self.ids[i], int(found[i])) for i in hits), key=lambda pair: (pair[1], pair[0]))
 
 
-def near_duplicates(image: TrainingImage, *, session: Session, max_distance: int = MAX_DISTANCE) -> list[TrainingImage]:
-    """Other images that look like `image`, nearest first (rejected ones included)."""
+def labelled_images(ids: Sequence[int], *, session: Session) -> list[tuple[TrainingImage, str]]:
+    """The images with these ids and their category names, in the order of `ids` (missing ones left out)."""
+    rows = session.exec(
+        select(TrainingImage, Category.name)
+        .join(Category, Category.id == TrainingImage.category_id)
+        .where(col(TrainingImage.id).in_(list(ids)))
+    ).all()
+    found = {image.id: (image, name) for image, name in rows}
+    return [found[i] for i in ids if i in found]
+
+
+def look_alikes(
+    image: TrainingImage, *, session: Session, max_distance: int = MAX_DISTANCE
+) -> list[tuple[TrainingImage, str, int]]:
+    """Other images that look like `image`, with their category and distance
+    in bits, nearest first (rejected ones included)."""
     if image.phash is None:
         return []
     pairs = [(i, d) for i, d in HashIndex.load(session=session).near(image.phash, max_distance) if i != image.id]
-    images = {
-        img.id: img
-        for img in session.exec(select(TrainingImage).where(col(TrainingImage.id).in_([i for i, _ in pairs])))
-    }
-    return [images[i] for i, _ in pairs if i in images]
+    found = {img.id: (img, name) for img, name in labelled_images([i for i, _ in pairs], session=session)}
+    return [(*found[i], d) for i, d in pairs if i in found]
+
+
+def near_duplicates(image: TrainingImage, *, session: Session, max_distance: int = MAX_DISTANCE) -> list[TrainingImage]:
+    """Other images that look like `image`, nearest first (rejected ones included)."""
+    return [img for img, _, _ in look_alikes(image, session=session, max_distance=max_distance)]
+
+
+def look_alike_counts(
+    images: Sequence[TrainingImage], *, session: Session, max_distance: int = MAX_DISTANCE
+) -> dict[int, int]:
+    """How many other images look like each of `images` (rejected ones
+    included), from one load of the hash index: cheap enough for every page
+    of the review grid."""
+    hashed = [image for image in images if image.phash is not None]
+    index = HashIndex.load(session=session)
+    if not hashed or not index.ids:
+        return {image.id: 0 for image in images}
+    near = np.bitwise_count(np.bitwise_xor(index.hashes[None, :], as_array(i.phash for i in hashed)[:, None]))
+    within = (near <= max_distance).sum(axis=1)
+    indexed = set(index.ids)
+    counts = {image.id: int(n) - (image.id in indexed) for image, n in zip(hashed, within, strict=True)}
+    return {image.id: counts.get(image.id, 0) for image in images}
 
 
 def clusters(*, session: Session, max_distance: int = MAX_DISTANCE, exclude_rejected: bool = True) -> list[list[int]]:
