@@ -29,6 +29,18 @@ from core.models import Category, TrainingImage
 MAX_DISTANCE = 8
 
 
+# A hash with at most this many bits set, or unset, comes from a picture with
+# next to no detail (a flat colour, a plain gradient): all such pictures hash
+# alike whatever their colour, so they are not tied to each other's split.
+FEATURELESS_BITS = 4
+
+
+def featureless(phash: str) -> bool:
+    """Whether `phash` says too little about the picture to match it with others."""
+    bits = int(phash, 16).bit_count()
+    return bits <= FEATURELESS_BITS or bits >= 64 - FEATURELESS_BITS
+
+
 def dhash(image: Image.Image) -> str:
     """The 64-bit difference hash of `image`, as 16 hex digits."""
     small = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)

@@ -2,7 +2,8 @@
 
 Each image gets a `split_key`, a number in [0, 1) taken from the SHA-256 of
 its content, the first time it is seen; a near-duplicate of an image that
-already has a key takes that key instead, so look-alikes always share a split
+already has a key takes that key instead (pictures with next to no detail,
+whose hashes all look alike, keep their own: `duplicates.featureless`), so look-alikes always share a split
 and no version is scored on a copy of a picture it trained on. Keys never
 change afterwards, whatever is added or removed.
 
@@ -24,7 +25,7 @@ from PIL import Image, ImageOps
 from sqlmodel import Session, col, select
 
 from core.config import get_settings
-from core.duplicates import MAX_DISTANCE, as_array, dhash, distances
+from core.duplicates import MAX_DISTANCE, as_array, dhash, distances, featureless
 from core.models import TrainingImage
 
 SPLITS = ("train", "val", "test")
@@ -63,25 +64,30 @@ def assign_splits(*, session: Session) -> int:
     for image in todo:
         if image.phash is None:
             image.phash = file_dhash(get_settings().data_dir / image.path)
-    rows = session.exec(
-        select(TrainingImage.phash, TrainingImage.split_key).where(
-            col(TrainingImage.split_key).is_not(None), col(TrainingImage.phash).is_not(None)
+    rows = [
+        row
+        for row in session.exec(
+            select(TrainingImage.phash, TrainingImage.split_key).where(
+                col(TrainingImage.split_key).is_not(None), col(TrainingImage.phash).is_not(None)
+            )
         )
-    ).all()
+        if not featureless(row[0])
+    ]
     # Hashes and keys of the images with a key so far; the new ones join as they get theirs.
     keys = [r[1] for r in rows] + [0.0] * len(todo)
     hashes = np.zeros(len(keys), dtype=np.uint64)
     hashes[: len(rows)] = as_array(r[0] for r in rows)
     known = len(rows)
     for image in todo:
-        found = distances(image.phash, hashes[:known]) if image.phash and known else np.empty(0)
+        matchable = image.phash is not None and not featureless(image.phash)
+        found = distances(image.phash, hashes[:known]) if matchable and known else np.empty(0)
         nearest = int(found.argmin()) if found.size else -1
         if nearest >= 0 and found[nearest] <= MAX_DISTANCE:
             image.split_key = keys[nearest]
         else:
             image.split_key = key_from_sha(image.sha256)
         session.add(image)
-        if image.phash:
+        if matchable:
             hashes[known], keys[known] = np.uint64(int(image.phash, 16)), image.split_key
             known += 1
     session.flush()

@@ -310,3 +310,12 @@ def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_o
     # The misses are mostly training images the model learnt with their wrong label.
     assert recall >= 0.4
     assert held_out_found >= len(held_out) / 2
+
+
+def test_featureless_pictures_do_not_share_a_split_though_their_hashes_match(session):
+    from core.duplicates import featureless
+
+    add_images(session, {"cat": 6})
+    images = list(session.exec(select(TrainingImage)))
+    assert all(featureless(image.phash) for image in images)  # flat colours: every hash alike
+    assert len({image.split_key for image in images}) == len(images)
