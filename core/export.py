@@ -20,7 +20,13 @@ from core.storage import commit_temp, temp_path_for
 log = logging.getLogger(__name__)
 
 FORMATS = ("ptl", "pte")
+# An artifact's logits may differ from the eager model's by this much plus
+# LOGIT_RTOL times the largest eager logit: the runtimes run one image at a
+# time where the eager pass ran a batch, and float32 kernels for other batch
+# sizes round differently, in proportion to the values (a model trained from
+# scratch can have logits in the tens; one such job differed by 1.01e-3).
 MAX_LOGIT_DIFF = 1e-3
+LOGIT_RTOL = 1e-4
 
 
 class ExportError(RuntimeError):
@@ -32,17 +38,18 @@ class Parity:
     images: int
     top1_agreement: float
     max_abs_logit_diff: float
+    threshold: float = MAX_LOGIT_DIFF
 
     @property
     def passed(self) -> bool:
-        return self.top1_agreement == 1.0 and self.max_abs_logit_diff < MAX_LOGIT_DIFF
+        return self.top1_agreement == 1.0 and self.max_abs_logit_diff < self.threshold
 
     def as_dict(self) -> dict:
         return {
             "images": self.images,
             "top1_agreement": self.top1_agreement,
             "max_abs_logit_diff": self.max_abs_logit_diff,
-            "threshold": MAX_LOGIT_DIFF,
+            "threshold": self.threshold,
             "passed": self.passed,
         }
 
@@ -95,7 +102,9 @@ def check_parity(path: Path, fmt: str, images: torch.Tensor, eager_logits: torch
             out = run(images[i : i + 1].contiguous())
             worst = max(worst, float((out - eager_logits[i : i + 1]).abs().max()))
             agree += int(out.argmax(1).item() == eager_logits[i].argmax().item())
-    return Parity(images.shape[0], agree / max(1, images.shape[0]), worst)
+    largest = float(eager_logits.abs().max()) if eager_logits.numel() else 0.0
+    threshold = MAX_LOGIT_DIFF + LOGIT_RTOL * largest
+    return Parity(images.shape[0], agree / max(1, images.shape[0]), worst, threshold)
 
 
 def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[dict]:
@@ -119,7 +128,8 @@ def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[d
                 if not parity.passed:
                     raise ExportError(
                         f".{fmt} export does not match the trained model: top-1 agreement "
-                        f"{parity.top1_agreement:.1%}, largest logit difference {parity.max_abs_logit_diff:.2e}"
+                        f"{parity.top1_agreement:.1%}, largest logit difference {parity.max_abs_logit_diff:.2e} "
+                        f"(at most {parity.threshold:.2e} allowed)"
                     )
                 commit_temp(tmp, final)
             finally:

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from core import training
 from core.errors import UserError
@@ -137,3 +138,23 @@ def test_existing_model_with_another_class_list_falls_back_to_a_fresh_model_and_
     round_ = start_training({"use_existing_model": True}, session=session)
     assert any("production model 1.0.0 knows 2 categories" in w and "from scratch" in w for w in round_.warnings)
     assert round_.status == RoundStatus.queued
+
+
+def test_parity_check_refuses_an_artifact_whose_logits_drift_beyond_the_tolerance(tmp_path):
+    from torch import nn
+
+    from core.export import LOGIT_RTOL, MAX_LOGIT_DIFF, _write_ptl, check_parity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).eval()
+    images = torch.randn(5, 3, 4, 4)
+    path = tmp_path / "tiny.ptl"
+    _write_ptl(model, images[:1], path)
+    with torch.inference_mode():
+        eager = model(images)
+    same = check_parity(path, "ptl", images, eager)
+    assert same.passed and same.top1_agreement == 1.0 and same.max_abs_logit_diff < 1e-5
+    shifted = eager + 0.01  # same top-1, logits 0.01 apart
+    drifted = check_parity(path, "ptl", images, shifted)
+    assert not drifted.passed and drifted.top1_agreement == 1.0
+    assert drifted.threshold == pytest.approx(MAX_LOGIT_DIFF + LOGIT_RTOL * float(shifted.abs().max()))
