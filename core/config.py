@@ -60,6 +60,22 @@ class Settings(BaseSettings):
     # The most processes (DDP ranks) one job may ask for; on CUDA each needs its own GPU.
     max_training_processes: int = Field(4, ge=1)
 
+    # Which files each version is exported to, in order: `ptl` (PyTorch's lite
+    # interpreter) and/or `pte` (ExecuTorch). Phones fetch the one they run.
+    export_formats: str = "ptl,pte"
+
+    @field_validator("export_formats")
+    @classmethod
+    def _known_formats(cls, value: str) -> str:
+        names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+        if not names or set(names) - {"ptl", "pte"}:
+            raise ValueError(f"EXPORT_FORMATS must list ptl and/or pte, comma-separated (got {value!r})")
+        return ",".join(names)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(self.export_formats.split(","))
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

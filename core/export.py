@@ -19,6 +19,7 @@ from core.storage import commit_temp, temp_path_for
 
 log = logging.getLogger(__name__)
 
+# Every format this module can write; EXPORT_FORMATS picks among them.
 FORMATS = ("ptl", "pte")
 # An artifact's logits may differ from the eager model's by this much plus
 # LOGIT_RTOL times the largest eager logit: the runtimes run one image at a
@@ -119,7 +120,7 @@ def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[d
     example = images[:1].contiguous()
     records, published = [], []
     try:
-        for fmt in FORMATS:
+        for fmt in get_settings().formats:
             final = artifact_path(version, fmt)
             tmp = temp_path_for(final)
             try:

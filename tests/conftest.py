@@ -23,6 +23,19 @@ def _clear_caches(bind_queue: bool = True) -> None:
 
 
 @pytest.fixture
+def ptl_only(monkeypatch):
+    """Versions are exported to `.ptl` alone (EXPORT_FORMATS=ptl), worker
+    processes started afterwards included: for tests about something else
+    than the export, since lowering to `.pte` costs several seconds a version
+    (both formats are tested in test_training, test_model_quality, the
+    pipeline, phone and browser tests)."""
+    from core.config import get_settings
+
+    monkeypatch.setenv("EXPORT_FORMATS", "ptl")
+    get_settings.cache_clear()
+
+
+@pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     """DATA_DIR (and so the database) points at a new temporary folder."""
     folder = tmp_path / "data"

@@ -6,7 +6,7 @@ import threading
 import pytest
 from sqlmodel import Session
 
-from core import export, training
+from core import training
 from core.config import get_settings
 from core.db import get_engine, read_session
 from core.errors import UserError
@@ -36,8 +36,10 @@ def test_two_process_job_trains_exports_and_scores_like_one_process(session, dat
     # The reference job skips the slow .pte export (the same path, tested elsewhere);
     # the two-process job's rank 0 is another process and exports both formats.
     with monkeypatch.context() as patch:
-        patch.setattr(export, "FORMATS", ("ptl",))
+        patch.setenv("EXPORT_FORMATS", "ptl")
+        get_settings.cache_clear()
         single_round, single = run(session, processes=1)
+    get_settings.cache_clear()
     ddp_round, ddp = run(session, processes=2)
 
     one, two = single.metrics["val_accuracy"], ddp.metrics["val_accuracy"]

@@ -56,7 +56,7 @@ def test_head_mode_retrains_only_the_head_of_production_and_exports_with_parity(
     assert list((data_dir / "cache").rglob("*.npy"))  # features and pixels kept for the next job
 
 
-def test_head_mode_on_a_new_class_list_starts_a_fresh_head(session):
+def test_head_mode_on_a_new_class_list_starts_a_fresh_head(session, ptl_only):
     add_demo(session, per_category=13, size=32)  # 52 images are left without one category
     train(session)
 
@@ -70,7 +70,7 @@ def test_head_mode_on_a_new_class_list_starts_a_fresh_head(session):
     assert all(a["parity"]["passed"] for a in retrained.artifacts)
 
 
-def test_head_mode_resumes_from_its_checkpoint_with_the_same_backbone(session, monkeypatch):
+def test_head_mode_resumes_from_its_checkpoint_with_the_same_backbone(session, monkeypatch, ptl_only):
     add_demo(session, per_category=10, size=32)
     train(session)
     round_ = training.start_training({**TINY, "training_mode": "head", "epochs": 3}, session=session)

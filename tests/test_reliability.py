@@ -50,7 +50,9 @@ def model_files(data_dir) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def test_killed_worker_resumes_from_checkpoint_not_from_epoch_1(data_dir, session, worker_factory, fast_recovery):
+def test_killed_worker_resumes_from_checkpoint_not_from_epoch_1(
+    data_dir, session, worker_factory, fast_recovery, ptl_only
+):
     add_demo(session, per_category=20, size=64)
     round_ = submit_training({"epochs": 3, "batch_size": 8, "image_size": 96}, actor=as_actor("test"))
     first = worker_factory()
@@ -82,19 +84,19 @@ def test_killed_worker_resumes_from_checkpoint_not_from_epoch_1(data_dir, sessio
         original[0].val_accuracy,
     )
     assert [v.version for v in versions()] == ["1.0.0"]
-    assert model_files(data_dir) == ["model_1.0.0.pte", "model_1.0.0.ptl"]
+    assert model_files(data_dir) == ["model_1.0.0.ptl"]
     assert not (data_dir / "rounds" / done.job_id).exists()
 
 
 def test_worker_killed_between_artifacts_and_commit_leaves_no_orphans_or_duplicates(
-    data_dir, session, worker_factory, fast_recovery
+    data_dir, session, worker_factory, fast_recovery, ptl_only
 ):
     add_demo(session, per_category=10, size=32)
     round_ = submit_training({"epochs": 1, "batch_size": 16, "image_size": 32}, actor=as_actor("test"))
     crashing = worker_factory(CRASH_AT="before_commit")
     crashing.proc.wait(timeout=240)
     assert crashing.proc.returncode == -signal.SIGKILL
-    assert model_files(data_dir) == ["model_1.0.0.pte", "model_1.0.0.ptl"]  # written, never committed
+    assert model_files(data_dir) == ["model_1.0.0.ptl"]  # written, never committed
     assert versions() == []
 
     time.sleep(float(FAST_RECOVERY["HEARTBEAT_TIMEOUT"]) + 0.5)
@@ -104,7 +106,7 @@ def test_worker_killed_between_artifacts_and_commit_leaves_no_orphans_or_duplica
     )
     assert done.attempts == 2
     assert [v.version for v in versions()] == ["1.0.0"]
-    assert model_files(data_dir) == ["model_1.0.0.pte", "model_1.0.0.ptl"]
+    assert model_files(data_dir) == ["model_1.0.0.ptl"]
     assert sorted(p.name for p in (data_dir / "checkpoints").iterdir()) == ["model_1.0.0.pt"]
 
 
@@ -164,7 +166,7 @@ def test_cancel_of_finished_or_unknown_job_is_a_clear_error(data_dir, session):
         cancel_training(round_.job_id, actor=as_actor())
 
 
-def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, monkeypatch):
+def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, monkeypatch, ptl_only):
     """A job that loses the race for a version number renames its files."""
     import core.training as core_training
     from core import registry
@@ -190,7 +192,7 @@ def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, mon
     version = training.run_training_round(round_.id, session=session)
     assert version.version == "2.0.0"  # the other model has another class list
     assert sorted(v.version for v in registry.list_versions(session=session)) == ["1.0.0", "2.0.0"]
-    assert model_files(data_dir) == ["model_2.0.0.pte", "model_2.0.0.ptl"]
+    assert model_files(data_dir) == ["model_2.0.0.ptl"]
     assert all(a["path"].endswith(f"model_2.0.0.{a['format']}") for a in version.artifacts)
 
 

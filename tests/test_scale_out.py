@@ -59,7 +59,7 @@ def rounds() -> list[TrainingRound]:
         return list(session.exec(select(TrainingRound).order_by(TrainingRound.id)))
 
 
-def test_two_consumers_run_each_job_once_and_one_takes_over_a_killed_ones_job(scaled_out, worker_factory):
+def test_two_consumers_run_each_job_once_and_one_takes_over_a_killed_ones_job(scaled_out, worker_factory, ptl_only):
     from core.db import session_scope
     from jobs import submit_training
 
