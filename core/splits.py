@@ -149,6 +149,11 @@ def split_snapshot(
             f"category '{classes[label]}' had no training image outside the validation set, "
             f"so its {len(moved)} validation image(s) train instead"
         )
+    untrained = sorted(set(labels) - {labels[i] for i in parts["train"]})
+    for label in untrained:
+        notes.append(
+            f"category '{classes[label]}' has only test images this round, so the model cannot learn it: add images"
+        )
     if not parts["val"]:
         rest = sorted(parts["train"])
         train, val = stratified_split([labels[i] for i in rest], val_split, seed)

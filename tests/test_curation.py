@@ -319,3 +319,19 @@ def test_featureless_pictures_do_not_share_a_split_though_their_hashes_match(ses
     images = list(session.exec(select(TrainingImage)))
     assert all(featureless(image.phash) for image in images)  # flat colours: every hash alike
     assert len({image.split_key for image in images}) == len(images)
+
+
+def test_a_round_split_follows_the_keys_and_says_what_had_to_give_way(data_dir):
+    from core.splits import split_snapshot
+
+    # TEST_SPLIT 0.15, val_split 0.2: below 0.15 test, then 0.15-0.32 validation, above training.
+    keys = [0.05, 0.2, 0.5, 0.9, 0.25, 0.26, 0.1]
+    labels = [0, 0, 0, 0, 1, 1, 2]  # cat: all three splits; dog: validation only; bird: test only
+    split = split_snapshot(keys, labels, ["cat", "dog", "bird"], 0.2, seed=0)
+    assert (split.train, split.val, split.test) == ([2, 3, 4, 5], [1], [0, 6])
+    assert "'dog' had no training image outside the validation set" in split.notes[0]
+    assert "'bird' has only test images" in split.notes[1]
+
+    nothing_in_val = split_snapshot([0.5, 0.6, 0.7, 0.8], [0, 0, 1, 1], ["cat", "dog"], 0.2, seed=0)
+    assert len(nothing_in_val.val) == 2 and len(nothing_in_val.train) == 2
+    assert "validation images were drawn from the training images" in nothing_in_val.notes[-1]
