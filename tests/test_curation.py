@@ -309,7 +309,7 @@ def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_o
     # Measured 0.8 (8 of 10; 2 of the 3 validation and test images among them);
     # other choices of swapped images gave 0.7, 0.8, 0.7 (README, "Curation").
     # The misses are training images the model learnt with their wrong label.
-    assert recall >= 0.4
+    assert recall >= 0.6
     assert held_out_found >= len(held_out) / 2
 
 
