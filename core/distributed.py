@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -183,17 +184,26 @@ def run_ranks(round_id: int, world_size: int, poll: float = 0.2) -> None:
         if code == CANCELLED_EXIT:
             raise TrainingCancelled()
         error_file = errors / f"rank{rank}.txt"
-        reason = error_file.read_text() if error_file.is_file() else f"exited with status {code}"
+        if error_file.is_file():
+            reason = error_file.read_text()
+        elif code < 0:
+            reason = f"killed by {signal.Signals(-code).name}"
+        else:
+            reason = f"exited with status {code}"
         raise RuntimeError(f"rank {rank} of {world_size} failed: {reason}")
 
 
 def _wait_for_ranks(procs: list[subprocess.Popen], poll: float) -> tuple[int, int] | None:
-    """Until all exit 0 (None) or one does not: (its rank, its status)."""
+    """Until all exit 0 (None) or one does not: (its rank, its status).
+
+    A rank killed by a signal is named before ranks that failed on their
+    own, since those usually failed because it was gone (gloo's "Connection
+    closed by peer")."""
     while True:
         codes = [p.poll() for p in procs]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                return rank, code
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            return min(failed, key=lambda pair: (pair[1] >= 0, pair[0]))
         if all(code == 0 for code in codes):
             return None
         time.sleep(poll)

@@ -1007,6 +1007,7 @@ def _train_and_register(
     n_batches = max(1, math.ceil(len(sampler) / rank_batch))
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
+        crash_point(f"rank{placement.rank}_epoch{epoch}")  # CRASH_AT, for the recovery tests
         started = time.perf_counter()
         net.train()
         sampler.set_epoch(epoch)

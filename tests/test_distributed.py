@@ -100,3 +100,27 @@ def test_the_maximum_processes_is_configurable(data_dir, monkeypatch):
     assert TrainingConfig.from_params({"processes": 8}).processes == 8
     with pytest.raises(UserError, match="MAX_TRAINING_PROCESSES=8 \\(got 9\\)"):
         TrainingConfig.from_params({"processes": 9})
+
+
+def test_a_rank_killed_mid_job_fails_the_attempt_and_the_retry_resumes_from_rank_0s_checkpoint(
+    session, monkeypatch, ptl_only
+):
+    add_demo(session, per_category=10, size=32)
+    round_ = training.start_training({**JOB, "epochs": 3, "processes": 2}, session=session)
+    session.commit()
+    # Rank 1 is SIGKILLed as it starts epoch 3: rank 0 has checkpointed epoch 1
+    # for sure (rank 1 trained epoch 2 with it), epoch 2 perhaps.
+    monkeypatch.setenv("CRASH_AT", "rank1_epoch3")
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed: killed by SIGKILL"):
+        training.run_training_round(round_.id, session=session)
+    lost = current(round_.id)
+    assert lost.status == RoundStatus.queued and lost.attempts == 1
+    assert [m.epoch for m in training.epoch_metrics(round_.id, session=session)] in ([1], [1, 2])
+
+    monkeypatch.delenv("CRASH_AT")  # the retry, as the queue would run it
+    version = training.run_training_round(round_.id, session=session)
+    done = current(round_.id)
+    assert version is not None and done.status == RoundStatus.completed, done.error
+    assert done.attempts == 2
+    assert any("resumed from the checkpoint of epoch" in line for line in done.history)
+    assert [m.epoch for m in training.epoch_metrics(round_.id, session=session)] == [1, 2, 3]
