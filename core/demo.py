@@ -12,6 +12,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from sqlmodel import Session
 
@@ -97,7 +98,12 @@ def draw_demo_image(category: str, rng: random.Random, size: int = 96) -> Image.
         )
     if rng.random() < 0.3:
         bg = bg.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-    noise = Image.effect_noise((size, size), rng.uniform(5, 25)).convert("RGB")
+    # Grey sensor noise like Image.effect_noise, but drawn from `rng` (PIL's
+    # comes from C's rand(), which no Python seed reaches): the same seed
+    # gives the same pictures.
+    sigma = rng.uniform(5, 25)
+    grain = np.random.default_rng(rng.getrandbits(64)).normal(128.0, sigma, (size, size))
+    noise = Image.fromarray(grain.clip(0, 255).astype(np.uint8)).convert("RGB")
     return Image.blend(bg, noise, 0.12)
 
 

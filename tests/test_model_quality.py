@@ -16,7 +16,7 @@ from tests.factories import add_demo
 SETTINGS = {
     "mobilenet_v3_small": {"epochs": 10, "batch_size": 16, "learning_rate": 0.002},
     "resnet18": {"epochs": 5, "batch_size": 32, "learning_rate": 0.001},
-    "efficientnet_b0": {"epochs": 12, "batch_size": 16, "learning_rate": 0.002},
+    "efficientnet_b0": {"epochs": 16, "batch_size": 16, "learning_rate": 0.002},
 }
 
 
@@ -38,6 +38,7 @@ def test_architecture_learns_demo_data_and_exports_score_the_same(architecture, 
     assert version is not None, round_.error
     assert any("random initialisation" in w for w in round_.warnings)
     recorded = version.metrics["val_accuracy"]
+    print(f"\n{architecture}: validation {recorded}%, test {version.metrics['test_accuracy']}%")
     assert recorded >= 80.0, f"{architecture}: validation accuracy {recorded}%"
 
     # Scored on held-out test images too (never trained on); chance is 20%.
