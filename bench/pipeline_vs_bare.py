@@ -123,6 +123,7 @@ def main() -> None:
     # The same images and split, decoded once into memory for the loops.
     from core import training
     from core.dataset import load_images, normalize
+    from core.splits import split_snapshot
 
     with session_scope() as session:
         rows = training.validated_images(session=session)
@@ -131,7 +132,10 @@ def main() -> None:
         paths = [image_path(img) for img, _ in rows]
         classes = sorted({label for _, label in rows})
         labels = [classes.index(label) for _, label in rows]
-    train_idx, val_idx = training.stratified_split(labels, 0.2, 42)
+        keys = [img.split_key for img, _ in rows]
+    # The images the pipeline's round trained and validated on (test images left out).
+    split = split_snapshot(keys, labels, classes, 0.2, 42)
+    train_idx, val_idx = split.train, split.val
     x = normalize(load_images(paths, args.size))
     y = torch.tensor(labels)
     data = (x[train_idx], y[train_idx], x[val_idx], y[val_idx])

@@ -51,7 +51,7 @@ from core.models import (
     as_utc,
     utcnow,
 )
-from core.splits import assign_splits, split_snapshot, stratified_split  # noqa: F401  (stratified_split: re-exported)
+from core.splits import assign_splits, split_snapshot
 from core.storage import commit_temp, temp_path_for
 
 log = logging.getLogger(__name__)
@@ -1073,12 +1073,9 @@ def _train_and_register(
     train_logits, val_logits, test_logits = trainer.final_logits()
     ids = [entry["id"] for entry in round_.snapshot]
     test_ids = [ids[i] for i in test_idx]
-    test_predictions = {str(i): classes[p] for i, p in zip(test_ids, test_logits.argmax(1).tolist(), strict=True)}
-    test_accuracy, test_per_class = gate.accuracy_on(
-        {i: classes[p] for i, p in zip(test_ids, test_logits.argmax(1).tolist(), strict=True)},
-        {i: classes[y] for i, y in zip(test_ids, data.y_test.tolist(), strict=True)},
-        test_ids,
-    )
+    test_labels = [round_.snapshot[i]["label"] for i in test_idx]
+    predicted = {i: classes[p] for i, p in zip(test_ids, test_logits.argmax(1).tolist(), strict=True)}
+    test_accuracy, test_per_class = gate.accuracy_on(predicted, dict(zip(test_ids, test_labels, strict=True)), test_ids)
     metrics = {
         "train_accuracy": round(accuracy(train_logits, data.y_train), 2),
         "val_accuracy": round(accuracy(val_logits, data.y_val), 2),
@@ -1090,7 +1087,7 @@ def _train_and_register(
         "test_images": len(test_idx),
         "test_accuracy": test_accuracy,
         "test_per_class_accuracy": test_per_class,
-        "test_predictions": test_predictions,
+        "test_predictions": {str(i): label for i, label in predicted.items()},  # JSON keys are strings
     }
     # Every image of the snapshot, scored by the kept model (suspected mislabels).
     order = [*train_idx, *val_idx, *test_idx]
@@ -1101,9 +1098,10 @@ def _train_and_register(
     )
     test_images = TestImages(
         ids=test_ids,
-        labels=[round_.snapshot[i]["label"] for i in test_idx],
+        labels=test_labels,
         paths=[paths[i] for i in test_idx],
         shas=[shas[i] for i in test_idx],
+        predicted=predicted,
     )
     # Exported from the CPU, in the default layout: the mobile runtimes expect
     # it, and the parity checks run there.
@@ -1129,6 +1127,8 @@ class TestImages:
     labels: list[str]
     paths: list[Path]
     shas: list[str]
+    # The new model's prediction for each of them.
+    predicted: dict[int, str]
 
 
 @dataclass
@@ -1287,7 +1287,8 @@ def _commit_version(
     completion, in one transaction."""
     settings = get_settings()
     major, minor, patch = registry.parse_version(version)
-    decision = _gate_decision(metrics, outcome, production, session=session)
+    current = registry.production_version(session=session)
+    decision = _gate_decision(outcome.test, production, current, session=session)
     mv = ModelVersion(
         version=version,
         major=major,
@@ -1308,7 +1309,6 @@ def _commit_version(
     n_suspects = suspects.record_scores(
         version, scores.image_ids, scores.labels, scores.probabilities, classes, session=session
     )
-    current = registry.production_version(session=session)
     promote = should_promote(settings.auto_promote, current is not None, decision)
     if promote:
         registry.promote(version, session=session, actor=SYSTEM_ACTOR, action="auto")
@@ -1336,18 +1336,17 @@ def should_promote(mode: str, in_production: bool, decision: dict) -> bool:
     return mode == "gate" and decision["passed"]
 
 
-def _gate_decision(metrics: dict, outcome: Outcome, production: tuple, *, session: Session) -> dict:
+def _gate_decision(test: TestImages, production: tuple, current: ModelVersion | None, *, session: Session) -> dict:
+    """`production` as scored before the commit; `current`: production now."""
     predicted_version, predictions, failure = production
-    current = registry.production_version(session=session)
     rules = gate.rules(session=session)
     if current is not None and current.version != predicted_version:
         reason = f"production changed to {current.version} while this version was made; compare them by hand"
         return {"passed": False, "production": current.version, "reasons": [reason], **rules}
     if failure:
         return {"passed": False, "production": predicted_version, "reasons": [failure], **rules}
-    truth = dict(zip(outcome.test.ids, outcome.test.labels, strict=True))
-    new = {int(k): v for k, v in metrics["test_predictions"].items()}
-    return gate.decide(new, predictions, truth, production_version=predicted_version, **rules)
+    truth = dict(zip(test.ids, test.labels, strict=True))
+    return gate.decide(test.predicted, predictions, truth, production_version=predicted_version, **rules)
 
 
 def _rename_version(files, artifacts, ckpt, old: str, new: str):

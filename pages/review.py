@@ -230,9 +230,12 @@ with duplicates_tab:
         if not groups:
             st.info("No near-duplicates among the images that are not rejected.")
         page, _ = _page(len(groups), CLUSTERS_PAGE_SIZE, "clusters_page")
-        for ids in groups[(page - 1) * CLUSTERS_PAGE_SIZE : page * CLUSTERS_PAGE_SIZE]:
-            with read_session() as session:
-                members = duplicates.labelled_images(ids, session=session)
+        shown = groups[(page - 1) * CLUSTERS_PAGE_SIZE : page * CLUSTERS_PAGE_SIZE]
+        with read_session() as session:  # the page's images in one query
+            listed = duplicates.labelled_images([i for ids in shown for i in ids], session=session)
+        found = {img.id: (img, name) for img, name in listed}
+        for ids in shown:
+            members = [found[i] for i in ids if i in found]
             with st.container(border=True):
                 labels = sorted({name for _, name in members})
                 head, validate_all, reject_all = st.columns([4, 1, 1], vertical_alignment="center")

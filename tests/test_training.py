@@ -6,7 +6,8 @@ import torch
 from core import training
 from core.errors import UserError
 from core.models import RoundStatus
-from core.training import TrainingConfig, preflight, start_training, stratified_split
+from core.splits import stratified_split
+from core.training import TrainingConfig, preflight, start_training
 from tests.factories import add_images
 
 
