@@ -268,6 +268,7 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     at.number_input(key="epochs").set_value(1)
     at.number_input(key="image_size").set_value(32)
     at.toggle(key="use_existing_model").set_value(False)
+    at.number_input(key="processes").set_value(2)
     ok(at)
     assert not at.button(key="train").disabled
     ok(at.button(key="train").click())
@@ -278,7 +279,7 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     job = rounds[0]
     assert job.status == RoundStatus.queued and job.requested_by == "Grace" and job.queue_task_id
     assert job.parameters["epochs"] == 1 and job.parameters["image_size"] == 32
-    assert job.parameters["use_existing_model"] is False
+    assert job.parameters["use_existing_model"] is False and job.parameters["processes"] == 2
     assert job.job_id in at.success[0].value
     queue = table(at, "job_id")
     assert queue["job_id"].tolist() == [job.job_id] and queue["position"].tolist() == [1]
