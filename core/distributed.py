@@ -152,6 +152,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Seconds the other ranks get to exit after one failed (see `_wait_for_ranks`).
+FAILURE_GRACE = 2.0
+
+
 def run_ranks(round_id: int, world_size: int, poll: float = 0.2) -> None:
     """Train round `round_id` in `world_size` processes on this machine and wait for them.
 
@@ -198,11 +202,17 @@ def _wait_for_ranks(procs: list[subprocess.Popen], poll: float) -> tuple[int, in
 
     A rank killed by a signal is named before ranks that failed on their
     own, since those usually failed because it was gone (gloo's "Connection
-    closed by peer")."""
+    closed by peer"). Its sockets close before its exit status can be read,
+    so after the first failure the others get `FAILURE_GRACE` seconds to
+    finish exiting before one is named."""
     while True:
         codes = [p.poll() for p in procs]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
+        if any(code not in (None, 0) for code in codes):
+            deadline = time.monotonic() + FAILURE_GRACE
+            while None in codes and time.monotonic() < deadline:
+                time.sleep(0.05)
+                codes = [p.poll() for p in procs]
+            failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             return min(failed, key=lambda pair: (pair[1] >= 0, pair[0]))
         if all(code == 0 for code in codes):
             return None
