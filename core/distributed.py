@@ -13,6 +13,7 @@ and the usual retry resumes from rank 0's last checkpoint.
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from core.config import REPO_ROOT, get_settings
+from core.db import get_engine, read_engine
 from core.errors import TrainingCancelled, UserError
 
 log = logging.getLogger(__name__)
@@ -179,7 +181,7 @@ def run_ranks(round_id: int, world_size: int, poll: float = 0.2) -> None:
                 }
                 command = [sys.executable, "-m", "core.distributed", str(round_id), "--errors", folder]
                 procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env))
-            failed = _wait_for_ranks(procs, poll)
+            failed = _wait_for_ranks(procs, poll, errors)
         finally:
             _end(procs)
         if failed is None:
@@ -197,14 +199,15 @@ def run_ranks(round_id: int, world_size: int, poll: float = 0.2) -> None:
         raise RuntimeError(f"rank {rank} of {world_size} failed: {reason}")
 
 
-def _wait_for_ranks(procs: list[subprocess.Popen], poll: float) -> tuple[int, int] | None:
+def _wait_for_ranks(procs: list[subprocess.Popen], poll: float, errors: Path) -> tuple[int, int] | None:
     """Until all exit 0 (None) or one does not: (its rank, its status).
 
-    A rank killed by a signal is named before ranks that failed on their
-    own, since those usually failed because it was gone (gloo's "Connection
-    closed by peer"). Its sockets close before its exit status can be read,
-    so after the first failure the others get `FAILURE_GRACE` seconds to
-    finish exiting before one is named."""
+    The rank that failed first is named, since the others usually failed
+    because it was gone (gloo's "Connection closed by peer"): one killed by a
+    signal (it wrote no error), else the one whose error was written first.
+    A killed rank's sockets close before its exit status can be read, so
+    after the first failure the others get `FAILURE_GRACE` seconds to finish
+    exiting before one is named."""
     while True:
         codes = [p.poll() for p in procs]
         if any(code not in (None, 0) for code in codes):
@@ -213,10 +216,17 @@ def _wait_for_ranks(procs: list[subprocess.Popen], poll: float) -> tuple[int, in
                 time.sleep(0.05)
                 codes = [p.poll() for p in procs]
             failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-            return min(failed, key=lambda pair: (pair[1] >= 0, pair[0]))
+            return min(failed, key=lambda pair: (pair[1] >= 0, _written_at(errors / f"rank{pair[0]}.txt"), pair[0]))
         if all(code == 0 for code in codes):
             return None
         time.sleep(poll)
+
+
+def _written_at(path: Path) -> float:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return math.inf
 
 
 def _end(procs: list[subprocess.Popen]) -> None:
@@ -257,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
 
     placement = None
     try:
+        # The database first (its schema check takes SQLite's write lock for a
+        # moment): once in the group, rank 0 may hold that lock while it waits
+        # for the others at a collective, and a rank still opening it would
+        # wait out the busy timeout.
+        if os.environ.get("RANK") == "0":
+            get_engine()
+        else:
+            read_engine()
         placement = join_group()
         training.train_rank(args.round_id, placement)
         return 0
