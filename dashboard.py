@@ -46,7 +46,7 @@ def queue_status() -> None:
         queued = stats.queued_count(session=session)
     if production:
         st.metric("Production model", production.version, help="The version the mobile apps download.")
-        st.caption(f"validation accuracy {production.metrics.get('val_accuracy', 0):.1f}%")
+        st.caption(f"test accuracy {stats.accuracy_text(production.metrics)}")
     else:
         st.metric("Production model", "none yet")
     if running is not None and running.status == "in_progress":

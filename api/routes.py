@@ -21,7 +21,7 @@ from api.schemas import (
     TrainResponse,
     UploadResponse,
 )
-from core import manifest, registry, review, training, uploads
+from core import manifest, registry, review, stats, training, uploads
 from core.db import read_session, session_scope
 from core.errors import InvalidImageError
 from core.ingest import check_size, get_or_create_category
@@ -78,10 +78,7 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
         report.model_version = version.version
         report.model_version_id = version.id
         report.accuracy = version.metrics.get("val_accuracy")
-        report.metrics |= {
-            key: version.metrics.get(key)
-            for key in ("train_accuracy", "val_accuracy", "test_accuracy", "model_size_mb")
-        }
+        report.metrics |= stats.quality_metrics(version.metrics)
         if round_.started_at and round_.finished_at:
             seconds = (as_utc(round_.finished_at) - as_utc(round_.started_at)).total_seconds()
             report.duration_minutes = round(seconds / 60, 2)

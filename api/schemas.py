@@ -137,7 +137,10 @@ class ModelManifest(BaseModel):
     classes: list[str] = Field(description="Class names in the model's output order")
     num_classes: int
     input: ModelInput
-    metrics: dict[str, float | None]
+    metrics: dict[str, bool | int | float | None] = Field(
+        description="Accuracies in percent, each with its images, right answers and 95% Wilson interval; "
+        "near_chance: test accuracy not clearly above always answering the commonest category"
+    )
     artifacts: list[ArtifactEntry]
 
 

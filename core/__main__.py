@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
-from core import automation, duplicates, registry, review, suspects, training, uploads, users
+from core import automation, duplicates, registry, review, stats, suspects, training, uploads, users
 from core.access import CLI_ACTOR, USER_ROLES, Role
 from core.config import REPO_ROOT, get_settings
 from core.db import read_session, session_scope
@@ -99,16 +99,40 @@ def cmd_suspects(args) -> int:
 
 
 def cmd_duplicates(args) -> int:
+    if args.validate or args.reject:
+        return _act_on_cluster(args)
     with session_scope() as session:
         groups = duplicates.clusters(session=session)
         if not groups:
-            print("No near-duplicates among the images that are not rejected.")
+            print("No look-alikes among the images that are not rejected.")
             return 0
         for n, ids in enumerate(groups, start=1):
             print(f"cluster {n}: {len(ids)} images")
             for image, name in duplicates.labelled_images(ids, session=session):
                 print(f"  {image.id:>6}  {image.status.value:<10} {name:<16} {image.original_filename}")
-    print(f"{len(groups)} cluster(s); validate or reject one with `python -m core validate|reject ID...`.")
+    sizes = ", ".join(str(len(ids)) for ids in groups)
+    print(
+        f"{len(groups)} cluster(s) of {sizes} images; act on one with `python -m core duplicates --validate|--reject N`."
+    )
+    return 0
+
+
+def _act_on_cluster(args) -> int:
+    action, number = ("validate", args.validate) if args.validate else ("reject", args.reject)
+    with session_scope() as session:
+        groups = duplicates.clusters(session=session)
+        if not 1 <= number <= len(groups):
+            raise UserError(f"There is no cluster {number}: `python -m core duplicates` lists {len(groups)}")
+        ids = groups[number - 1]
+        question = review.confirmation(action, len(ids))
+        if question and args.yes != len(ids):
+            answer = input(f"{question} Type {len(ids)} to confirm: ").strip()
+            if answer != str(len(ids)):
+                print(f"Nothing changed (cluster {number} has {len(ids)} images; --yes {len(ids)} confirms).")
+                return 1
+        status = ImageStatus.validated if action == "validate" else ImageStatus.rejected
+        changed = review.set_status(ids, status, session=session, actor=WHO)
+    print(f"{changed} image(s) of cluster {number} {status.value}.")
     return 0
 
 
@@ -175,10 +199,17 @@ def _wait(job_id: str) -> int:
             break
         time.sleep(1)
     if round_.status == RoundStatus.completed:
-        print(f"Model {version.version}: validation accuracy {version.metrics['val_accuracy']:.1f}%")
+        print(f"Model {version.version}: {_quality(version)}")
         return 0
     print(f"Job {round_.status.value}: {round_.error or ''}", file=sys.stderr)
     return 1
+
+
+def _quality(version) -> str:
+    return (
+        f"test accuracy {stats.accuracy_text(version.metrics)}, "
+        f"validation accuracy {stats.accuracy_text(version.metrics, 'val')}"
+    )
 
 
 def cmd_status(args) -> int:
@@ -201,7 +232,7 @@ def cmd_status(args) -> int:
             f"val loss {m.val_loss:.3f} acc {m.val_accuracy:5.1f}%  ({m.seconds:.1f}s)"
         )
     if version:
-        print(f"  model {version.version}: validation accuracy {version.metrics['val_accuracy']:.1f}%")
+        print(f"  model {version.version}: {_quality(version)}")
     for warning in round_.warnings:
         print(f"  warning: {warning}")
     if round_.error:
@@ -238,6 +269,8 @@ def _automation_changes(args, current: Automation) -> dict:
         changes["gate_min_improvement"] = args.min_improvement
     if args.max_category_drop is not None:
         changes["gate_max_category_drop"] = args.max_category_drop
+    if args.min_test_images is not None:
+        changes["gate_min_test_images"] = args.min_test_images
     params = _train_params(args)
     if args.default_parameters or params:
         changes["parameters"] = params if args.default_parameters else {**current.parameters, **params}
@@ -264,11 +297,11 @@ def cmd_versions(args) -> int:
     if not versions:
         print("No model versions yet: train one with `python -m core train`.")
         return 0
-    print(f"{'version':<10} {'prod':<5} {'val acc':>8} {'size MB':>8}  {'architecture':<20} classes")
+    print(f"{'version':<10} {'prod':<5} {'test accuracy (n; 95% CI)':<48} {'size MB':>8}  {'architecture':<20} classes")
     for v in versions:
         prod = "*" if v.is_production else ""
         print(
-            f"{v.version:<10} {prod:<5} {v.metrics.get('val_accuracy', 0):>7.1f}% {v.metrics.get('model_size_mb', 0):>8.2f}  "
+            f"{v.version:<10} {prod:<5} {stats.accuracy_text(v.metrics):<48} {v.metrics.get('model_size_mb', 0):>8.2f}  "
             f"{v.architecture:<20} {', '.join(v.classes)}"
         )
     return 0
@@ -489,9 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="rows to list (default 50)")
     p.add_argument("--all", action="store_true", help="list decided suspects too")
     p.set_defaults(func=cmd_suspects)
-    sub.add_parser(
-        "duplicates", help="list clusters of near-duplicate images (not rejected), largest first"
-    ).set_defaults(func=cmd_duplicates)
+    sub.add_parser("duplicates", help="list clusters of look-alike images (not rejected), largest first, or act on one")
+    p.set_defaults(func=cmd_duplicates)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--validate", type=int, metavar="N", help="validate every image of cluster N")
+    group.add_argument("--reject", type=int, metavar="N", help="reject every image of cluster N")
+    p.add_argument(
+        "--yes", type=int, metavar="COUNT", help="confirm an action on more than 5 images by giving their count"
+    )
 
     p = sub.add_parser("categories", help="list, add or rename categories")
     p.add_argument("--add", metavar="NAME")
@@ -529,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="POINTS",
         help="promotion gate: no category's test accuracy falls by more than this",
+    )
+    p.add_argument(
+        "--min-test-images",
+        type=int,
+        metavar="N",
+        help="promotion gate: judge only on at least N test images both versions were scored on (default 30)",
     )
     p.add_argument(
         "--default-parameters",

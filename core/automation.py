@@ -37,6 +37,7 @@ SETTING_RANGES: dict[str, tuple[type, float, float]] = {
     "schedule_hours": (float, 0.25, 24 * 30.0),
     "gate_min_improvement": (float, 0.0, 100.0),
     "gate_max_category_drop": (float, 0.0, 100.0),
+    "gate_min_test_images": (int, 1, 1_000_000),
 }
 SWITCHES = ("new_images_enabled", "schedule_enabled")
 SETTINGS = (*SWITCHES, *SETTING_RANGES, "parameters")

@@ -10,7 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlmodel import Session, select
 
 from core.config import get_settings
-from core.duplicates import dhash
+from core.duplicates import image_hash
 from core.errors import FileTooLargeError, InvalidImageError, UserError
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
 from core.splits import assign_splits
@@ -93,7 +93,7 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
             im.load()
             oriented = ImageOps.exif_transpose(im)
             width, height = oriented.size
-            phash = dhash(oriented)
+            phash = image_hash(oriented)
     except InvalidImageError:
         raise
     except UnidentifiedImageError:

@@ -11,6 +11,7 @@ from core.config import get_settings
 from core.dataset import IMAGENET_MEAN, IMAGENET_STD
 from core.errors import NotFoundError
 from core.models import ModelVersion
+from core.stats import quality_metrics
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,7 @@ def model_manifest(version: ModelVersion, *, download_url: Callable[[str, str], 
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },
-        "metrics": {
-            "train_accuracy": metrics.get("train_accuracy"),
-            "val_accuracy": metrics.get("val_accuracy"),
-            "test_accuracy": metrics.get("test_accuracy"),
-            "model_size_mb": metrics.get("model_size_mb"),
-        },
+        "metrics": quality_metrics(metrics),
         "artifacts": [
             {
                 "format": a["format"],

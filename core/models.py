@@ -70,10 +70,13 @@ class TrainingImage(SQLModel, table=True):
     uploaded_by: str | None = None
     reviewed_by: str | None = None
     reviewed_at: datetime | None = None
-    # 64-bit difference hash (16 hex digits) for near-duplicate search (core/duplicates.py).
-    phash: str | None = Field(default=None, index=True, max_length=16)
-    # Uniform in [0, 1), fixed once per image (shared by its near-duplicates):
-    # decides test, validation or training (core/splits.py).
+    # 256-bit perceptual hash (64 hex digits) for look-alike search (core/duplicates.py).
+    phash: str | None = Field(default=None, index=True, max_length=64)
+    # The image whose look-alike this is (its own id: it matched no earlier
+    # image); a cluster is a representative and the images that matched it.
+    representative_id: int | None = Field(default=None, index=True)
+    # In [0, 1), fixed once per image (shared by its look-alikes): decides
+    # test, validation or training (core/splits.py).
     split_key: float | None = Field(default=None, index=True)
 
 
@@ -161,6 +164,16 @@ class ModelVersion(SQLModel, table=True):
     gate: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
+# A version's prediction for one test image, recorded when the version was made (core/gate.py).
+class TestPrediction(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("version_id", "image_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    version_id: int = Field(foreign_key="modelversion.id", index=True)
+    image_id: int = Field(index=True)
+    predicted: str
+
+
 # Who moved production from one version to another, and when.
 class PromotionEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
@@ -205,8 +218,10 @@ class Automation(SQLModel, table=True):
     # A new version goes to production by itself only when its test accuracy is
     # at least this many points above production's, on the same test images ...
     gate_min_improvement: float = 1.0
-    # ... and no category's test accuracy fell by more than this many points.
+    # ... and no category's test accuracy fell by more than this many points ...
     gate_max_category_drop: float = 5.0
+    # ... judged on at least this many test images both versions were scored on.
+    gate_min_test_images: int = 30
     last_check_at: datetime | None = None
     last_check_result: str | None = None
     last_scheduled_at: datetime | None = None

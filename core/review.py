@@ -22,6 +22,18 @@ def _load(ids: Sequence[int], session: Session) -> list[TrainingImage]:
     return images
 
 
+# Acting on more images than this at once asks for a confirmation stating the count.
+HANDFUL = 5
+
+
+def confirmation(action: str, count: int) -> str | None:
+    """The question to ask before `action` ("validate", "reject") on `count`
+    images, or None for a handful or fewer."""
+    if count <= HANDFUL:
+        return None
+    return f"{action.capitalize()} all {count} images? This cannot be undone in one step."
+
+
 def set_status(ids: Sequence[int], status: ImageStatus | str, *, session: Session, actor: Actor) -> int:
     """Give the images `status`, recording who and when. Returns how many changed."""
     require(actor, Permission.review_images)

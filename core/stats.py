@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
+from scipy.stats import binomtest
 from sqlmodel import Session, col, func, select
 
 from core import gate
@@ -217,6 +218,86 @@ def queued_count(*, session: Session) -> int:
     return session.exec(select(func.count(TrainingRound.id)).where(TrainingRound.status == RoundStatus.queued)).one()
 
 
+# --- accuracies with their counts ----------------------------------------------
+
+
+def wilson_interval(correct: int, images: int) -> tuple[float, float] | None:
+    """The 95 % Wilson interval of an accuracy, in percent (None without images)."""
+    if images <= 0:
+        return None
+    interval = binomtest(correct, images).proportion_ci(0.95, method="wilson")
+    return round(100 * float(interval.low), 1), round(100 * float(interval.high), 1)
+
+
+def accuracy_counts(metrics: Mapping, split: str = "test") -> tuple[int, int] | None:
+    """(right answers, images) behind a version's `test` or `val` accuracy, or
+    None when it has none. Versions made before the counts were recorded give
+    them back from the accuracy and the number of images."""
+    images = metrics.get(f"{split}_images")
+    accuracy = metrics.get(f"{split}_accuracy")
+    if not images or accuracy is None:
+        return None
+    correct = metrics.get(f"{split}_correct")
+    return (round(accuracy * images / 100) if correct is None else correct), images
+
+
+def accuracy_summary(metrics: Mapping, split: str = "test") -> dict:
+    """An accuracy with its images and 95 % interval: {accuracy, images,
+    correct, interval} (accuracy None when there is none)."""
+    counts = accuracy_counts(metrics, split)
+    if counts is None:
+        return {"accuracy": None, "images": metrics.get(f"{split}_images") or 0, "correct": None, "interval": None}
+    correct, images = counts
+    return {
+        "accuracy": metrics.get(f"{split}_accuracy"),
+        "images": images,
+        "correct": correct,
+        "interval": wilson_interval(correct, images),
+    }
+
+
+def quality_metrics(metrics: Mapping) -> dict:
+    """A version's accuracies (percent) with their images and 95 % Wilson
+    intervals, and whether it is near chance: the fields the API reports."""
+    out: dict = {"train_accuracy": metrics.get("train_accuracy")}
+    for split in ("val", "test"):
+        found = accuracy_summary(metrics, split)
+        low, high = found["interval"] or (None, None)
+        out |= {
+            f"{split}_accuracy": found["accuracy"],
+            f"{split}_images": found["images"],
+            f"{split}_correct": found["correct"],
+            f"{split}_accuracy_ci95_low": low,
+            f"{split}_accuracy_ci95_high": high,
+        }
+    return out | {"near_chance": gate.near_chance(metrics), "model_size_mb": metrics.get("model_size_mb")}
+
+
+def accuracy_text(metrics: Mapping, split: str = "test") -> str:
+    """e.g. "92.3% (n = 130; 95% CI 86.4-95.8%)", plus "near chance" for a
+    test accuracy not clearly above the commonest category's share."""
+    found = accuracy_summary(metrics, split)
+    if found["accuracy"] is None:
+        return "no test images" if split == "test" else "–"
+    low, high = found["interval"]
+    text = f"{found['accuracy']:.1f}% (n = {found['images']}; 95% CI {low:.1f}–{high:.1f}%)"
+    if split == "test" and gate.near_chance(metrics):
+        text += " · near chance"
+    return text
+
+
+def per_category_rows(metrics: Mapping, split: str = "test") -> list[dict]:
+    """Per-category accuracy with the images behind each: [{category, accuracy, images}]."""
+    if split == "test":
+        accuracy = metrics.get("test_per_class_accuracy") or {}
+        images = metrics.get("test_per_class_images") or {}
+    else:
+        accuracy = metrics.get("per_class_accuracy") or {}
+        matrix = metrics.get("confusion_matrix") or []
+        images = {name: sum(row) for name, row in zip(accuracy, matrix, strict=False)}
+    return [{"category": name, "accuracy (%)": acc, "images": images.get(name)} for name, acc in accuracy.items()]
+
+
 # --- model versions -----------------------------------------------------------
 
 
@@ -234,8 +315,11 @@ def versions_table(*, session: Session) -> list[dict]:
             "created": _aware(v.created_at),
             "test_accuracy": v.metrics.get("test_accuracy"),
             "test_images": v.metrics.get("test_images"),
+            "test_95_ci": _interval_text(v.metrics),
+            "near_chance": gate.near_chance(v.metrics),
             "gate": _gate_label(v),
             "val_accuracy": v.metrics.get("val_accuracy"),
+            "val_images": v.metrics.get("val_images"),
             "train_accuracy": v.metrics.get("train_accuracy"),
             "size_mb": v.metrics.get("model_size_mb"),
             "classes": ", ".join(v.classes),
@@ -247,6 +331,11 @@ def versions_table(*, session: Session) -> list[dict]:
         }
         for v, r in rows
     ]
+
+
+def _interval_text(metrics: Mapping) -> str | None:
+    interval = accuracy_summary(metrics)["interval"]
+    return f"{interval[0]:.1f}–{interval[1]:.1f}%" if interval else None
 
 
 def _gate_label(version: ModelVersion) -> str:
@@ -317,7 +406,7 @@ def accuracy_by_origin(version: ModelVersion, *, session: Session) -> dict[str, 
     """`version`'s accuracy on its test images, grouped by source and by
     device (phones' `device_id`; "none" for images without one), worst first,
     with today's labels. A phone whose camera produces bad pictures stands out."""
-    predictions = gate.test_predictions(version)
+    predictions = gate.test_predictions(version, session=session)
     truth = gate.current_labels(predictions, session=session)
     rows = session.exec(
         select(TrainingImage.id, TrainingImage.source, TrainingImage.device_id).where(

@@ -1075,7 +1075,8 @@ def _train_and_register(
     test_ids = [ids[i] for i in test_idx]
     test_labels = [round_.snapshot[i]["label"] for i in test_idx]
     predicted = {i: classes[p] for i, p in zip(test_ids, test_logits.argmax(1).tolist(), strict=True)}
-    test_accuracy, test_per_class = gate.accuracy_on(predicted, dict(zip(test_ids, test_labels, strict=True)), test_ids)
+    test_truth = dict(zip(test_ids, test_labels, strict=True))
+    test_accuracy, test_per_class = gate.accuracy_on(predicted, test_truth, test_ids)
     metrics = {
         "train_accuracy": round(accuracy(train_logits, data.y_train), 2),
         "val_accuracy": round(accuracy(val_logits, data.y_val), 2),
@@ -1084,10 +1085,9 @@ def _train_and_register(
         "val_images": len(val_idx),
         **summarise(val_logits, data.y_val, classes),
         "misclassified": _misclassified(val_logits, data.y_val, [ids[i] for i in val_idx], classes),
-        "test_images": len(test_idx),
         "test_accuracy": test_accuracy,
         "test_per_class_accuracy": test_per_class,
-        "test_predictions": {str(i): label for i, label in predicted.items()},  # JSON keys are strings
+        **gate.test_summary(predicted, test_truth),
     }
     # Every image of the snapshot, scored by the kept model (suspected mislabels).
     order = [*train_idx, *val_idx, *test_idx]
@@ -1305,6 +1305,7 @@ def _commit_version(
     )
     session.add(mv)
     session.flush()
+    gate.record_predictions(mv, outcome.test.predicted, session=session)
     scores = outcome.scores
     n_suspects = suspects.record_scores(
         version, scores.image_ids, scores.labels, scores.probabilities, classes, session=session
@@ -1328,11 +1329,12 @@ def _commit_version(
 
 
 def should_promote(mode: str, in_production: bool, decision: dict) -> bool:
-    """Whether a new version goes to production by itself (AUTO_PROMOTE)."""
+    """Whether a new version goes to production by itself (AUTO_PROMOTE): the
+    first one only when clearly better than chance (core/gate.py)."""
     if mode == "always":
         return True
     if not in_production:
-        return mode in ("first", "gate")
+        return mode in ("first", "gate") and decision["passed"]
     return mode == "gate" and decision["passed"]
 
 

@@ -112,23 +112,27 @@ with read_session() as session:
     images = stats.images_by_id([m["image_id"] for m in wrong], session=session)
 
 st.subheader(f"Model {version.version}")
-c1, c2, c3 = st.columns(3)
-c1.metric("Validation accuracy", f"{version.metrics.get('val_accuracy', 0):.1f}%", border=True)
-c2.metric("Training accuracy", f"{version.metrics.get('train_accuracy', 0):.1f}%", border=True)
-c3.metric("Size", f"{version.metrics.get('model_size_mb', 0):.1f} MB", border=True)
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Test accuracy", stats.accuracy_text(version.metrics), border=True, help="held-out images, never trained on")
+c2.metric("Validation accuracy", stats.accuracy_text(version.metrics, "val"), border=True)
+c3.metric("Training accuracy", f"{version.metrics.get('train_accuracy', 0):.1f}%", border=True)
+c4.metric("Size", f"{version.metrics.get('model_size_mb', 0):.1f} MB", border=True)
 
 left, right = st.columns(2)
-per_class = version.metrics.get("per_class_accuracy", {})
+per_class = stats.per_category_rows(version.metrics, "val")
 with left:
-    st.markdown("**Accuracy per category** (validation images)")
+    st.markdown("**Accuracy per category** (validation images; n: images behind each bar)")
     chart = px.bar(
-        pd.DataFrame({"category": list(per_class), "accuracy": list(per_class.values())}),
+        pd.DataFrame(per_class, columns=["category", "accuracy (%)", "images"]),
         x="category",
-        y="accuracy",
-        labels={"accuracy": "accuracy (%)"},
+        y="accuracy (%)",
+        text="images",
+        hover_data=["images"],
     )
+    chart.update_traces(texttemplate="n = %{text}")
     chart.update_yaxes(range=[0, 100])
     st.plotly_chart(chart, key="per_class_chart")
+    st.dataframe(pd.DataFrame(per_class), hide_index=True, key="per_class_table")
 with right:
     st.markdown("**Confusion matrix** (rows: true category, columns: predicted)")
     heatmap = go.Figure(
@@ -158,8 +162,9 @@ for i, item in enumerate(wrong[:48]):
 st.markdown("**Held-out test images**")
 if version.metrics.get("test_images"):
     t1, t2 = st.columns(2)
-    t1.metric("Test accuracy", f"{version.metrics['test_accuracy']:.1f}%", border=True)
+    t1.metric("Test accuracy", stats.accuracy_text(version.metrics), border=True)
     t2.metric("Test images", version.metrics["test_images"], border=True, help="never trained on by any version")
+    st.dataframe(pd.DataFrame(stats.per_category_rows(version.metrics)), hide_index=True, key="test_per_class_table")
     with read_session() as session:
         by_origin = stats.accuracy_by_origin(version, session=session)
     st.caption(

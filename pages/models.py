@@ -34,8 +34,12 @@ st.dataframe(
         "production",
         "created",
         "test_accuracy",
+        "test_images",
+        "test_95_ci",
+        "near_chance",
         "gate",
         "val_accuracy",
+        "val_images",
         "train_accuracy",
         "size_mb",
         "classes",
@@ -51,7 +55,13 @@ st.dataframe(
         "test_accuracy": st.column_config.NumberColumn(
             "test acc (%)", format="%.1f", help="on the held-out test images when the version was made"
         ),
+        "test_images": st.column_config.NumberColumn("test n", help="test images behind the test accuracy"),
+        "test_95_ci": st.column_config.TextColumn("test 95% CI", help="Wilson interval of the test accuracy"),
+        "near_chance": st.column_config.CheckboxColumn(
+            "near chance", help="test accuracy not clearly above always answering the commonest category"
+        ),
         "gate": st.column_config.TextColumn("promotion gate", help="see 'Why candidates stayed candidates' below"),
+        "val_images": st.column_config.NumberColumn("val n"),
         "val_accuracy": st.column_config.NumberColumn("val acc (%)", format="%.1f"),
         "train_accuracy": st.column_config.NumberColumn("train acc (%)", format="%.1f"),
         "size_mb": st.column_config.NumberColumn("size (MB)", format="%.2f"),

@@ -49,13 +49,13 @@ if not sum(counts.values()):
 left, middle, right, last = st.columns(4)
 left.metric("Production model", production.version if production else "none yet", border=True)
 middle.metric(
-    "Validation accuracy",
-    f"{production.metrics.get('val_accuracy', 0):.1f}%" if production else "–",
+    "Test accuracy",
+    stats.accuracy_text(production.metrics) if production else "–",
     border=True,
     help=(
-        f"On the held-out test images: {production.metrics['test_accuracy']:.1f}% "
-        f"({production.metrics['test_images']} images)"
-        if production and production.metrics.get("test_accuracy") is not None
+        "On the held-out test images, never trained on; validation accuracy "
+        + stats.accuracy_text(production.metrics, "val")
+        if production
         else None
     ),
 )

@@ -63,6 +63,21 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
         st.session_state[f"pick_{image_id}"] = False
 
 
+def _cluster_action(action: str, ids: list[int]) -> None:
+    """Button callback: act on a cluster at once, or, above a handful of
+    images, ask first (the question states the count)."""
+    if review.confirmation(action, len(ids)) is None:
+        _apply(action, ids, "clusters")
+    else:
+        st.session_state["cluster_confirm"] = (action, ids)
+
+
+def _confirmed(answer: bool) -> None:
+    action, ids = st.session_state.pop("cluster_confirm")
+    if answer:
+        _apply(action, ids, "clusters")
+
+
 def _resolve(image_id: int, action: str) -> None:
     """Button callback: one decision about a suspected mislabel."""
     try:
@@ -162,7 +177,7 @@ with review_tab:
             else:
                 st.caption("Nothing recorded for this image (it came in before the audit trail existed).")
             if similar:
-                st.caption(f"Near-duplicates (at most {duplicates.MAX_DISTANCE} of 64 hash bits differ):")
+                st.caption("Look-alikes (same cluster; bits: how many of the 256 hash bits differ):")
                 st.dataframe(
                     pd.DataFrame(
                         [
@@ -220,10 +235,20 @@ with suspects_tab:
 
 with duplicates_tab:
     st.caption(
-        f"Groups of pictures whose difference hashes differ in at most {duplicates.MAX_DISTANCE} of 64 bits "
-        "(resized, re-encoded or slightly edited copies), largest first; rejected images are left out."
+        "Groups of look-alikes (resized, re-encoded or slightly edited copies): each image matched the first "
+        "of its group closely, largest group first; rejected images are left out."
     )
     _show_messages("clusters")
+    pending = st.session_state.get("cluster_confirm")
+    if pending:
+        with st.container(border=True):
+            st.warning(review.confirmation(pending[0], len(pending[1])))
+            yes, no = st.columns(2)
+            yes.button(
+                f"Yes, {pending[0]} {len(pending[1])} images", key="cluster_confirm_yes", type="primary",
+                on_click=_confirmed, args=(True,),
+            )  # fmt: skip
+            no.button("Cancel", key="cluster_confirm_no", on_click=_confirmed, args=(False,))
     if duplicates_tab.open:
         with read_session() as session:
             groups = duplicates.clusters(session=session)
@@ -241,11 +266,11 @@ with duplicates_tab:
                 head, validate_all, reject_all = st.columns([4, 1, 1], vertical_alignment="center")
                 head.markdown(f"**{len(ids)} look-alikes** · {', '.join(labels)}")
                 validate_all.button(
-                    "Validate all", key=f"cluster_validate_{ids[0]}", on_click=_apply,
-                    args=("validate", ids, "clusters"),
+                    "Validate all", key=f"cluster_validate_{ids[0]}", on_click=_cluster_action,
+                    args=("validate", ids),
                 )  # fmt: skip
                 reject_all.button(
-                    "Reject all", key=f"cluster_reject_{ids[0]}", on_click=_apply, args=("reject", ids, "clusters")
+                    "Reject all", key=f"cluster_reject_{ids[0]}", on_click=_cluster_action, args=("reject", ids)
                 )
                 for start_index in range(0, len(members), COLUMNS):
                     for col, (image, name) in zip(

@@ -174,8 +174,9 @@ queue()
 
 
 GATE_HELP = (
-    "A new model goes to production automatically only when it beats production on the same test images "
-    "by this margin and no category drops more than this."
+    "A new model goes to production automatically only when it beats production on at least this many "
+    "shared test images, significantly (exact McNemar test) and by this margin, and no category with 20 or "
+    "more test images drops more than this. The first model needs to beat always answering the commonest category."
 )
 
 st.subheader("Automatic retraining")
@@ -211,7 +212,7 @@ with settings_column, st.form("automation"):
         step=1.0,
         key="auto_schedule_hours",
     )
-    g1, g2 = st.columns(2)
+    g1, g2, g3 = st.columns(3)
     gate_min_improvement = g1.number_input(
         "Minimum test-accuracy improvement (points)",
         *SETTING_RANGES["gate_min_improvement"][1:],
@@ -226,6 +227,14 @@ with settings_column, st.form("automation"):
         value=float(saved.gate_max_category_drop),
         step=0.5,
         key="gate_max_category_drop",
+        help=GATE_HELP,
+    )
+    gate_min_test_images = g3.number_input(
+        "Minimum shared test images",
+        *SETTING_RANGES["gate_min_test_images"][1:],
+        value=int(saved.gate_min_test_images),
+        step=10,
+        key="gate_min_test_images",
         help=GATE_HELP,
     )
     use_params = st.checkbox(
@@ -243,6 +252,7 @@ if save:
         "schedule_hours": float(schedule_hours),
         "gate_min_improvement": float(gate_min_improvement),
         "gate_max_category_drop": float(gate_max_category_drop),
+        "gate_min_test_images": int(gate_min_test_images),
     }
     if use_params:
         changes["parameters"] = params
