@@ -9,7 +9,9 @@ Four kinds, all made from what is on disk (no download):
 - `documents`: crops of rendered text lines on paper with grain and a tint,
   as a scanner gives them, 96 px.
 - `photos`: crops of the two photos scikit-learn ships (`load_sample_images`)
-  at several scales, each shifted half a crop from its neighbours, 96 px.
+  at several scales, each shifted half a crop from its neighbours, 96 px;
+  crops of plain sky are left out (nothing tells two of them apart, by eye
+  or by any hash).
 
 And the genuine copies a phone or a pipeline makes of one picture
 (`plant_copy`): re-encoded, resized, brighter or darker, lightly cropped (1-3 % a side), or
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from functools import cache
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghmnqrt"
 WORDS = [
@@ -53,6 +55,10 @@ WORDS = [
     "summary",
     "office",
 ]
+
+
+# Grey-level spread below which a crop is plain sky.
+PLAIN = 8.0
 
 
 @cache
@@ -133,7 +139,10 @@ def photos(size: int = 96) -> tuple[list[Image.Image], list[str]]:
             for top in range(0, photo.height - crop + 1, step):
                 for left in range(0, photo.width - crop + 1, step):
                     box = (left, top, left + crop, top + crop)
-                    images.append(photo.crop(box).resize((size, size), Image.Resampling.LANCZOS))
+                    picture = photo.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+                    if np.asarray(picture.convert("L"), dtype=np.float32).std() < PLAIN:
+                        continue
+                    images.append(picture)
                     labels.append(name.rsplit("/", 1)[-1].split(".")[0])
     return images, labels
 
@@ -146,44 +155,41 @@ KINDS: dict[str, Callable[[], tuple[list[Image.Image], list[str]]]] = {
 }
 
 
-def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+def _encoded(image: Image.Image, fmt: str = "PNG", **save) -> bytes:
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=quality)
-    buffer.seek(0)
-    return Image.open(buffer).copy()
-
-
-def _exif_rotated(image: Image.Image, rng: random.Random) -> Image.Image:
-    """The picture stored turned, with the EXIF tag that turns it back (as phones save)."""
-    orientation, turn = rng.choice(
-        [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)]
-    )
-    stored = image.convert("RGB").transpose(turn)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    stored.save(buffer, "JPEG", quality=92, exif=exif)
-    buffer.seek(0)
-    return ImageOps.exif_transpose(Image.open(buffer))
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
 
 
 COPIES = ("jpeg", "resize", "brighter", "darker", "crop", "exif")
 
 
-def plant_copy(image: Image.Image, kind: str, rng: random.Random) -> Image.Image:
-    """A genuine copy of `image`, as read back by ingest (EXIF orientation applied)."""
+def copy_bytes(image: Image.Image, kind: str, rng: random.Random) -> bytes:
+    """A genuine copy of `image` as a file a phone or a pipeline would send."""
+    rgb = image.convert("RGB")
     if kind == "jpeg":
-        return _jpeg(image, rng.randint(35, 85))
+        return _encoded(rgb, "JPEG", quality=rng.randint(35, 85))
     if kind == "resize":
         side = round(image.width * rng.choice([0.5, 0.75, 1.5, 2.0, 3.0]))
-        return image.resize((side, side), Image.Resampling.BICUBIC)
+        return _encoded(rgb.resize((side, side), Image.Resampling.BICUBIC))
     if kind in ("brighter", "darker"):
         factor = 1 + rng.uniform(0.08, 0.15) * (1 if kind == "brighter" else -1)
-        return ImageEnhance.Brightness(image).enhance(factor)
+        return _encoded(ImageEnhance.Brightness(rgb).enhance(factor))
     if kind == "crop":
         w, h = image.size
         cut = [round(rng.uniform(0.01, 0.03) * s) for s in (w, h, w, h)]
-        return image.crop((cut[0], cut[1], w - cut[2], h - cut[3]))
+        return _encoded(rgb.crop((cut[0], cut[1], w - cut[2], h - cut[3])))
     if kind == "exif":
-        return _exif_rotated(image, rng)
+        # Stored turned, with the EXIF tag that turns it back (as phones save).
+        orientation, turn = rng.choice(
+            [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)]
+        )
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        return _encoded(rgb.transpose(turn), "JPEG", quality=92, exif=exif)
     raise ValueError(f"unknown copy kind {kind!r}; one of {', '.join(COPIES)}")
+
+
+def png(image: Image.Image) -> bytes:
+    """`image` as a PNG file."""
+    return _encoded(image, "PNG")

@@ -522,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="rows to list (default 50)")
     p.add_argument("--all", action="store_true", help="list decided suspects too")
     p.set_defaults(func=cmd_suspects)
-    sub.add_parser("duplicates", help="list clusters of look-alike images (not rejected), largest first, or act on one")
+    p = sub.add_parser(
+        "duplicates", help="list clusters of look-alike images (not rejected), largest first, or act on one"
+    )
     p.set_defaults(func=cmd_duplicates)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--validate", type=int, metavar="N", help="validate every image of cluster N")
