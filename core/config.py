@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     # The most processes (DDP ranks) one job may ask for; on CUDA each needs its own GPU.
     max_training_processes: int = Field(4, ge=1)
 
+    # Reverse proxies whose X-Forwarded-For is believed (comma-separated
+    # addresses or networks, `*` for any): sign-in throttling then counts the
+    # visitor's address, not the proxy's. The same variable uvicorn reads;
+    # `python -m core serve` hands it to the web server.
+    forwarded_allow_ips: str = "127.0.0.1"
+
     # Which files each version is exported to, in order: `ptl` (PyTorch's lite
     # interpreter) and/or `pte` (ExecuTorch). Phones fetch the one they run.
     export_formats: str = "ptl,pte"
