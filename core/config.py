@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     # Changing it moves images between test and training: set it once.
     test_split: float = Field(0.15, ge=0.0, le=0.5)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # A .zip is refused before anything in it is decompressed when its entries
+    # add up to more than this (uncompressed) or it holds more entries than
+    # this. Photos barely compress, so the web server's 200 MB upload limit
+    # stays well under it; a zip bomb does not.
+    max_archive_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_archive_entries: int = Field(5000, ge=1)
     # Larger images are refused as decompression bombs (default 50 megapixels).
     max_image_pixels: int = Field(50_000_000, ge=1024)
     # SQLite waits this long for a lock before reporting "database is locked".
@@ -64,7 +70,7 @@ class Settings(BaseSettings):
     # addresses or networks, `*` for any): sign-in throttling then counts the
     # visitor's address, not the proxy's. The same variable uvicorn reads;
     # `python -m core serve` hands it to the web server.
-    forwarded_allow_ips: str = "127.0.0.1"
+    forwarded_allow_ips: str = "127.0.0.1,::1"
 
     # Which files each version is exported to, in order: `ptl` (PyTorch's lite
     # interpreter) and/or `pte` (ExecuTorch). Phones fetch the one they run.

@@ -215,6 +215,26 @@ def import_folder(
     return report
 
 
+def _check_archive_size(entries: list[zipfile.ZipInfo]) -> None:
+    """Refuse an archive by its directory alone, before decompressing anything.
+
+    The sizes are the ones the archive declares; zipfile never returns more
+    bytes than an entry declares (it reports a bad CRC instead), so a lying
+    archive cannot get past this."""
+    settings = get_settings()
+    if len(entries) > settings.max_archive_entries:
+        raise UserError(
+            f"The archive holds {len(entries):,} entries; the limit is {settings.max_archive_entries:,} "
+            "(MAX_ARCHIVE_ENTRIES): split it into smaller archives"
+        )
+    total = sum(info.file_size for info in entries)
+    if total > settings.max_archive_bytes:
+        raise UserError(
+            f"The archive unpacks to {total / 2**20:,.0f} MB; the limit is "
+            f"{settings.max_archive_bytes / 2**20:,.0f} MB (MAX_ARCHIVE_BYTES): split it into smaller archives"
+        )
+
+
 def import_zip(
     data: bytes,
     *,
@@ -232,6 +252,7 @@ def import_zip(
     report = IngestReport()
     limit = get_settings().max_upload_bytes
     with archive:
+        _check_archive_size(archive.infolist())
         for info in archive.infolist():
             if info.is_dir():
                 continue
@@ -261,8 +282,16 @@ def import_zip(
                 reason = f"{info.filename}: {info.file_size / 2**20:.1f} MB is over the {limit / 2**20:.1f} MB limit"
                 report.results.append(IngestResult(info.filename, "refused", reason=reason))
                 continue
+            try:
+                data = archive.read(info)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                # e.g. a bad CRC: this entry is refused, the rest still go in.
+                report.results.append(
+                    IngestResult(info.filename, "refused", reason=f"{info.filename}: damaged ({exc})")
+                )
+                continue
             result = ingest_bytes(
-                archive.read(info),
+                data,
                 info.filename,
                 session=session,
                 category=category,
