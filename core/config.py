@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     max_archive_entries: int = Field(5000, ge=1)
     # Larger images are refused as decompression bombs (default 50 megapixels).
     max_image_pixels: int = Field(50_000_000, ge=1024)
+    # Below this much free space in DATA_DIR, /api/health/ says `degraded`.
+    min_free_disk_bytes: int = Field(1024**3, ge=0)
+    # Image files that no row refers to (a server killed mid-upload leaves
+    # them) are removed by the worker once they are this old (seconds): long
+    # enough for any upload still in progress to commit its rows.
+    orphan_grace_seconds: float = Field(600.0, ge=0)
     # SQLite waits this long for a lock before reporting "database is locked".
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
     # How often an idle consumer looks for new work (seconds).

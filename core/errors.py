@@ -31,6 +31,12 @@ class FileTooLargeError(InvalidImageError):
     status_code = 413
 
 
+class StorageFullError(UserError):
+    """The disk (or quota) under DATA_DIR is full; the write was undone."""
+
+    status_code = 507
+
+
 class TrainingCancelled(Exception):
     """Raised inside the training loop when someone cancelled the round."""
 
