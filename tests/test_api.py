@@ -39,10 +39,85 @@ def tokens(session):
 # --- health and access --------------------------------------------------------
 
 
-def test_health_needs_no_token_and_reports_database_and_queue(client):
+def test_health_needs_no_token_and_reports_database_queue_and_disk(client, data_dir):
+    import shutil
+
     response = client.get("/health/")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok", "queue": "ok", "queued_jobs": 0}
+    body = response.json()
+    free = body.pop("free_disk_bytes")
+    assert abs(free - shutil.disk_usage(data_dir).free) < 2**30
+    assert body == {
+        "status": "ok",
+        "database": "ok",
+        "queue": "ok",
+        "queued_jobs": 0,
+        "missing_from_queue": 0,
+        "disk": "ok",
+        "detail": None,
+    }
+
+
+def test_health_is_unavailable_when_the_queue_cannot_be_written(client, monkeypatch):
+    import sqlite3
+
+    import jobs
+
+    def unwritable(*args):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(jobs.huey.storage, "put_data", unwritable)
+    response = client.get("/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["queue"] == "not writable or unreachable: attempt to write a readonly database"
+
+
+def test_health_is_degraded_while_queued_jobs_are_missing_from_the_queue(client, session, monkeypatch):
+    from core import training
+    from core.config import get_settings
+
+    monkeypatch.setenv("HEARTBEAT_TIMEOUT", "0.1")  # the sweep's grace
+    get_settings.cache_clear()
+    add_demo(session, per_category=10)
+    training.start_training({"epochs": 1}, session=session)  # recorded, never enqueued
+    session.commit()
+    wait_for(lambda: client.get("/health/").json()["missing_from_queue"] == 1, timeout=5)
+    body = client.get("/health/").json()
+    assert (body["status"], body["queue"], body["queued_jobs"]) == ("degraded", "missing jobs", 0)
+    assert "1 queued job(s) are missing from the queue" in body["detail"]
+
+
+def test_health_is_degraded_when_free_disk_space_is_under_the_threshold(client, monkeypatch):
+    from core.config import get_settings
+
+    monkeypatch.setenv("MIN_FREE_DISK_BYTES", str(2**60))
+    get_settings.cache_clear()
+    body = client.get("/health/").json()
+    assert (body["status"], body["disk"]) == ("degraded", "low")
+    assert "under MIN_FREE_DISK_BYTES" in body["detail"]
+
+
+@pytest.fixture
+def full_images_disk(data_dir):
+    """DATA_DIR/images on a real filesystem (a 1 MB tmpfs) that is full."""
+    folder = data_dir / "images"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        try:
+            with open(folder / "filler", "wb") as fh:
+                while True:
+                    fh.write(bytes(4096))
+                    fh.flush()
+        except OSError:  # full
+            pass
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.mark.parametrize(
@@ -475,6 +550,22 @@ def test_upload_over_the_size_limit_is_413_and_stores_nothing(client, session, t
     assert response.status_code == 413
     assert response.json() == {"detail": f"big.bmp: the file is {len(big) / 2**20:.1f} MB; the limit is 0.0 MB"}
     assert len(session.exec(select(TrainingImage)).all()) == 1
+
+
+def test_upload_on_a_full_disk_is_507_with_a_message_and_stores_nothing(client, session, tokens, full_images_disk):
+    review.add_category("cat", session=session, actor=as_actor())
+    session.commit()
+    first, second = distinct_images(2, size=(48, 48))
+    response = client.post(
+        "/images/",
+        data={"category": "cat"},
+        files=_files(("a.png", first), ("b.png", second)),
+        headers=tokens["device"],
+    )
+    assert response.status_code == 507
+    assert "disk is full" in response.json()["detail"] and "nothing was stored" in response.json()["detail"]
+    assert session.exec(select(TrainingImage)).all() == []
+    assert [p.name for p in full_images_disk.rglob("*") if p.is_file()] == ["filler"]
 
 
 def test_upload_without_files_or_category_says_which_field_is_missing(client, tokens):
