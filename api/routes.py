@@ -24,7 +24,7 @@ from api.schemas import (
 from core import manifest, registry, review, training, uploads
 from core.config import get_settings
 from core.db import read_session, session_scope
-from core.errors import InvalidImageError
+from core.errors import InvalidImageError, RequestTooLargeError
 from core.ingest import check_size, get_or_create_category
 from core.models import EpochMetric, ImageSource, ModelVersion, RoundStatus, TrainingRound, as_utc
 from core.storage import free_bytes
@@ -172,6 +172,11 @@ def upload_images(
     device_id: Annotated[str | None, Form(description="The phone that took the pictures")] = None,
 ) -> UploadResponse:
     """Store photos from a phone; they wait for review (`pending`)."""
+    limit = get_settings().max_upload_files
+    if len(images) > limit:
+        raise RequestTooLargeError(
+            f"{len(images)} files in one request; the limit is {limit} (MAX_UPLOAD_FILES): send them in several requests"
+        )
     for upload in images:
         check_size(upload.size or 0, upload.filename or "upload")
     with session_scope() as session:

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # Changing it moves images between test and training: set it once.
     test_split: float = Field(0.15, ge=0.0, le=0.5)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # One API upload request (POST /api/images/): its whole body, and its files.
+    max_request_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    max_upload_files: int = Field(100, ge=1)
     # A .zip is refused before anything in it is decompressed when its entries
     # add up to more than this (uncompressed) or it holds more entries than
     # this. Photos barely compress, so the web server's 200 MB upload limit

@@ -25,6 +25,12 @@ class InvalidImageError(UserError):
     status_code = 422
 
 
+class RequestTooLargeError(UserError):
+    """A request over a size or count limit (MAX_REQUEST_BYTES, MAX_UPLOAD_FILES)."""
+
+    status_code = 413
+
+
 class FileTooLargeError(InvalidImageError):
     """An upload over the configured byte limit."""
 
