@@ -330,3 +330,52 @@ def test_a_round_whose_queue_was_lost_runs_once_when_a_worker_starts(
     assert (done.status, done.attempts) == (RoundStatus.completed, 1), done.history
     assert worker.output().count("was queued but missing from the queue") == 1
     assert len(versions()) == 1
+
+
+def test_server_killed_mid_upload_leaves_files_that_the_worker_sweeps_after_the_grace(
+    data_dir, session, tmp_path, worker_factory
+):
+    import httpx
+
+    from core.models import TrainingImage
+    from tests.factories import add_images, add_token, distinct_images
+    from tests.servers import free_port
+
+    add_images(session, {"cat": 1})
+    kept = session.exec(select(TrainingImage)).one()
+    kept_file = data_dir / kept.path
+    headers = add_token(session, "device")
+    port = free_port()
+    with open(tmp_path / "api.log", "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, "DATA_DIR": str(data_dir), "CRASH_AT": "ingest.file_written"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health/", timeout=5).status_code
+            except httpx.HTTPError:
+                return server.poll() is not None
+
+        wait_for(up, timeout=120, message="the API server")
+        files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(distinct_images(5))]
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"http://127.0.0.1:{port}/images/", data={"category": "cat"}, files=files, headers=headers)
+        assert server.wait(timeout=30) == -signal.SIGKILL
+    session.expire_all()
+    assert session.exec(select(TrainingImage)).all() == [kept]  # the upload's rows never committed
+    session.rollback()  # a session holds SQLite's write lock until its transaction ends
+    orphans = [p for p in (data_dir / "images").rglob("*") if p.is_file() and p != kept_file]
+    assert len(orphans) == 1
+    old = time.time() - 3600
+    os.utime(orphans[0], (old, old))
+    young = orphans[0].with_name("f" * 64 + ".png")  # as if an upload were writing it right now
+    young.write_bytes(b"in progress")
+    worker = worker_factory()
+    wait_for(lambda: not orphans[0].exists(), timeout=120, message="the worker to sweep the orphan")
+    assert kept_file.exists() and young.exists()
+    assert f"removed {orphans[0]}: no image refers to it" in worker.output()
