@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.limits import RequestLimits
 from api.routes import router
 from api.schemas import allowed_range
 from core.errors import AuthenticationError, UserError
@@ -52,6 +53,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)
+    app.add_middleware(RequestLimits, error_response=user_error)
     return app
 
 

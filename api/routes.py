@@ -22,10 +22,12 @@ from api.schemas import (
     UploadResponse,
 )
 from core import manifest, registry, review, stats, training, uploads
+from core.config import get_settings
 from core.db import read_session, session_scope
-from core.errors import InvalidImageError
+from core.errors import InvalidImageError, RequestTooLargeError
 from core.ingest import check_size, get_or_create_category
 from core.models import EpochMetric, ImageSource, ModelVersion, RoundStatus, TrainingRound, as_utc
+from core.storage import free_bytes
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -167,6 +169,11 @@ def upload_images(
     device_id: Annotated[str | None, Form(description="The phone that took the pictures")] = None,
 ) -> UploadResponse:
     """Store photos from a phone; they wait for review (`pending`)."""
+    limit = get_settings().max_upload_files
+    if len(images) > limit:
+        raise RequestTooLargeError(
+            f"{len(images)} files in one request; the limit is {limit} (MAX_UPLOAD_FILES): send them in several requests"
+        )
     for upload in images:
         check_size(upload.size or 0, upload.filename or "upload")
     with session_scope() as session:
@@ -204,8 +211,11 @@ def list_categories(caller: Reader) -> CategoryList:
 
 @router.get("/health/", tags=["health"], response_model=Health, responses={503: {"model": Health}})
 def health() -> Health | JSONResponse:
-    """No token needed: is the database reachable, and the queue?"""
-    report = {"status": "ok", "database": "ok", "queue": "ok", "queued_jobs": None}
+    """No token needed: is the database reachable, can the queue be written
+    and does it hold every queued job, is there free disk space?"""
+    settings = get_settings()
+    report = {"status": "ok", "database": "ok", "queue": "ok", "disk": "ok"}
+    problems = []
     try:
         with read_session() as session:
             session.execute(text("SELECT 1"))
@@ -213,10 +223,26 @@ def health() -> Health | JSONResponse:
         log.warning("health: database unreachable", exc_info=True)
         report |= {"status": "unavailable", "database": f"unreachable: {exc}"}
     try:
-        report["queued_jobs"] = jobs.huey.pending_count()
+        report |= jobs.queue_health()
     except Exception as exc:
-        log.warning("health: queue unreachable", exc_info=True)
-        report |= {"status": "unavailable", "queue": f"unreachable: {exc}"}
+        log.warning("health: queue not usable", exc_info=True)
+        report |= {"status": "unavailable", "queue": f"not writable or unreachable: {exc}"}
+    else:
+        if report["missing_from_queue"]:
+            report["queue"] = "missing jobs"
+            problems.append(
+                f"{report['missing_from_queue']} queued job(s) are missing from the queue; "
+                "a running worker enqueues them (python -m core worker)"
+            )
+    report["free_disk_bytes"] = free_bytes(settings.images_dir)
+    if report["free_disk_bytes"] < settings.min_free_disk_bytes:
+        report["disk"] = "low"
+        problems.append(
+            f"{report['free_disk_bytes'] / 2**20:,.0f} MB free in DATA_DIR, under MIN_FREE_DISK_BYTES "
+            f"({settings.min_free_disk_bytes / 2**20:,.0f} MB): uploads and training will soon fail"
+        )
     if report["status"] != "ok":
         return JSONResponse(report | {"detail": "The service is not ready"}, status_code=503)
+    if problems:
+        report |= {"status": "degraded", "detail": "; ".join(problems)}
     return Health(**report)

@@ -171,7 +171,14 @@ class CategoryList(BaseModel):
 
 
 class Health(BaseModel):
+    # ok, degraded (serving, but something needs the operator) or unavailable (503)
     status: str
     database: str
     queue: str
+    # Training tasks in the queue, and queued rounds it does not hold (the
+    # worker's sweep enqueues those).
     queued_jobs: int | None = None
+    missing_from_queue: int | None = None
+    disk: str
+    free_disk_bytes: int | None = None
+    detail: str | None = None

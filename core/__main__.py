@@ -420,7 +420,8 @@ def cmd_serve(args) -> int:
     with session_scope() as session:
         first_password = users.ensure_first_admin(session=session)
     port, host = str(args.port), args.host
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Set here too when it comes from `.env`, which uvicorn does not read.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FORWARDED_ALLOW_IPS": get_settings().forwarded_allow_ips}
     worker = subprocess.Popen([sys.executable, "-m", "core", "worker"], env=env)
     # server.py is the dashboard with the HTTP API mounted at /api (one port).
     web = subprocess.Popen(

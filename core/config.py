@@ -31,8 +31,23 @@ class Settings(BaseSettings):
     # Changing it moves images between test and training: set it once.
     test_split: float = Field(0.15, ge=0.0, le=0.5)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # One API upload request (POST /api/images/): its whole body, and its files.
+    max_request_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    max_upload_files: int = Field(100, ge=1)
+    # A .zip is refused before anything in it is decompressed when its entries
+    # add up to more than this (uncompressed) or it holds more entries than
+    # this. Photos barely compress, so the web server's 200 MB upload limit
+    # stays well under it; a zip bomb does not.
+    max_archive_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_archive_entries: int = Field(5000, ge=1)
     # Larger images are refused as decompression bombs (default 50 megapixels).
     max_image_pixels: int = Field(50_000_000, ge=1024)
+    # Below this much free space in DATA_DIR, /api/health/ says `degraded`.
+    min_free_disk_bytes: int = Field(1024**3, ge=0)
+    # Image files that no row refers to (a server killed mid-upload leaves
+    # them) are removed by the worker once they are this old (seconds): long
+    # enough for any upload still in progress to commit its rows.
+    orphan_grace_seconds: float = Field(600.0, ge=0)
     # SQLite waits this long for a lock before reporting "database is locked".
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
     # How often an idle consumer looks for new work (seconds).
@@ -59,6 +74,12 @@ class Settings(BaseSettings):
     training_device: Literal["auto", "cpu", "cuda"] = "auto"
     # The most processes (DDP ranks) one job may ask for; on CUDA each needs its own GPU.
     max_training_processes: int = Field(4, ge=1)
+
+    # Reverse proxies whose X-Forwarded-For is believed (comma-separated
+    # addresses or networks, `*` for any): sign-in throttling then counts the
+    # visitor's address, not the proxy's. The same variable uvicorn reads;
+    # `python -m core serve` hands it to the web server.
+    forwarded_allow_ips: str = "127.0.0.1,::1"
 
     # Which files each version is exported to, in order: `ptl` (PyTorch's lite
     # interpreter) and/or `pte` (ExecuTorch). Phones fetch the one they run.

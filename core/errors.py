@@ -25,10 +25,22 @@ class InvalidImageError(UserError):
     status_code = 422
 
 
+class RequestTooLargeError(UserError):
+    """A request over a size or count limit (MAX_REQUEST_BYTES, MAX_UPLOAD_FILES)."""
+
+    status_code = 413
+
+
 class FileTooLargeError(InvalidImageError):
     """An upload over the configured byte limit."""
 
     status_code = 413
+
+
+class StorageFullError(UserError):
+    """The disk (or quota) under DATA_DIR is full; the write was undone."""
+
+    status_code = 507
 
 
 class TrainingCancelled(Exception):

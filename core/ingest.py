@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import os
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -12,6 +14,7 @@ from sqlmodel import Session, select
 from core.config import get_settings
 from core.duplicates import image_hash
 from core.errors import FileTooLargeError, InvalidImageError, UserError
+from core.faults import crash_point
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
 from core.splits import assign_splits
 from core.storage import write_atomic
@@ -159,8 +162,12 @@ def ingest_bytes(
     cat = get_or_create_category(category, session=session, create=create_category)
     rel = Path("images") / digest[:2] / f"{digest}{_FORMAT_SUFFIX[checked.format]}"
     target = get_settings().data_dir / rel
-    if not target.exists():
+    if target.exists():
+        # A file without a row (yet) is swept once it is old: this one is in use again.
+        os.utime(target)
+    else:
         write_atomic(target, data)
+    crash_point("ingest.file_written")
     image = TrainingImage(
         sha256=digest,
         path=rel.as_posix(),
@@ -215,6 +222,26 @@ def import_folder(
     return report
 
 
+def _check_archive_size(entries: list[zipfile.ZipInfo]) -> None:
+    """Refuse an archive by its directory alone, before decompressing anything.
+
+    The sizes are the ones the archive declares; zipfile never returns more
+    bytes than an entry declares (it reports a bad CRC instead), so a lying
+    archive cannot get past this."""
+    settings = get_settings()
+    if len(entries) > settings.max_archive_entries:
+        raise UserError(
+            f"The archive holds {len(entries):,} entries; the limit is {settings.max_archive_entries:,} "
+            "(MAX_ARCHIVE_ENTRIES): split it into smaller archives"
+        )
+    total = sum(info.file_size for info in entries)
+    if total > settings.max_archive_bytes:
+        raise UserError(
+            f"The archive unpacks to {total / 2**20:,.0f} MB; the limit is "
+            f"{settings.max_archive_bytes / 2**20:,.0f} MB (MAX_ARCHIVE_BYTES): split it into smaller archives"
+        )
+
+
 def import_zip(
     data: bytes,
     *,
@@ -232,6 +259,7 @@ def import_zip(
     report = IngestReport()
     limit = get_settings().max_upload_bytes
     with archive:
+        _check_archive_size(archive.infolist())
         for info in archive.infolist():
             if info.is_dir():
                 continue
@@ -261,8 +289,16 @@ def import_zip(
                 reason = f"{info.filename}: {info.file_size / 2**20:.1f} MB is over the {limit / 2**20:.1f} MB limit"
                 report.results.append(IngestResult(info.filename, "refused", reason=reason))
                 continue
+            try:
+                data = archive.read(info)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                # e.g. a bad CRC: this entry is refused, the rest still go in.
+                report.results.append(
+                    IngestResult(info.filename, "refused", reason=f"{info.filename}: damaged ({exc})")
+                )
+                continue
             result = ingest_bytes(
-                archive.read(info),
+                data,
                 info.filename,
                 session=session,
                 category=category,
@@ -274,6 +310,26 @@ def import_zip(
             report.results.append(result)
     assign_splits(session=session)
     return report
+
+
+def remove_orphan_images(*, session: Session, grace: float | None = None) -> list[Path]:
+    """Delete files under DATA_DIR/images that no image row refers to and that
+    were not written or reused for `grace` seconds (ORPHAN_GRACE_SECONDS).
+
+    An upload writes its files before its rows commit, so a server killed
+    mid-upload (or an upload undone for any other reason) leaves files nobody
+    knows about; the grace keeps the files of uploads still in progress."""
+    settings = get_settings()
+    grace = settings.orphan_grace_seconds if grace is None else grace
+    known = set(session.exec(select(TrainingImage.path)).all())
+    cutoff = time.time() - grace
+    removed = []
+    for path in sorted(settings.images_dir.rglob("*")) if settings.images_dir.is_dir() else []:
+        orphan = path.is_file() and path.relative_to(settings.data_dir).as_posix() not in known
+        if orphan and path.stat().st_mtime < cutoff:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def image_path(image: TrainingImage) -> Path:

@@ -1,8 +1,21 @@
 """Files written so that a crash leaves either the old file or the new one."""
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+from core.errors import StorageFullError
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding `path` (its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
@@ -20,8 +33,13 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise StorageFullError(
+                f"The server's disk is full ({path.name} could not be written); nothing was stored. "
+                "Ask the operator to free space in DATA_DIR, then try again."
+            ) from exc
         raise
 
 

@@ -633,7 +633,7 @@ def _save_checkpoint(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run_training_round(round_id: int, *, session: Session) -> ModelVersion | None:
+def run_training_round(round_id: int, *, session: Session, task_id: str | None = None) -> ModelVersion | None:
     """Train one queued round to a registered ModelVersion.
 
     Commits as it goes (progress, epoch rows, checkpoints), since other
@@ -642,13 +642,18 @@ def run_training_round(round_id: int, *, session: Session) -> ModelVersion | Non
     `queued` and the error is re-raised (the queue retries it), unless this
     was the last of `1 + TRAINING_RETRIES` attempts: then it is marked
     `failed`. Returns None when the round was cancelled, failed or had
-    already finished."""
+    already finished, or when `task_id` (the queue task delivering it) is not
+    the round's current one: the sweeper replaced it (`missing_from_queue`)."""
     # Locked (PostgreSQL) so a second delivery of the same job waits here and
     # then sees it running; SQLite's write lock does the same.
     round_ = session.exec(select(TrainingRound).where(TrainingRound.id == round_id).with_for_update()).first()
     if round_ is None:
         raise NotFoundError(f"No training round {round_id}")
     if round_.status in FINISHED_STATUSES:
+        return None
+    if task_id is not None and round_.queue_task_id not in (None, task_id):
+        log.warning("round %s: task %s was replaced by %s; ignoring it", round_id, task_id, round_.queue_task_id)
+        session.rollback()
         return None
     if round_.status == RoundStatus.in_progress and not _is_stale(round_):
         log.warning("round %s is already running elsewhere; ignoring a duplicate delivery", round_id)
@@ -745,6 +750,39 @@ def recover_stale_rounds(*, session: Session) -> list[int]:
         session.add(round_)
     session.flush()
     return requeue
+
+
+def missing_from_queue(task_ids: set[str], *, session: Session, grace: float | None = None) -> list[TrainingRound]:
+    """`queued` rounds whose queue task is not among `task_ids` (what the queue
+    holds, waiting or scheduled for a retry): the queue lost them, or was not
+    writable when they were recorded. Rounds queued in the last `grace`
+    seconds (default HEARTBEAT_TIMEOUT) are left alone, since their task may
+    be on its way in (or just taken out by a consumer)."""
+    grace = get_settings().heartbeat_timeout if grace is None else grace
+    cutoff = utcnow() - timedelta(seconds=grace)
+    rounds = session.exec(select(TrainingRound).where(TrainingRound.status == RoundStatus.queued)).all()
+    return [
+        r
+        for r in rounds
+        if r.queue_task_id not in task_ids
+        and max(as_utc(r.created_at), as_utc(r.heartbeat_at or r.created_at)) < cutoff
+    ]
+
+
+def replace_queue_task(round_id: int, old: str | None, new: str, *, session: Session) -> bool:
+    """Give a still-queued round the task `new` in place of `old`; False when
+    someone else changed it first. A compare-and-set, so two sweepers running
+    at once enqueue a lost round once, not twice."""
+    changed = session.exec(
+        update(TrainingRound)
+        .where(
+            TrainingRound.id == round_id,
+            TrainingRound.status == RoundStatus.queued,
+            col(TrainingRound.queue_task_id) == old if old is not None else col(TrainingRound.queue_task_id).is_(None),
+        )
+        .values(queue_task_id=new)
+    )
+    return changed.rowcount == 1
 
 
 def active_rounds(*, session: Session) -> int:

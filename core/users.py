@@ -20,6 +20,16 @@ MIN_PASSWORD_LENGTH = 8
 # Failed sign-ins allowed before waits start; then 1, 2, 4, ... seconds, at most 15 minutes.
 FREE_FAILURES = 3
 MAX_WAIT = timedelta(minutes=15)
+# 2**10 s is already over MAX_WAIT; a larger exponent only risks an OverflowError.
+MAX_EXPONENT = 10
+# Sign-ins whose address is unknown (local, or behind a proxy that is not
+# trusted: FORWARDED_ALLOW_IPS) share one budget, so guessing over many names
+# is still slowed down; it allows more failures since several people may share it.
+UNKNOWN_CLIENT = "client:unknown"
+UNKNOWN_FREE_FAILURES = 10
+# A key's failures are forgotten after this long without a new one, so the
+# shared budget does not end up waiting after every slip.
+FAILURE_MEMORY = timedelta(hours=1)
 FIRST_ADMIN = "admin"
 
 
@@ -175,10 +185,15 @@ class SignIn:
 
 
 def _throttle_keys(name: str, client: str | None) -> list[str]:
-    keys = [f"name:{name.strip().lower()}"]
-    if client:
-        keys.append(f"client:{client}")
-    return keys
+    return [f"name:{name.strip().lower()}", f"client:{client}" if client else UNKNOWN_CLIENT]
+
+
+def failure_wait(failures: int, free: int = FREE_FAILURES) -> timedelta:
+    """The wait after `failures` failed sign-ins: none for the first `free`,
+    then 1, 2, 4, ... seconds, never more than MAX_WAIT."""
+    if failures <= free:
+        return timedelta(0)
+    return min(timedelta(seconds=2 ** min(failures - free - 1, MAX_EXPONENT)), MAX_WAIT)
 
 
 def sign_in_wait(name: str, client: str | None = None, *, session: Session) -> float:
@@ -204,9 +219,9 @@ def sign_in(name: str, password: str, *, session: Session, client: str | None = 
     # An unknown name costs a hash too, so timing does not tell which names exist.
     stored = user.password_hash if user else hash_password("")
     if verify_password(password, stored) and user is not None and user.active:
-        for row in session.exec(
-            select(SignInThrottle).where(col(SignInThrottle.key).in_(_throttle_keys(name, client)))
-        ):
+        # The shared budget is not reset: anyone with an account could otherwise clear it for a guesser.
+        forget = [key for key in _throttle_keys(name, client) if key != UNKNOWN_CLIENT]
+        for row in session.exec(select(SignInThrottle).where(col(SignInThrottle.key).in_(forget))):
             session.delete(row)
         user.last_sign_in_at = utcnow()
         session.add(user)
@@ -225,10 +240,12 @@ def _record_failure(name: str, client: str | None, *, session: Session) -> float
     now, longest = utcnow(), 0.0
     for key in _throttle_keys(name, client):
         row = session.exec(select(SignInThrottle).where(SignInThrottle.key == key)).first() or SignInThrottle(key=key)
+        if row.last_failure_at is not None and now - as_utc(row.last_failure_at) > FAILURE_MEMORY:
+            row.failures = 0
         row.failures += 1
         row.last_failure_at = now
-        if row.failures > FREE_FAILURES:
-            wait = min(timedelta(seconds=2 ** (row.failures - FREE_FAILURES - 1)), MAX_WAIT)
+        wait = failure_wait(row.failures, UNKNOWN_FREE_FAILURES if key == UNKNOWN_CLIENT else FREE_FAILURES)
+        if wait:
             row.blocked_until = now + wait
             longest = max(longest, wait.total_seconds())
         session.add(row)

@@ -1,6 +1,7 @@
 """Huey on SQLite (in DATA_DIR); tasks take ids and call `core`."""
 
 import logging
+import uuid
 from collections.abc import Mapping
 
 from huey import Huey, crontab
@@ -12,7 +13,7 @@ from core import automation, training
 from core.access import SYSTEM_ACTOR, Actor, Permission, require
 from core.audit import record_audit
 from core.config import get_settings
-from core.db import session_scope
+from core.db import read_session, session_scope
 from core.models import TrainingRound
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,51 @@ def bind_storage() -> None:
     huey.storage = huey.create_storage()
 
 
-@huey.task(retries=get_settings().training_retries, retry_delay=1)
-def run_training_job(round_id: int) -> None:
+@huey.task(retries=get_settings().training_retries, retry_delay=1, context=True)
+def run_training_job(round_id: int, task: Task | None = None) -> None:
     """Train one round. It raises only when core wants a retry; core counts
-    the attempts (crash recovery re-enqueues too) and fails the last one."""
+    the attempts (crash recovery re-enqueues too) and fails the last one. A
+    task the sweeper replaced does nothing (its id is no longer the round's)."""
     with session_scope() as session:
-        training.run_training_round(round_id, session=session)
+        training.run_training_round(round_id, session=session, task_id=task.id if task else None)
+
+
+def queued_task_ids() -> set[str]:
+    """Ids of the training tasks the queue holds: waiting, or scheduled (a retry)."""
+    return {t.id for t in (*huey.pending(), *huey.scheduled()) if t.name == run_training_job.task_class.__name__}
+
+
+def enqueue_missing_rounds() -> list[int]:
+    """The outbox sweep: a round is recorded (`queued`) before its task is put
+    on the queue, so a queue that was unwritable at that moment, or lost
+    since, leaves rounds no consumer will ever see. Give each such round a new
+    task, once (core.training.replace_queue_task), and enqueue it; returns
+    their ids. Runs on every worker start and then periodically."""
+    present = queued_task_ids()
+    with session_scope() as session:
+        missing = [(r.id, r.queue_task_id) for r in training.missing_from_queue(present, session=session)]
+    enqueued = []
+    for round_id, old in missing:
+        task = run_training_job.s(round_id)
+        with session_scope() as session:
+            claimed = training.replace_queue_task(round_id, old, task.id, session=session)
+        if claimed:
+            huey.enqueue(task)
+            enqueued.append(round_id)
+            log.warning("round %s was queued but missing from the queue; enqueued it (task %s)", round_id, task.id)
+    return enqueued
+
+
+def queue_health() -> dict:
+    """Whether the queue can be written now, and whether it holds a task for
+    every round the database says is queued (and past the sweeper's grace)."""
+    probe = f"health-{uuid.uuid4().hex}"
+    huey.storage.put_data(probe, b"1")
+    huey.storage.pop_data(probe)
+    present = queued_task_ids()
+    with read_session() as session:
+        missing = training.missing_from_queue(present, session=session)
+    return {"queued_jobs": len(present), "missing_from_queue": len(missing)}
 
 
 def requeue_stale_rounds() -> list[int]:
@@ -87,8 +127,18 @@ def submit_training(params: Mapping | None, *, actor: Actor) -> TrainingRound:
     with session_scope() as session:
         round_ = training.start_training(params, session=session, requested_by=actor.name)
         task = _queue_task(round_, session=session, actor=actor)
-    huey.enqueue(task)
+    _enqueue_recorded(task, round_)
     return round_
+
+
+def _enqueue_recorded(task: Task, round_: TrainingRound) -> None:
+    """Enqueue the task of a round that is already committed. Should the queue
+    refuse it, the round stays recorded and the sweep (`enqueue_missing_rounds`)
+    enqueues it once the queue works again: the caller is not told it failed."""
+    try:
+        huey.enqueue(task)
+    except Exception:
+        log.exception("could not enqueue round %s; the worker's sweep will enqueue it", round_.id)
 
 
 def run_automatic_check() -> TrainingRound | None:
@@ -108,7 +158,7 @@ def run_automatic_check() -> TrainingRound | None:
             trigger=decision.trigger,
         )
         task = _queue_task(round_, session=session, actor=SYSTEM_ACTOR)
-    huey.enqueue(task)
+    _enqueue_recorded(task, round_)
     log.info("automatic training job %s queued: %s", round_.job_id, decision.reason)
     return round_
 

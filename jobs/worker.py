@@ -7,7 +7,8 @@ import time
 from core import registry, training
 from core.config import get_settings
 from core.db import session_scope
-from jobs.queue import huey, requeue_stale_rounds
+from core.ingest import remove_orphan_images
+from jobs.queue import enqueue_missing_rounds, huey, requeue_stale_rounds
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 def run_worker(workers: int = 1) -> None:
     """Consume training jobs until interrupted. One job at a time per worker."""
     settings = get_settings()
-    requeue_stale_rounds()
+    _recover()
     with session_scope() as session:
         # Files of a job that is exporting right now look like orphans too.
         busy = training.active_rounds(session=session) > 0
@@ -36,12 +37,23 @@ def run_worker(workers: int = 1) -> None:
     consumer.run()
 
 
+def _recover() -> None:
+    """Re-enqueue jobs whose worker died and queued jobs the queue does not
+    hold; remove image files an interrupted upload left without a row."""
+    requeue_stale_rounds()
+    enqueue_missing_rounds()
+    with session_scope() as session:
+        removed = remove_orphan_images(session=session)
+    for path in removed:
+        log.warning("removed %s: no image refers to it (left by an interrupted upload)", path)
+
+
 def _watch_for_lost_jobs() -> None:
-    """Periodically re-enqueue jobs whose worker died (on this machine or another)."""
+    """Periodically recover lost jobs (on this machine or another)."""
     interval = max(1.0, get_settings().heartbeat_timeout / 2)
     while True:
         time.sleep(interval)
         try:
-            requeue_stale_rounds()
-        except Exception:  # the database may be briefly unreachable; try again later
+            _recover()
+        except Exception:  # the database or queue may be briefly unreachable; try again later
             log.exception("checking for lost jobs failed")

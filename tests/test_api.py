@@ -39,10 +39,85 @@ def tokens(session):
 # --- health and access --------------------------------------------------------
 
 
-def test_health_needs_no_token_and_reports_database_and_queue(client):
+def test_health_needs_no_token_and_reports_database_queue_and_disk(client, data_dir):
+    import shutil
+
     response = client.get("/health/")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok", "queue": "ok", "queued_jobs": 0}
+    body = response.json()
+    free = body.pop("free_disk_bytes")
+    assert abs(free - shutil.disk_usage(data_dir).free) < 2**30
+    assert body == {
+        "status": "ok",
+        "database": "ok",
+        "queue": "ok",
+        "queued_jobs": 0,
+        "missing_from_queue": 0,
+        "disk": "ok",
+        "detail": None,
+    }
+
+
+def test_health_is_unavailable_when_the_queue_cannot_be_written(client, monkeypatch):
+    import sqlite3
+
+    import jobs
+
+    def unwritable(*args):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(jobs.huey.storage, "put_data", unwritable)
+    response = client.get("/health/")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["queue"] == "not writable or unreachable: attempt to write a readonly database"
+
+
+def test_health_is_degraded_while_queued_jobs_are_missing_from_the_queue(client, session, monkeypatch):
+    from core import training
+    from core.config import get_settings
+
+    monkeypatch.setenv("HEARTBEAT_TIMEOUT", "0.1")  # the sweep's grace
+    get_settings.cache_clear()
+    add_demo(session, per_category=10)
+    training.start_training({"epochs": 1}, session=session)  # recorded, never enqueued
+    session.commit()
+    wait_for(lambda: client.get("/health/").json()["missing_from_queue"] == 1, timeout=5)
+    body = client.get("/health/").json()
+    assert (body["status"], body["queue"], body["queued_jobs"]) == ("degraded", "missing jobs", 0)
+    assert "1 queued job(s) are missing from the queue" in body["detail"]
+
+
+def test_health_is_degraded_when_free_disk_space_is_under_the_threshold(client, monkeypatch):
+    from core.config import get_settings
+
+    monkeypatch.setenv("MIN_FREE_DISK_BYTES", str(2**60))
+    get_settings.cache_clear()
+    body = client.get("/health/").json()
+    assert (body["status"], body["disk"]) == ("degraded", "low")
+    assert "under MIN_FREE_DISK_BYTES" in body["detail"]
+
+
+@pytest.fixture
+def full_images_disk(data_dir):
+    """DATA_DIR/images on a real filesystem (a 1 MB tmpfs) that is full."""
+    folder = data_dir / "images"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        try:
+            with open(folder / "filler", "wb") as fh:
+                while True:
+                    fh.write(bytes(4096))
+                    fh.flush()
+        except OSError:  # full
+            pass
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.mark.parametrize(
@@ -477,6 +552,22 @@ def test_upload_over_the_size_limit_is_413_and_stores_nothing(client, session, t
     assert len(session.exec(select(TrainingImage)).all()) == 1
 
 
+def test_upload_on_a_full_disk_is_507_with_a_message_and_stores_nothing(client, session, tokens, full_images_disk):
+    review.add_category("cat", session=session, actor=as_actor())
+    session.commit()
+    first, second = distinct_images(2, size=(48, 48))
+    response = client.post(
+        "/images/",
+        data={"category": "cat"},
+        files=_files(("a.png", first), ("b.png", second)),
+        headers=tokens["device"],
+    )
+    assert response.status_code == 507
+    assert "disk is full" in response.json()["detail"] and "nothing was stored" in response.json()["detail"]
+    assert session.exec(select(TrainingImage)).all() == []
+    assert [p.name for p in full_images_disk.rglob("*") if p.is_file()] == ["filler"]
+
+
 def test_upload_without_files_or_category_says_which_field_is_missing(client, tokens):
     response = client.post("/images/", data={"device_id": "x"}, headers=tokens["device"])
     assert response.status_code == 422
@@ -628,3 +719,120 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
     output = (tmp_path / "serve.log").read_text()
     assert f"Training dashboard: open http://localhost:{port} in your browser" in output
     assert "worker consuming" in output
+
+
+# --- limits before the body: a real server on loopback, bodies streamed ----------
+
+
+@pytest.fixture
+def api_server(data_dir, tmp_path, monkeypatch):
+    """`uvicorn api.app:app` on a free loopback port, with MAX_REQUEST_BYTES of 1 MB."""
+    port = _free_port()
+    log = open(tmp_path / "api.log", "wb")
+    env = {**os.environ, "DATA_DIR": str(data_dir), "MAX_REQUEST_BYTES": str(2**20), "MAX_UPLOAD_FILES": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(f"{base}/health/", timeout=5).status_code in (200, 503)
+        except httpx.HTTPError:
+            return proc.poll() is not None
+
+    try:
+        wait_for(up, timeout=120, interval=0.3, message="the API server")
+        assert proc.poll() is None, (tmp_path / "api.log").read_text()
+        yield base
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+class Endless:
+    """A request body streamed in 64 KB chunks up to `total` bytes, counting what was taken."""
+
+    def __init__(self, total: int, prefix: bytes = b""):
+        self.total, self.prefix, self.sent = total, prefix, 0
+
+    def __iter__(self):
+        yield self.prefix
+        self.sent += len(self.prefix)
+        while self.sent < self.total:
+            self.sent += 65536
+            yield b" " * 65536
+
+
+def test_a_body_without_a_token_is_refused_before_it_is_read(api_server):
+    body = Endless(200 * 2**20, prefix=b'{"epochs": 1, "pad": "')
+    response = httpx.post(
+        f"{api_server}/models/train/", content=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Missing API token: send the header 'Authorization: Bearer <token>'"}
+    # Only what the sockets buffered before the answer left the client: not 200 MB.
+    assert body.sent < 32 * 2**20, body.sent
+
+
+def test_a_json_body_streamed_past_its_limit_is_413_without_reading_the_rest(api_server, session, tokens):
+    body = Endless(200 * 2**20, prefix=b'{"epochs": 1, "pad": "')
+    response = httpx.post(
+        f"{api_server}/models/train/",
+        content=body,
+        headers={**tokens["operator"], "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json() == {
+        "detail": "The request body is over the limit of 16 KB (this route takes a few fields of JSON)"
+    }
+    assert body.sent < 32 * 2**20, body.sent
+    assert session.exec(select(TrainingRound)).all() == []
+
+
+def test_an_upload_over_max_request_bytes_is_413_by_its_length_or_as_it_streams(api_server, session, tokens):
+    add_images(session, {"cat": 1})
+    declared = httpx.post(
+        f"{api_server}/images/",
+        data={"category": "cat"},
+        files=_files(("big.bmp", bytes(2 * 2**20))),
+        headers=tokens["device"],
+        timeout=60,
+    )
+    assert declared.status_code == 413
+    assert declared.json()["detail"].startswith("The request body (2.0 MB) is over the limit of 1.0 MB")
+    assert "MAX_REQUEST_BYTES: send the files in several requests" in declared.json()["detail"]
+    boundary = b"xyzzy"
+    head = b'--xyzzy\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
+    streamed_body = Endless(200 * 2**20, prefix=head)
+    streamed = httpx.post(
+        f"{api_server}/images/",
+        content=streamed_body,
+        headers={**tokens["device"], "Content-Type": f"multipart/form-data; boundary={boundary.decode()}"},
+        timeout=60,
+    )
+    assert streamed.status_code == 413 and "over the limit of 1.0 MB" in streamed.json()["detail"]
+    assert streamed_body.sent < 32 * 2**20
+    assert len(session.exec(select(TrainingImage)).all()) == 1
+
+
+def test_an_upload_with_more_files_than_max_upload_files_is_413(api_server, session, tokens):
+    add_images(session, {"cat": 1})
+    response = httpx.post(
+        f"{api_server}/images/",
+        data={"category": "cat"},
+        files=_files(*[(f"{i}.png", image) for i, image in enumerate(distinct_images(4))]),
+        headers=tokens["device"],
+        timeout=60,
+    )
+    assert response.status_code == 413
+    assert response.json() == {
+        "detail": "4 files in one request; the limit is 3 (MAX_UPLOAD_FILES): send them in several requests"
+    }
+    assert len(session.exec(select(TrainingImage)).all()) == 1

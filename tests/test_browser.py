@@ -204,3 +204,38 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
 
     page.get_by_role("button", name="Sign out").click()
     page.get_by_role("heading", name="Sign in").wait_for()
+
+
+def test_sign_in_failures_behind_a_trusted_proxy_count_the_forwarded_address(server):
+    """The server trusts a proxy on loopback (FORWARDED_ALLOW_IPS' default), so
+    each visitor's X-Forwarded-For address has its own failure budget."""
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+
+    def try_names(browser, address: str, names: list[str]) -> list[str]:
+        context = browser.new_context(extra_http_headers={"X-Forwarded-For": address})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.get_by_role("heading", name="Sign in").wait_for()
+        messages = []
+        for name in names:
+            page.get_by_label("User name", exact=True).fill(name)
+            page.get_by_label("Password", exact=True).fill("a wrong guess")
+            page.get_by_role("button", name="Sign in").click()
+            settle(page)
+            alert = page.get_by_role("alert").filter(has_text="Wrong user name or password.")
+            alert.wait_for()
+            messages.append(alert.inner_text())
+        context.close()
+        return messages
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        # Four names from one address: its fourth failure starts the wait.
+        first = try_names(browser, "203.0.113.9", ["ana", "bea", "cy", "dan"])
+        assert all("wait" not in m for m in first[:3]) and "wait 1 s" in first[3], first
+        # Another visitor behind the same proxy is not slowed down by them.
+        assert "wait" not in try_names(browser, "203.0.113.10", ["eve"])[0]
+        browser.close()

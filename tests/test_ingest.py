@@ -136,3 +136,47 @@ def test_zip_entries_outside_the_root_are_refused(session, data_dir):
 def test_not_a_zip_is_a_clear_error(session):
     with pytest.raises(UserError, match="not a valid .zip"):
         import_zip(b"hello", session=session)
+
+
+def _zip(entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [("MAX_ARCHIVE_BYTES", "1048576", "unpacks to 4 MB; the limit is 1 MB"), ("MAX_ARCHIVE_ENTRIES", "3", "4 entries")],
+)
+def test_a_zip_over_the_archive_limits_is_refused_before_anything_is_decompressed(
+    session, data_dir, monkeypatch, setting, value, expected
+):
+    from core.config import get_settings
+    from core.uploads import ingest_uploads
+    from tests.factories import as_actor
+
+    monkeypatch.setenv(setting, value)
+    get_settings.cache_clear()
+    # Four entries of 1 MB of zeros: a few KB compressed.
+    bomb = _zip({f"cat/{i}.png": bytes(2**20) for i in range(4)})
+    assert len(bomb) < 50_000
+    decompressed = []
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, info: decompressed.append(info) or b"")
+    report = ingest_uploads([("bomb.zip", bomb)], session=session, actor=as_actor(), category=None)
+    assert report.count("refused") == 1 and expected in report.refused[0].reason
+    assert "split it into smaller archives" in report.refused[0].reason
+    assert decompressed == [] and stored(session) == []
+
+
+def test_a_zip_entry_with_a_bad_crc_is_refused_and_leaves_no_file(session, data_dir):
+    good, bad = image_bytes(), image_bytes(colour=(1, 2, 3))
+    data = bytearray(_zip({"cat/good.png": good, "cat/bad.png": bad}, compression=zipfile.ZIP_STORED))
+    start = data.index(bad)
+    data[start + len(bad) // 2] ^= 0xFF  # damage the stored bytes, not the directory
+    report = import_zip(bytes(data), session=session)
+    assert report.count("stored") == 1
+    assert "cat/bad.png: damaged" in report.refused[0].reason and "CRC" in report.refused[0].reason
+    files = [p for p in (data_dir / "images").rglob("*") if p.is_file()]
+    assert [p.name for p in files] == [p.name for p in (data_dir / i.path for i in stored(session))]

@@ -259,3 +259,123 @@ def test_several_processes_writing_at_once_lose_nothing(data_dir, session):
     assert len(metrics_of(round_.id)) == 2 * count
     status_lines = [line for line in get_round(round_.id).history if line.startswith("status")]
     assert len(status_lines) == count
+
+
+# --- the round is the record: queued rounds the queue does not hold ----------
+
+
+@pytest.fixture
+def no_grace(monkeypatch):
+    """Queued rounds count as missing from the queue at once (HEARTBEAT_TIMEOUT is the grace)."""
+    monkeypatch.setenv("HEARTBEAT_TIMEOUT", "0.2")
+    from core.config import get_settings
+
+    get_settings.cache_clear()
+
+
+def test_train_call_with_an_unwritable_queue_records_the_round_and_the_sweep_enqueues_it_once(
+    data_dir, session, monkeypatch, no_grace
+):
+    import sqlite3
+
+    import jobs
+    from jobs.queue import queued_task_ids
+
+    add_demo(session, per_category=10, size=32)
+
+    def unwritable(*args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    with monkeypatch.context() as broken:
+        broken.setattr(jobs.huey.storage, "enqueue", unwritable)
+        round_ = submit_training({"epochs": 1, "image_size": 32}, actor=as_actor("test"))
+    assert get_round(round_.id).status == RoundStatus.queued and queued_task_ids() == set()
+    time.sleep(0.3)
+    assert jobs.enqueue_missing_rounds() == [round_.id]
+    assert jobs.enqueue_missing_rounds() == []  # once: the queue holds it now
+    assert queued_task_ids() == {get_round(round_.id).queue_task_id}
+
+
+def test_two_sweeps_at_once_give_a_lost_round_one_task(data_dir, session):
+    add_demo(session, per_category=10, size=32)
+    round_ = training.start_training({"epochs": 1, "image_size": 32}, session=session)
+    round_.queue_task_id = "lost"
+    session.commit()
+    assert training.replace_queue_task(round_.id, "lost", "first", session=session)
+    assert not training.replace_queue_task(round_.id, "lost", "second", session=session)
+    session.commit()
+    # The task the sweep replaced does nothing if it turns up after all.
+    assert training.run_training_round(round_.id, session=session, task_id="lost") is None
+    again = get_round(round_.id)
+    assert (again.status, again.attempts, again.queue_task_id) == (RoundStatus.queued, 0, "first")
+
+
+def test_a_round_whose_queue_was_lost_runs_once_when_a_worker_starts(
+    data_dir, session, worker_factory, no_grace, ptl_only
+):
+    add_demo(session, per_category=10, size=32)
+    round_ = submit_training({"epochs": 1, "image_size": 32}, actor=as_actor("test"))
+    # queue.db deleted (a disk replaced, a volume not mounted): its task is gone.
+    for path in data_dir.glob("queue.db*"):
+        path.unlink()
+    from jobs.queue import bind_storage
+
+    bind_storage()
+    worker = worker_factory(HEARTBEAT_TIMEOUT="3", HEARTBEAT_INTERVAL="0.5")
+    done = wait_for(
+        lambda: get_round(round_.id).status in {RoundStatus.completed, RoundStatus.failed} and get_round(round_.id),
+        timeout=240,
+        message="the lost round to run",
+    )
+    assert (done.status, done.attempts) == (RoundStatus.completed, 1), done.history
+    assert worker.output().count("was queued but missing from the queue") == 1
+    assert len(versions()) == 1
+
+
+def test_server_killed_mid_upload_leaves_files_that_the_worker_sweeps_after_the_grace(
+    data_dir, session, tmp_path, worker_factory
+):
+    import httpx
+
+    from core.models import TrainingImage
+    from tests.factories import add_images, add_token, distinct_images
+    from tests.servers import free_port
+
+    add_images(session, {"cat": 1})
+    kept = session.exec(select(TrainingImage)).one()
+    kept_file = data_dir / kept.path
+    headers = add_token(session, "device")
+    port = free_port()
+    with open(tmp_path / "api.log", "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, "DATA_DIR": str(data_dir), "CRASH_AT": "ingest.file_written"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health/", timeout=5).status_code
+            except httpx.HTTPError:
+                return server.poll() is not None
+
+        wait_for(up, timeout=120, message="the API server")
+        files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(distinct_images(5))]
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"http://127.0.0.1:{port}/images/", data={"category": "cat"}, files=files, headers=headers)
+        assert server.wait(timeout=30) == -signal.SIGKILL
+    session.expire_all()
+    assert session.exec(select(TrainingImage)).all() == [kept]  # the upload's rows never committed
+    session.rollback()  # a session holds SQLite's write lock until its transaction ends
+    orphans = [p for p in (data_dir / "images").rglob("*") if p.is_file() and p != kept_file]
+    assert len(orphans) == 1
+    old = time.time() - 3600
+    os.utime(orphans[0], (old, old))
+    young = orphans[0].with_name("f" * 64 + ".png")  # as if an upload were writing it right now
+    young.write_bytes(b"in progress")
+    worker = worker_factory()
+    wait_for(lambda: not orphans[0].exists(), timeout=120, message="the worker to sweep the orphan")
+    assert kept_file.exists() and young.exists()
+    assert f"removed {orphans[0]}: no image refers to it" in worker.output()

@@ -61,6 +61,40 @@ def test_the_wait_is_capped(session):
     assert users.sign_in_wait("ana", session=session) <= users.MAX_WAIT.total_seconds()
 
 
+def test_fifty_failures_for_one_name_are_still_recorded_and_wait_at_most_the_cap(session):
+    # 2**47 seconds used to overflow timedelta: the failure went unrecorded and guessing was unlimited.
+    session.add(SignInThrottle(key="name:ana", failures=50))
+    session.flush()
+    outcome = users.sign_in("ana", "guess", session=session, client="10.0.0.7")
+    assert "wait 15 min" in outcome.message
+    row = session.exec(select(SignInThrottle).where(SignInThrottle.key == "name:ana")).one()
+    assert row.failures == 51
+    assert users.sign_in_wait("ana", session=session) == pytest.approx(users.MAX_WAIT.total_seconds(), abs=5)
+    assert users.failure_wait(10**6) == users.MAX_WAIT
+
+
+def test_failures_from_an_unknown_address_share_one_budget_across_names(session):
+    # Streamlit gives no address for 127.0.0.1 (and for an untrusted proxy's
+    # users); 12 wrong passwords over 6 names used to get no wait at all.
+    add_user(session, "ana", "viewer", password="right password")
+    messages = [
+        users.sign_in(f"name{i % 6}", "guess", session=session).message for i in range(users.UNKNOWN_FREE_FAILURES + 1)
+    ]
+    assert all("wait" not in m for m in messages[:-1]) and "wait 1 s" in messages[-1]
+    blocked = users.sign_in("ana", "right password", session=session)
+    assert not blocked.ok and "Too many failed sign-ins" in blocked.message
+    # A known address has its own budget, and a success does not reset the shared one.
+    assert users.sign_in("ana", "right password", session=session, client="10.0.0.9").ok
+    assert users.sign_in_wait("bea", None, session=session) > 0
+
+
+def test_failures_are_forgotten_after_a_quiet_hour(session):
+    session.add(SignInThrottle(key="name:ana", failures=30, last_failure_at=utcnow() - timedelta(hours=2)))
+    session.flush()
+    assert "wait" not in users.sign_in("ana", "guess", session=session, client="10.0.0.7").message
+    assert session.exec(select(SignInThrottle).where(SignInThrottle.key == "name:ana")).one().failures == 1
+
+
 def test_first_admin_is_created_once_on_an_empty_install(session):
     password = users.ensure_first_admin(session=session)
     assert password and users.sign_in("admin", password, session=session).role == "admin"
