@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     # The most processes (DDP ranks) one job may ask for; on CUDA each needs its own GPU.
     max_training_processes: int = Field(4, ge=1)
 
+    # A dashboard sign-in lasts this long (hours), then the browser asks again.
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+    # Send the session cookie only over HTTPS: set it true behind TLS (docs/deploy.md).
+    session_cookie_secure: bool = False
+
     # Which files each version is exported to, in order: `ptl` (PyTorch's lite
     # interpreter) and/or `pte` (ExecuTorch). Phones fetch the one they run.
     export_formats: str = "ptl,pte"
