@@ -3,6 +3,7 @@
 import hashlib
 import io
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -261,8 +262,16 @@ def import_zip(
                 reason = f"{info.filename}: {info.file_size / 2**20:.1f} MB is over the {limit / 2**20:.1f} MB limit"
                 report.results.append(IngestResult(info.filename, "refused", reason=reason))
                 continue
+            try:
+                content = archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError):
+                # A damaged entry (bad CRC, truncated, unknown compression) is refused
+                # like a bad image; the rest of the archive still goes in.
+                reason = f"{info.filename}: damaged in the archive (cannot be unpacked intact); make the .zip again"
+                report.results.append(IngestResult(info.filename, "refused", reason=reason))
+                continue
             result = ingest_bytes(
-                archive.read(info),
+                content,
                 info.filename,
                 session=session,
                 category=category,

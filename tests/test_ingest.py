@@ -136,3 +136,21 @@ def test_zip_entries_outside_the_root_are_refused(session, data_dir):
 def test_not_a_zip_is_a_clear_error(session):
     with pytest.raises(UserError, match="not a valid .zip"):
         import_zip(b"hello", session=session)
+
+
+def test_a_damaged_zip_entry_is_refused_with_a_reason_and_the_rest_goes_in(session, data_dir):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("cat/good.png", image_bytes())
+        archive.writestr("cat/bad.png", image_bytes(colour=(9, 9, 9)))
+    damaged = bytearray(buffer.getvalue())
+    # Flip one byte inside bad.png's stored data: its CRC no longer matches.
+    with zipfile.ZipFile(io.BytesIO(bytes(damaged))) as archive:
+        info = archive.getinfo("cat/bad.png")
+    damaged[info.header_offset + 30 + len(info.filename) + 20] ^= 0xFF
+    report = import_zip(bytes(damaged), session=session)
+    assert report.count("stored") == 1
+    assert [r.reason for r in report.refused] == [
+        "cat/bad.png: damaged in the archive (cannot be unpacked intact); make the .zip again"
+    ]
+    assert len(stored(session)) == 1
