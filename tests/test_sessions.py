@@ -313,3 +313,18 @@ def test_a_link_to_a_version_opens_it_in_compare_and_downloads(session):
     assert not at.exception
     assert at.selectbox(key="compare_b").value == "1.0.0" and at.selectbox(key="compare_a").value != "1.0.0"
     assert at.selectbox(key="download_version").value == "1.0.0"
+
+
+def test_an_error_while_signing_in_shows_a_short_message_and_logs_the_rest(session, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(users, "sign_in", broken)
+    at = dashboard().run()
+    at.text_input(key="sign_in_name").input("ana")
+    at.text_input(key="sign_in_password").input("whatever password")
+    at.get("form_submit_button")[0].click().run()
+    assert not at.exception
+    assert at.error[0].value.startswith("Signing in failed because of an error on the server.")
+    assert "Traceback" not in at.error[0].value and "date value out of range" not in at.error[0].value
+    assert "OverflowError: date value out of range" in caplog.text
