@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import delete, or_
 from sqlmodel import Session, col, select, update
 
 from core.config import get_settings
@@ -41,6 +42,12 @@ def start_session(user_id: int, *, session: Session) -> str:
     one-time ticket (exchange it with `claim_ticket` within a minute)."""
     ticket = secrets.token_urlsafe(32)
     now = utcnow()
+    # Ended sessions are of no further use: the table keeps live ones only.
+    session.exec(
+        delete(BrowserSession).where(
+            or_(col(BrowserSession.expires_at) <= now, col(BrowserSession.revoked_at).is_not(None))
+        )
+    )
     session.add(
         BrowserSession(
             user_id=user_id,

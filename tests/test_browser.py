@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 
@@ -171,7 +172,8 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     go(page, "Review images")
     expect(page.locator('[data-testid="stImage"]')).to_have_count(48)
     shoot(page, "review")
-    thumbnail = url + page.locator('[data-testid="stImage"] img').first.get_attribute("src")
+    thumbnail = urljoin(page.url, page.locator('[data-testid="stImage"] img').first.get_attribute("src"))
+    assert "/media/" in thumbnail
     assert page.request.get(thumbnail).status == 200
 
     go(page, "Train")

@@ -64,11 +64,15 @@ def test_a_session_expires_after_session_hours(session, monkeypatch):
     assert sessions.session_user(token, session=session) is None
 
 
-def test_signing_out_ends_that_session_only(session):
+def test_signing_out_ends_that_session_only_and_ended_sessions_are_cleared_later(session):
     ana = add_user(session, "ana", "curator")
     laptop, phone = signed_in_token(session, ana), signed_in_token(session, ana)
     sessions.end_session(laptop, session=session)
     assert sessions.session_user(laptop, session=session) is None
+    assert sessions.session_user(phone, session=session).name == "ana"
+    assert len(session.exec(select(BrowserSession)).all()) == 2
+    signed_in_token(session, ana)  # the next sign-in clears the ended session's row
+    assert len(session.exec(select(BrowserSession)).all()) == 2
     assert sessions.session_user(phone, session=session).name == "ana"
 
 
