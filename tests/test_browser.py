@@ -218,8 +218,15 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     go(page, "Users and tokens")
     shoot(page, "admin")
 
+    other_tab = page.context.new_page()
+    other_tab.goto(f"{url}/models")
+    other_tab.get_by_text("In production now: 1.0.0").wait_for()
     page.get_by_role("button", name="Sign out").click()
     page.get_by_role("heading", name="Sign in").wait_for()
+    # The other tab, left alone, is signed out too (its sidebar checks every 5 seconds).
+    other_tab.get_by_role("heading", name="Sign in").wait_for(timeout=30_000)
+    expect(other_tab.get_by_text("In production now")).to_have_count(0)
+    other_tab.close()
     assert not [c for c in page.context.cookies() if c["name"] == "dashboard_session"]
     assert page.request.get(thumbnail).status == 403
 
