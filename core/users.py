@@ -241,10 +241,3 @@ def _record_failure(name: str, client: str | None, *, session: Session) -> float
         session.add(row)
     session.flush()
     return longest
-
-
-def current_user(user_id: int, *, session: Session) -> User | None:
-    """The user behind a UI session, if it still exists and is active (a
-    deactivated user is signed out on their next click)."""
-    user = session.get(User, user_id)
-    return user if user is not None and user.active else None
