@@ -6,17 +6,9 @@ import streamlit as st
 from core import registry, stats
 from core.access import Permission, allows
 from core.db import read_session
-from pages._common import format_seconds, sign_in_form, sign_out, signed_in
+from pages._common import format_seconds, page_address, sign_in_form, sign_out, signed_in
 
 st.set_page_config(page_title="Training dashboard", page_icon=":material/model_training:", layout="wide")
-
-user = signed_in()
-if user is None:
-    # Nothing else renders (or runs) until someone signs in, whichever page
-    # the address asks for; the navigation holds the sign-in page only.
-    st.navigation([st.Page(sign_in_form, title="Sign in", icon=":material/login:")], position="hidden")
-    sign_in_form()
-    st.stop()
 
 # (section, page, permission needed to see it)
 PAGES = [
@@ -31,6 +23,18 @@ PAGES = [
     ("Administration", st.Page("pages/admin.py", title="Users and tokens", icon=":material/group:"),
      Permission.manage_users),
 ]  # fmt: skip
+
+user = signed_in()
+if user is None:
+    # Nothing else renders (or runs) until someone signs in, whichever page
+    # the address asks for. The form holds "/" (Overview's address); the other
+    # pages are known (hidden), so a link such as /metrics?round=3 keeps its
+    # address and opens after signing in.
+    form = st.Page(sign_in_form, title="Sign in", icon=":material/login:", default=True)
+    asked = st.navigation([form, *(page for _, page, _ in PAGES if page.url_path)], position="hidden")
+    sign_in_form(next_page=page_address(asked))
+    st.stop()
+
 sections: dict[str, list] = {}
 for section, page, permission in PAGES:
     if permission is None or allows(user.role, permission):
@@ -40,6 +44,9 @@ pages = st.navigation(sections)
 
 @st.fragment(run_every=5)
 def queue_status() -> None:
+    if signed_in() is None:
+        # Signed out in another tab, or deactivated: show the sign-in form.
+        st.rerun()
     with read_session() as session:
         production = registry.production_version(session=session)
         running = stats.current_round(session=session)

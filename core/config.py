@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # visitor's address, not the proxy's. The same variable uvicorn reads;
     # `python -m core serve` hands it to the web server.
     forwarded_allow_ips: str = "127.0.0.1,::1"
+    # A dashboard sign-in lasts this long (hours), then the browser asks again.
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+    # Send the session cookie only over HTTPS: set it true behind TLS (docs/deploy.md).
+    session_cookie_secure: bool = False
 
     # Which files each version is exported to, in order: `ptl` (PyTorch's lite
     # interpreter) and/or `pte` (ExecuTorch). Phones fetch the one they run.

@@ -5,6 +5,7 @@ import io
 import os
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -290,15 +291,15 @@ def import_zip(
                 report.results.append(IngestResult(info.filename, "refused", reason=reason))
                 continue
             try:
-                data = archive.read(info)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                # e.g. a bad CRC: this entry is refused, the rest still go in.
-                report.results.append(
-                    IngestResult(info.filename, "refused", reason=f"{info.filename}: damaged ({exc})")
-                )
+                content = archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as exc:
+                # A damaged entry (bad CRC, truncated, unknown compression) is refused
+                # like a bad image; the rest of the archive still goes in.
+                reason = f"{info.filename}: damaged in the archive ({exc}); make the .zip again"
+                report.results.append(IngestResult(info.filename, "refused", reason=reason))
                 continue
             result = ingest_bytes(
-                data,
+                content,
                 info.filename,
                 session=session,
                 category=category,

@@ -281,3 +281,18 @@ class AuditEvent(SQLModel, table=True):
     target: str = Field(default="", index=True)
     before: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     after: dict | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+# A signed-in browser. Its cookie carries a random secret; only the secret's
+# SHA-256 is stored (see core/sessions.py).
+class BrowserSession(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="appuser.id", index=True)
+    # The one-time ticket the sign-in form hands to the browser, exchanged for
+    # the cookie within a minute; cleared once used.
+    ticket_hash: str | None = Field(default=None, unique=True, index=True, max_length=64)
+    # Set when the ticket is exchanged: the cookie's secret.
+    token_hash: str | None = Field(default=None, unique=True, index=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    revoked_at: datetime | None = None

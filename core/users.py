@@ -13,6 +13,7 @@ from core.access import USER_ROLES, Actor, Permission, parse_role, require
 from core.audit import record_audit
 from core.errors import ConflictError, NotFoundError, UserError
 from core.models import SignInThrottle, User, as_utc, utcnow
+from core.sessions import end_user_sessions
 
 # scrypt cost: 16 MiB of memory and ~50 ms per hash; stored with each hash so it can grow.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -119,18 +120,22 @@ def set_role(name: str, role: str, *, session: Session, actor: Actor) -> User:
 
 
 def reset_password(name: str, *, session: Session, actor: Actor, password: str | None = None) -> NewPassword:
-    """A new password (random unless given); the old one stops working at once."""
+    """A new password (random unless given); the old one stops working at
+    once and the user is signed out of every browser."""
     require(actor, Permission.manage_users)
     user = get_user(name, session=session)
     password = _check_password(password) if password is not None else generate_password()
     user.password_hash = hash_password(password)
     session.add(user)
+    # Whoever knew the old password may be signed in somewhere: sign them out.
+    end_user_sessions(user.id, session=session)
     record_audit("user.password", session=session, actor=actor, target=f"user:{user.name}")
     return NewPassword(user, password)
 
 
 def set_active(name: str, active: bool, *, session: Session, actor: Actor) -> User:
-    """Deactivate a user (they cannot sign in; their name stays in the records) or activate them again."""
+    """Deactivate a user (signed out everywhere, they cannot sign in; their
+    name stays in the records) or activate them again."""
     require(actor, Permission.manage_users)
     user = get_user(name, session=session)
     if user.active != active:
@@ -138,6 +143,8 @@ def set_active(name: str, active: bool, *, session: Session, actor: Actor) -> Us
             _keep_an_admin(user, session=session, change=f"deactivate '{user.name}'")
         user.active = active
         session.add(user)
+        if not active:
+            end_user_sessions(user.id, session=session)
         record_audit(
             "user.activate" if active else "user.deactivate",
             session=session,
@@ -251,10 +258,3 @@ def _record_failure(name: str, client: str | None, *, session: Session) -> float
         session.add(row)
     session.flush()
     return longest
-
-
-def current_user(user_id: int, *, session: Session) -> User | None:
-    """The user behind a UI session, if it still exists and is active (a
-    deactivated user is signed out on their next click)."""
-    user = session.get(User, user_id)
-    return user if user is not None and user.active else None

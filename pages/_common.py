@@ -1,33 +1,59 @@
-"""What the pages share: who is signed in and what their role allows, and the
-running-job summary.
+"""What the pages share: who is signed in and what their role allows, links
+into a page, and the running-job summary.
 
-The signed-in user lives in `st.session_state["user"]` as plain values
-(`{"id", "name", "role"}`), never an ORM object; the role is read again from
-the database on every run, so a change by an admin applies at the next click.
+Who is signed in comes from the browser's session cookie (core/sessions.py),
+read again on every run: a reload or a new tab stays signed in, signing out
+(or an admin deactivating the user) ends it in every tab at its next run, and
+a Streamlit session id presented without the cookie is worth nothing. The
+role is read from the database on every run too, so a change by an admin
+applies at the next click.
 """
 
-import streamlit as st
+import logging
+from urllib.parse import quote, urlencode
 
-from core import users
+import streamlit as st
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+from core import sessions, users
 from core.access import Actor, Permission, allows
 from core.db import read_session, session_scope
 from core.models import TrainingImage
 from core.thumbnails import thumbnail
 
-SESSION_KEY = "user"
+log = logging.getLogger(__name__)
+
+# A run without a browser behind it (AppTest, which cannot send cookies)
+# keeps its session token here instead; a browser's runs never read it.
+TOKEN_KEY = "session_token"
+
+
+def _has_browser() -> bool:
+    # A websocket from a browser always comes with HTTP headers; AppTest has none.
+    return bool(st.context.headers)
+
+
+def _session_token() -> str | None:
+    if _has_browser():
+        return st.context.cookies.get(sessions.COOKIE_NAME)
+    return st.session_state.get(TOKEN_KEY)
+
+
+def _go_to(url: str) -> None:
+    """Send the browser to `url`, an HTTP route of this server. Streamlit has
+    no public call for it; this is the message `st.login` sends for the same
+    purpose (the frontend sets `window.location`)."""
+    message = ForwardMsg()
+    message.auth_redirect.url = url
+    get_script_run_ctx().enqueue(message)
 
 
 def signed_in() -> Actor | None:
     """The signed-in, still active user, or None."""
-    known = st.session_state.get(SESSION_KEY)
-    if not known:
-        return None
     with read_session() as session:
-        user = users.current_user(known["id"], session=session)
-    if user is None:
-        st.session_state.pop(SESSION_KEY, None)
-        return None
-    return Actor(user.name, user.role)
+        user = sessions.session_user(_session_token(), session=session)
+    return None if user is None else Actor(user.name, user.role)
 
 
 def current_user() -> Actor:
@@ -56,26 +82,69 @@ def require_page(permission: Permission) -> Actor:
     return actor
 
 
-def sign_in_form() -> None:
-    """User name and password; failures are slowed down (core.users.sign_in)."""
+def sign_in_form(next_page: str = "/") -> None:
+    """User name and password; failures are slowed down (core.users.sign_in).
+    After signing in, the browser opens `next_page` (the page and query the
+    address asked for)."""
     st.title("Sign in")
     with st.form("sign_in"):
         name = st.text_input("User name", key="sign_in_name")
         password = st.text_input("Password", type="password", key="sign_in_password")
         submitted = st.form_submit_button("Sign in", type="primary")
     if submitted:
-        with session_scope() as session:
-            outcome = users.sign_in(name, password, session=session, client=st.context.ip_address)
-        if not outcome.ok:
+        try:
+            with session_scope() as session:
+                outcome = users.sign_in(name, password, session=session, client=st.context.ip_address)
+                ticket = sessions.start_session(outcome.user_id, session=session) if outcome.ok else None
+        except Exception:
+            # The traceback (paths, source lines) is for the server's log, not the visitor.
+            log.exception("sign-in of %r failed", name)
+            st.error("Signing in failed because of an error on the server. Try again; if it persists, tell an admin.")
+            return
+        if ticket is None:
             st.error(outcome.message)
             return
-        st.session_state[SESSION_KEY] = {"id": outcome.user_id, "name": outcome.name, "role": outcome.role}
+        if _has_browser():
+            # Only an HTTP response can set the cookie: /session/start exchanges the ticket for it.
+            _go_to(f"/session/start?ticket={ticket}&next={quote(next_page, safe='')}")
+            st.stop()
+        with session_scope() as session:
+            st.session_state[TOKEN_KEY] = sessions.claim_ticket(ticket, session=session).token
         st.rerun()
     st.caption("First run? `make run` printed the password of the user `admin` on its console.")
 
 
 def sign_out() -> None:
-    st.session_state.pop(SESSION_KEY, None)
+    """End this session in every tab, then drop the browser's cookie."""
+    with session_scope() as session:
+        sessions.end_session(_session_token(), session=session)
+    st.session_state.pop(TOKEN_KEY, None)
+    if _has_browser():
+        _go_to("/session/end")
+
+
+def page_address(page) -> str:
+    """The address of `page` (an `st.Page`) with this run's query, e.g. `/metrics?round=3`."""
+    query = urlencode(st.query_params.to_dict())
+    return f"/{page.url_path}" + (f"?{query}" if query else "")
+
+
+def linked(name: str, choices: list, parse=str):
+    """The choice that the address's `?name=` links to (`/metrics?round=3`),
+    or None without one; a value that names none of `choices` is reported
+    and ignored."""
+    raw = st.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value in choices:
+        return value
+    # Not echoed: the address is anyone's text, and st.warning renders markdown.
+    st.warning(f"The link names a {name} that does not exist here; showing the default instead.")
+    return None
 
 
 def format_seconds(seconds: float | None) -> str:

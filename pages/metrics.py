@@ -8,7 +8,7 @@ import streamlit as st
 from core import registry, stats, training
 from core.db import read_session
 from core.models import FINISHED_STATUSES
-from pages._common import current_user, format_seconds, show_thumbnail
+from pages._common import current_user, format_seconds, linked, show_thumbnail
 
 REFRESH_SECONDS = 2
 
@@ -26,10 +26,13 @@ if not rounds:
 
 # No status in the label: it changes while the page is open.
 labels = {r.id: f"round {r.id} · {r.created_at:%Y-%m-%d %H:%M} · job {r.job_id[:8]}" for r in rounds}
-default = running.id if running is not None else rounds[0].id
+# A link (/metrics?round=3) picks the round; else the running one, else the newest.
+default = linked("round", list(labels), parse=int) or (running.id if running is not None else rounds[0].id)
 round_id = st.selectbox(
     "Training round", list(labels), index=list(labels).index(default), format_func=labels.get, key="round_id"
 )
+# The address follows the choice, so it can be copied as a link to this round.
+st.query_params["round"] = str(round_id)
 
 
 def curves(metrics) -> None:

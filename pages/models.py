@@ -9,7 +9,7 @@ from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import current_user
+from pages._common import current_user, linked
 
 actor = current_user()
 may_promote = allows(actor.role, Permission.promote)
@@ -121,9 +121,12 @@ def comparison(old: str, new: str) -> None:
 
 st.subheader("Compare two versions")
 names = list(versions)
+# A link (/models?version=1.2.0) opens that version as B and in Downloads.
+link = linked("version", names)
+chosen_index = names.index(link) if link else 0
 c1, c2 = st.columns(2)
-older = c1.selectbox("Version A", names, index=min(1, len(names) - 1), key="compare_a")
-newer = c2.selectbox("Version B", names, index=0, key="compare_b")
+older = c1.selectbox("Version A", names, index=min(1, len(names) - 1) if chosen_index == 0 else 0, key="compare_a")
+newer = c2.selectbox("Version B", names, index=chosen_index, key="compare_b")
 st.caption("Deltas are B − A: positive means B is higher.")
 comparison(older, newer)
 
@@ -199,7 +202,7 @@ if history:
     )
 
 st.subheader("Downloads")
-chosen = st.selectbox("Version", names, key="download_version")
+chosen = st.selectbox("Version", names, index=chosen_index, key="download_version")
 data_dir = get_settings().data_dir
 for artifact in versions[chosen].artifacts:
     path = data_dir / artifact["path"]

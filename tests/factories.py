@@ -113,8 +113,13 @@ def add_user(session: Session, name: str, role: str, password: str = "correct ho
 
 
 def sign_in(at, user) -> None:
-    """Make an AppTest run as `user` signed in (what the sign-in form stores)."""
-    at.session_state["user"] = {"id": user.id, "name": user.name, "role": user.role}
+    """Make an AppTest run as `user` signed in: a real session, whose token
+    the AppTest carries in session state (it cannot send the browser's cookie)."""
+    from core.db import session_scope
+    from core.sessions import claim_ticket, start_session
+
+    with session_scope() as s:
+        at.session_state["session_token"] = claim_ticket(start_session(user.id, session=s), session=s).token
 
 
 def version_row(version: str, classes=("cat", "dog"), **fields):

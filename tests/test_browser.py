@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 
@@ -157,6 +158,12 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     page.get_by_label("Password", exact=True).fill(password)
     page.get_by_role("button", name="Sign in").click()
     page.get_by_text("No images yet").wait_for()
+    # A reload keeps the session (the HttpOnly cookie /session/start set).
+    page.reload()
+    page.get_by_text("No images yet").wait_for()
+    expect(page.get_by_role("heading", name="Sign in")).to_have_count(0)
+    cookie = next(c for c in page.context.cookies() if c["name"] == "dashboard_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     page.get_by_role("button", name="Load the demo dataset").click()
     page.get_by_text("Validated images").first.wait_for(timeout=120_000)
     settle(page)
@@ -165,6 +172,9 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     go(page, "Review images")
     expect(page.locator('[data-testid="stImage"]')).to_have_count(48)
     shoot(page, "review")
+    thumbnail = urljoin(page.url, page.locator('[data-testid="stImage"] img').first.get_attribute("src"))
+    assert "/media/" in thumbnail
+    assert page.request.get(thumbnail).status == 200
 
     go(page, "Train")
     fill_number(page, "Epochs", "1")
@@ -185,6 +195,12 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     settle(page)
     expect(page.get_by_text("Confusion matrix")).to_be_visible()
     shoot(page, "metrics")
+    # The address names the round shown, and opening it (a link, a new tab) shows it again.
+    assert page.url.endswith("/metrics?round=1")
+    tab = page.context.new_page()
+    tab.goto(f"{url}/metrics?round=1")
+    tab.get_by_role("heading", name="Model 1.0.0").wait_for()
+    tab.close()
 
     go(page, "Models")
     page.get_by_text("In production now: 1.0.0").wait_for()
@@ -202,8 +218,27 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     go(page, "Users and tokens")
     shoot(page, "admin")
 
+    other_tab = page.context.new_page()
+    other_tab.goto(f"{url}/models")
+    other_tab.get_by_text("In production now: 1.0.0").wait_for()
     page.get_by_role("button", name="Sign out").click()
     page.get_by_role("heading", name="Sign in").wait_for()
+    # The other tab, left alone, is signed out too (its sidebar checks every 5 seconds).
+    other_tab.get_by_role("heading", name="Sign in").wait_for(timeout=30_000)
+    expect(other_tab.get_by_text("In production now")).to_have_count(0)
+    other_tab.close()
+    assert not [c for c in page.context.cookies() if c["name"] == "dashboard_session"]
+    assert page.request.get(thumbnail).status == 403
+
+    # A link opened while signed out: the sign-in form, then the linked page and version.
+    page.goto(f"{url}/models?version=1.0.0")
+    page.get_by_role("heading", name="Sign in").wait_for()
+    settle(page)
+    page.get_by_label("User name", exact=True).fill("admin")
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("In production now: 1.0.0").wait_for()
+    assert page.url.endswith("/models?version=1.0.0")
 
 
 def test_sign_in_failures_behind_a_trusted_proxy_count_the_forwarded_address(server):

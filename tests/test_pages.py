@@ -457,7 +457,7 @@ def test_nothing_but_the_sign_in_form_renders_until_someone_signs_in(session):
     assert any("**ana** · curator" in m.value for m in at.sidebar.markdown)
     ok(at.sidebar.button(key="sign_out").click())
     # (AppTest reruns the page last shown rather than the frame: that page stops, asking to sign in.)
-    assert "user" not in at.session_state and not at.sidebar.button
+    assert "session_token" not in at.session_state and not at.sidebar.button
     assert "Sign in" in at.info[0].value
 
 
