@@ -1,7 +1,7 @@
 """Browser sessions: the signed-in dashboard survives reloads and new tabs.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-30
 """
 
