@@ -128,28 +128,61 @@ def param_range(name: str) -> tuple[type, float, float]:
     return kind, low, high
 
 
-def _check_param(name: str, value):
+def _check_param(name: str, value, label: str | None = None):
+    """`value` as the parameter's type, or UserError naming it by `label`
+    (the field's name in the API; the dashboard passes the form's labels)."""
+    label = label or name
     if name == "use_existing_model":
         if not isinstance(value, bool):
-            raise UserError(f"use_existing_model must be true or false (got {value!r})")
+            raise UserError(f"{label} must be true or false (got {value!r})")
         return value
     if name == "architecture":
         if value not in ARCHITECTURES:
-            raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
+            raise UserError(f"{label} must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
         return value
     if name == "training_mode":
         if value not in TRAINING_MODES:
-            raise UserError(f"training_mode must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
+            raise UserError(f"{label} must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
         return value
     kind, low, high = param_range(name)
     top = f"MAX_TRAINING_PROCESSES={high:g}" if name == "processes" else f"{high:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{name} must be a number between {low:g} and {top} (got {value!r})")
+        raise UserError(f"{label} must be a number between {low:g} and {top} (got {value!r})")
     if kind is int and (isinstance(value, float) and not value.is_integer()):
-        raise UserError(f"{name} must be a whole number between {low:g} and {top} (got {value!r})")
+        raise UserError(f"{label} must be a whole number between {low:g} and {top} (got {value!r})")
     if not math.isfinite(value) or not low <= value <= high:
-        raise UserError(f"{name} must be between {low:g} and {top} (got {value!r})")
+        raise UserError(f"{label} must be between {low:g} and {top} (got {value!r})")
     return kind(value)
+
+
+def param_problems(params: Mapping, labels: Mapping[str, str]) -> dict[str, str]:
+    """What is wrong with each field of a parameter form, by field name, in
+    the words of `from_params` but naming each field by its label; empty when
+    `from_params` accepts them all."""
+    problems = {}
+    for name, value in params.items():
+        try:
+            _check_param(name, value, labels.get(name))
+        except UserError as exc:
+            problems[name] = str(exc)
+    if not problems:
+        try:
+            TrainingConfig.from_params(params)
+        except UserError as exc:  # a rule across fields (head mode in one process)
+            problems["processes"] = str(exc)
+    return problems
+
+
+def last_parameters(requested_by: str, *, session: Session) -> dict | None:
+    """The parameters of the last job `requested_by` asked for (the Train
+    form starts from them), or None when they never asked for one."""
+    query = (
+        select(TrainingRound.parameters)
+        .where(TrainingRound.requested_by == requested_by, col(TrainingRound.trigger).is_(None))
+        .order_by(col(TrainingRound.id).desc())
+        .limit(1)
+    )
+    return session.exec(query).first()
 
 
 @dataclass
@@ -205,7 +238,7 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
         if backbone is None:
             problems.append(_no_backbone_reason(config, session=session))
         else:
-            notices.append(f"training_mode head: {backbone.describe()} is frozen; only the classifier is trained.")
+            notices.append(f"Head mode: {backbone.describe()} is frozen; only the classifier is trained.")
     elif config is not None and config.use_existing_model:
         notices.extend(_existing_model_notice(config, sorted(per_category), session=session))
     return Preflight(len(rows), per_category, problems, notices)
@@ -214,17 +247,17 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
 def _existing_model_notice(config: TrainingConfig, classes: list[str], *, session: Session) -> list[str]:
     production = registry.production_version(session=session)
     if production is None:
-        return ["use_existing_model: no model is in production yet, so a new model is trained from scratch."]
+        return ["Use existing model: no model is in production yet, so a new model is trained from scratch."]
     if list(production.classes) != classes:
         text = (
-            f"use_existing_model: production model {production.version} knows {len(production.classes)} "
+            f"Use existing model: production model {production.version} knows {len(production.classes)} "
             f"categories ({', '.join(production.classes)}) but the dataset has {len(classes)} "
             f"({', '.join(classes)}), so a new model is trained from scratch."
         )
         return [text]
     if production.architecture != config.architecture:
         text = (
-            f"use_existing_model: production model {production.version} is a {production.architecture}, "
+            f"Use existing model: production model {production.version} is a {production.architecture}, "
             f"not a {config.architecture}, so a new model is trained from scratch."
         )
         return [text]

@@ -280,7 +280,7 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     assert job.status == RoundStatus.queued and job.requested_by == "Grace" and job.queue_task_id
     assert job.parameters["epochs"] == 1 and job.parameters["image_size"] == 32
     assert job.parameters["use_existing_model"] is False and job.parameters["processes"] == 2
-    assert job.job_id in at.success[0].value
+    assert job.job_id[:8] in at.success[0].value and "processes 2" in at.success[0].value
     queue = table(at, "job_id")
     assert queue["job_id"].tolist() == [job.job_id] and queue["position"].tolist() == [1]
 
@@ -289,6 +289,76 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     with read_session() as reader:
         assert reader.get(TrainingRound, job.id).status == RoundStatus.cancelled
     assert table(at, "job_id")["status"].tolist() == ["cancelled"]
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("epochs", 0, "Epochs must be between 1 and 500 (got 0)"),
+        ("learning_rate", 5.0, "Learning rate must be between 1e-06 and 1 (got 5.0)"),
+        ("image_size", 13, "Image size (px) must be between 32 and 512 (got 13)"),
+        ("val_split", 0.99, "Validation split must be between 0.05 and 0.5 (got 0.99)"),
+        ("seed", -1, "Seed must be between 0 and 2.14748e+09 (got -1)"),
+        ("processes", 99, "Processes must be between 1 and MAX_TRAINING_PROCESSES="),
+    ],
+)
+def test_an_invalid_field_disables_train_and_preflight_names_it(session, monkeypatch, key, value, says):
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    at = ok(app("pages/train.py", "operator"))
+    assert not at.button(key="train").disabled
+    ok(at.number_input(key=key).set_value(value))
+    assert at.button(key="train").disabled
+    assert says in " ".join(e.value for e in at.error)
+    assert not at.success
+
+
+def test_the_confirmation_lists_the_parameters_queued_and_follows_the_jobs_state(session, monkeypatch):
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    at.number_input(key="epochs").set_value(3)
+    ok(at.number_input(key="learning_rate").set_value(0.01))
+    ok(at.button(key="train").click())
+    with read_session() as reader:
+        job = reader.exec(select(TrainingRound)).one()
+    assert job.parameters["epochs"] == 3 and job.parameters["learning_rate"] == 0.01
+    banner = at.success[0].value
+    assert f"Round {job.id}" in banner and "**queued**" in banner
+    assert "epochs 3" in banner and "learning rate 0.01" in banner
+    with session_scope() as writer:
+        done = writer.get(TrainingRound, job.id)
+        done.status = RoundStatus.failed
+        writer.add(done)
+    ok(at)
+    assert "**failed**" in at.error[0].value and not any("queued**" in s.value for s in at.success)
+
+
+def test_the_form_starts_from_the_operators_last_job_and_trains_again_from_any_round(session, monkeypatch):
+    from core import training
+
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    mine = training.start_training({"epochs": 3, "image_size": 64}, session=session, requested_by="Grace")
+    other = training.start_training({"epochs": 7, "seed": 5}, session=session, requested_by="Ada")
+    session.commit()
+
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    assert (at.number_input(key="epochs").value, at.number_input(key="image_size").value) == (3, 64)
+    assert not [s for s in at.success if "Round" in s.value]  # no banner about a job this visit did not queue
+    fresh = ok(app("pages/train.py", "operator", "Linus"))
+    assert fresh.number_input(key="epochs").value == 20
+
+    ok(at.selectbox(key="again_round").select(other.id))
+    ok(at.button(key="train_again").click())
+    assert (at.number_input(key="epochs").value, at.number_input(key="seed").value) == (7, 5)
+    assert at.number_input(key="image_size").value == 224
+    ok(at.selectbox(key="again_round").select(mine.id))
+    ok(at.button(key="train_again").click())
+    assert at.number_input(key="epochs").value == 3
 
 
 def test_train_page_shows_automatic_retraining_and_saving_changes_the_settings(session):
