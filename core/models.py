@@ -92,6 +92,9 @@ class TrainingRound(SQLModel, table=True):
     finished_at: datetime | None = None
     error: str | None = None
     cancel_requested: bool = False
+    # "Stop and keep the best so far": training ends after its current batch
+    # and the best epoch is exported and registered like a finished job's.
+    stop_requested: bool = False
     # [{"id", "sha256", "label"}, ...] in a stable order, and its hash.
     snapshot: list = _json(list)
     snapshot_hash: str = ""

@@ -354,6 +354,23 @@ def request_cancel(job_id: str, *, session: Session, by: str | None = None) -> T
     return round_
 
 
+def request_stop(job_id: str, *, session: Session, by: str | None = None) -> TrainingRound:
+    """ "Stop and keep the best so far": a running round ends training after
+    its current batch (once one epoch has been validated) and registers its
+    best epoch as a version, through the gate; a queued one has nothing to
+    keep and is cancelled."""
+    round_ = get_round(job_id, session=session)
+    if round_.status == RoundStatus.queued:
+        return request_cancel(job_id, session=session, by=by)
+    if round_.status in FINISHED_STATUSES:
+        raise ConflictError(f"Job {round_.job_id} is already {round_.status.value}; only a running job can be stopped")
+    round_.stop_requested = True
+    round_.history = [*round_.history, _line(f"stop requested by {by or 'unknown'}: keeping the best epoch so far")]
+    session.add(round_)
+    session.flush()
+    return round_
+
+
 def _finish(round_: TrainingRound, status: RoundStatus, note: str) -> None:
     round_.status = status
     round_.finished_at = utcnow()
@@ -380,10 +397,17 @@ class RoundReporter:
         # per-batch check never holds the database's write lock.
         self._reader = read_engine(str(session.get_bind().url))
 
-    def cancel_requested(self) -> bool:
-        query = select(TrainingRound.cancel_requested).where(TrainingRound.id == self.round.id)
+    def requests(self) -> tuple[bool, bool]:
+        """Whether someone asked to cancel, and to stop keeping the best epoch."""
+        query = select(TrainingRound.cancel_requested, TrainingRound.stop_requested).where(
+            TrainingRound.id == self.round.id
+        )
         with Session(self._reader) as reader:
-            return reader.exec(query).one()
+            cancel, stop = reader.exec(query).one()
+        return cancel, stop
+
+    def cancel_requested(self) -> bool:
+        return self.requests()[0]
 
     def check_cancel(self) -> None:
         if self.cancel_requested():
@@ -420,8 +444,8 @@ class SilentReporter(RoundReporter):
     def __init__(self, round_: TrainingRound):
         self.round = round_
 
-    def cancel_requested(self) -> bool:
-        return False
+    def requests(self) -> tuple[bool, bool]:
+        return False, False
 
     def batch(self, epoch: int, batch: int, total_batches: int, epochs: int) -> None:
         pass
@@ -1050,10 +1074,16 @@ def _train_and_register(
         correct = torch.zeros((), dtype=torch.long, device=placement.device)
         seen = 0
         lr = optimizer.param_groups[0]["lr"]
+        stopped = False
         for b in range(n_batches):
             reporter.batch(epoch, b + 1, n_batches, config.epochs)
-            if placement.agree(reporter.cancel_requested()):
+            cancel, stop = reporter.requests()
+            if placement.agree(cancel):
                 raise TrainingCancelled()
+            # Only once an epoch has been validated is there a best to keep.
+            stopped = placement.agree(stop and state.best_state is not None)
+            if stopped:
+                break
             idx = order[b * rank_batch : (b + 1) * rank_batch]
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on a single image (every rank's share is the same size)
@@ -1070,6 +1100,10 @@ def _train_and_register(
             total_loss += loss.detach().float() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
+        if stopped:
+            # The unfinished epoch is dropped: the best validated one is kept.
+            reporter.note(f"training stopped on request in epoch {epoch}; keeping epoch {state.best_epoch}")
+            break
         scheduler.step()
         total_loss, correct, seen = placement.sum(total_loss, correct, seen)
         if not placement.leader:
@@ -1113,6 +1147,7 @@ def _train_and_register(
         "train_accuracy": round(accuracy(train_logits, data.y_train), 2),
         "val_accuracy": round(accuracy(val_logits, data.y_val), 2),
         "best_epoch": state.best_epoch,
+        "epochs_trained": state.epoch,
         "train_images": n_train,
         "val_images": len(val_idx),
         **summarise(val_logits, data.y_val, classes),

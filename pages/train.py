@@ -196,7 +196,7 @@ def queue() -> None:
     active = [r for r in rows if r["status"] in ("queued", "in_progress")]
     if not active:
         return
-    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    left, stop_column, cancel_column = st.columns([3, 2, 1], vertical_alignment="bottom")
     # The label leaves the status out: a selectbox keeps showing the label it
     # had when chosen, and the status changes while the page is open.
     job_id = left.selectbox(
@@ -205,16 +205,26 @@ def queue() -> None:
         format_func=lambda j: f"round {next(r['round'] for r in active if r['job_id'] == j)} · job {j}",
         key="cancel_job",
     )
-    if right.button("Cancel job", key="cancel", icon=":material/cancel:"):
+    stop = stop_column.button(
+        "Stop and keep the best so far",
+        key="stop",
+        icon=":material/stop_circle:",
+        help="Training ends after its current batch; its best epoch so far is exported and registered as a "
+        "version, through the promotion gate. A queued job has nothing to keep and is cancelled.",
+    )
+    if cancel_column.button("Cancel job", key="cancel", icon=":material/cancel:") or stop:
         try:
-            round_ = cancel_training(job_id, actor=actor)
+            round_ = cancel_training(job_id, actor=actor, keep_best=stop)
         except UserError as exc:
             st.error(str(exc))
         else:
-            st.toast(
-                f"Job {round_.job_id[:8]}: "
-                + ("cancelled" if round_.status == "cancelled" else "cancel requested, it stops after its batch")
-            )
+            if round_.status == RoundStatus.cancelled:
+                done = "cancelled"
+            elif round_.stop_requested:
+                done = "stop requested: it stops after its batch and registers its best epoch so far"
+            else:
+                done = "cancel requested, it stops after its batch"
+            st.toast(f"Job {round_.job_id[:8]}: {done}")
             st.rerun()
 
 

@@ -361,6 +361,30 @@ def test_the_form_starts_from_the_operators_last_job_and_trains_again_from_any_r
     assert at.number_input(key="epochs").value == 3
 
 
+def test_stop_and_keep_the_best_asks_a_running_job_to_stop_and_cancels_a_queued_one(session, monkeypatch):
+    from core import training
+
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    running = training.start_training({"epochs": 9}, session=session, requested_by="Ada")
+    queued = training.start_training({"epochs": 9}, session=session, requested_by="Ada")
+    running.status = RoundStatus.in_progress
+    session.add(running)
+    session.commit()
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    ok(at.selectbox(key="cancel_job").select(running.job_id))
+    ok(at.button(key="stop").click())
+    ok(at.selectbox(key="cancel_job").select(queued.job_id))
+    ok(at.button(key="stop").click())
+    with read_session() as reader:
+        now_running, now_queued = reader.get(TrainingRound, running.id), reader.get(TrainingRound, queued.id)
+    assert now_running.status == RoundStatus.in_progress and now_running.stop_requested
+    assert not now_running.cancel_requested
+    assert "stop requested by Grace: keeping the best epoch so far" in now_running.history[-1]
+    assert now_queued.status == RoundStatus.cancelled
+
+
 def test_train_page_shows_automatic_retraining_and_saving_changes_the_settings(session):
     from core.models import Automation
 
