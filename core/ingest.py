@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sqlmodel import Session, select
+from sqlmodel import Session, func, select
 
 from core.config import get_settings
 from core.duplicates import dhash
@@ -113,14 +113,31 @@ def load_rgb(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(im).convert("RGB")
 
 
-def get_or_create_category(name: str, *, session: Session, create: bool = True) -> Category:
-    """The category called `name`; created if missing and `create` is set."""
+def check_category_name(name: str) -> str:
+    """`name` without surrounding spaces, or UserError saying what to change:
+    names are printable text of at most 100 characters, without path
+    separators or a leading dot (they become folder names in exports)."""
     clean = name.strip()
     if not clean:
         raise UserError("A category name is required")
     if len(clean) > 100:
         raise UserError("A category name can be at most 100 characters")
-    category = session.exec(select(Category).where(Category.name == clean)).first()
+    if not clean.isprintable() or "/" in clean or "\\" in clean or clean.startswith("."):
+        raise UserError(
+            f"A category name must be printable text without / or \\ and must not start with a dot (got {clean!r})"
+        )
+    return clean
+
+
+def find_category(name: str, *, session: Session) -> Category | None:
+    """The category called `name`, compared case-insensitively ('Cat' is 'cat')."""
+    return session.exec(select(Category).where(func.lower(Category.name) == name.strip().lower())).first()
+
+
+def get_or_create_category(name: str, *, session: Session, create: bool = True) -> Category:
+    """The category called `name` (in any case); created if missing and `create` is set."""
+    clean = check_category_name(name)
+    category = find_category(clean, session=session)
     if category is None:
         if not create:
             known = ", ".join(c.name for c in session.exec(select(Category).order_by(Category.name))) or "none yet"

@@ -293,29 +293,52 @@ with upload_tab:
                     key="refused_table",
                 )
 
+
+def _change_categories(change, *args, done: str) -> None:
+    """Run a category change (a core.review function) and say how it went."""
+    try:
+        with session_scope() as session:
+            change(*args, session=session, actor=actor)
+    except UserError as exc:
+        st.session_state["category_message"] = ("error", str(exc))
+    else:
+        st.session_state["category_message"] = ("success", done)
+
+
 with categories_tab:
+    if message := st.session_state.pop("category_message", None):
+        (st.error if message[0] == "error" else st.success)(message[1])
     left, right = st.columns(2)
     with left, st.form("add_category", clear_on_submit=True):
-        new_name = st.text_input("New category", key="new_category")
+        new_name = st.text_input(
+            "New category", key="new_category", help="Printable text; names are compared ignoring case."
+        )
         if st.form_submit_button("Add category"):
-            try:
-                with session_scope() as session:
-                    review.add_category(new_name, session=session, actor=actor)
-            except UserError as exc:
-                st.error(str(exc))
-            else:
-                st.rerun()
+            _change_categories(review.add_category, new_name, done=f"Category '{new_name.strip()}' added.")
+            st.rerun()
     with right, st.form("rename_category"):
         old_name = st.selectbox("Category to rename", categories, key="rename_from")
         renamed = st.text_input("New name", key="rename_to")
         if st.form_submit_button("Rename"):
-            try:
-                with session_scope() as session:
-                    review.rename_category(old_name or "", renamed, session=session, actor=actor)
-            except UserError as exc:
-                st.error(str(exc))
-            else:
-                st.rerun()
+            _change_categories(
+                review.rename_category, old_name or "", renamed, done=f"'{old_name}' renamed to '{renamed.strip()}'."
+            )
+            st.rerun()
+    left, right = st.columns(2)
+    with left, st.form("delete_category"):
+        doomed = st.selectbox("Empty category to delete", categories, key="delete_name")
+        if st.form_submit_button("Delete"):
+            _change_categories(review.delete_category, doomed or "", done=f"Category '{doomed}' deleted.")
+            st.rerun()
+    with right, st.form("merge_category"):
+        m1, m2 = st.columns(2)
+        merged = m1.selectbox("Merge category", categories, key="merge_from")
+        into = m2.selectbox("into", categories, key="merge_into")
+        if st.form_submit_button("Merge", help="Moves all its images (any status) into the other, then deletes it."):
+            _change_categories(
+                review.merge_category, merged or "", into or "", done=f"'{merged}' merged into '{into}'."
+            )
+            st.rerun()
 
     st.subheader("Validated images per category")
     minimum = get_settings().min_images_per_category
@@ -328,7 +351,6 @@ with categories_tab:
             y="validated",
             labels={"validated": "validated images"},
         )
-        chart.add_hline(y=minimum, line_dash="dot", annotation_text=f"minimum {minimum}")
         st.plotly_chart(chart, key="validated_chart")
     else:
         st.info("No categories yet: add one above, or upload images with a category.")

@@ -225,6 +225,40 @@ def test_review_categories_add_rename_and_warn_about_a_small_category(session):
         assert validated_counts(session=reader) == {"barn owls": 1, "cats": 10, "dogs": 9, "eagles": 0}
 
 
+def test_review_categories_are_compared_ignoring_case_limited_to_printable_text_deleted_and_merged(session):
+    from core.models import AuditEvent
+
+    add_images(session, {"cats": 3, "dogs": 2})
+    at = ok(app("pages/review.py", "curator", "Ana"))
+    submit = {"add": 0, "rename": 1, "delete": 2, "merge": 3}
+
+    def press(form: str) -> None:
+        ok(at.get("form_submit_button")[submit[form]].click())
+
+    at.text_input(key="new_category").input("eagles")
+    press("add")
+    assert "Category 'eagles' added." in [s.value for s in at.success]
+    for refused, says in [("Cats", "Category 'cats' already exists"), ("../evil", "must be printable text")]:
+        at.text_input(key="new_category").input(refused)
+        press("add")
+        assert says in at.error[0].value
+    at.selectbox(key="delete_name").select("dogs")
+    press("delete")
+    assert "has 2 image(s), so it cannot be deleted: merge it" in at.error[0].value
+    at.selectbox(key="delete_name").select("eagles")
+    press("delete")
+    assert "Category 'eagles' deleted." in [s.value for s in at.success]
+    at.selectbox(key="merge_from").select("dogs")
+    at.selectbox(key="merge_into").select("cats")
+    press("merge")
+    assert "'dogs' merged into 'cats'." in [s.value for s in at.success]
+    with read_session() as reader:
+        assert validated_counts(session=reader) == {"cats": 5}
+        merge = reader.exec(select(AuditEvent).where(AuditEvent.action == "category.merge")).one()
+    assert (merge.actor, merge.before["name"], len(merge.before["images"])) == ("Ana", "dogs", 2)
+    assert merge.after == {"merged_into": "cats"}
+
+
 # --- train --------------------------------------------------------------------
 
 
