@@ -5,6 +5,7 @@ import io
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlmodel import Session, func, select
@@ -107,9 +108,9 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
     return CheckedImage(width=width, height=height, format=fmt, phash=phash)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open a stored image upright (EXIF orientation applied) in RGB."""
-    with Image.open(path) as im:
+def load_rgb(source: Path | BinaryIO) -> Image.Image:
+    """Open an image (a file, or a stream of its bytes) upright (EXIF orientation applied) in RGB."""
+    with Image.open(source) as im:
         return ImageOps.exif_transpose(im).convert("RGB")
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import registry, stats
+from core import export, registry, stats
 from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
@@ -187,6 +187,33 @@ if history:
         hide_index=True,
         key="promotion_history",
     )
+
+st.subheader("Try a model")
+st.caption("Drop a picture and see what a version predicts, run through its `.ptl` file as a phone runs it.")
+tried_version, dropped = st.columns([1, 3])
+tried = tried_version.selectbox(
+    "Version", names, index=names.index(production.version) if production else 0, key="try_version"
+)
+picture = dropped.file_uploader("Picture", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], key="try_picture")
+if picture is not None:
+    try:
+        predicted = export.try_model(versions[tried], picture.getvalue())
+    except UserError as exc:
+        st.error(str(exc))
+    else:
+        shown, answer = st.columns([1, 3])
+        shown.image(picture.getvalue(), width="stretch")
+        answer.markdown(f"Model **{tried}** says **{predicted[0][0]}** ({predicted[0][1]:.0%})")
+        answer.dataframe(
+            pd.DataFrame(predicted, columns=["category", "probability"]),
+            hide_index=True,
+            key="try_table",
+            column_config={
+                "probability": st.column_config.ProgressColumn(
+                    "probability", min_value=0.0, max_value=1.0, format="percent"
+                )
+            },
+        )
 
 st.subheader("Downloads")
 chosen = st.selectbox("Version", names, key="download_version")

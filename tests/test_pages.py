@@ -531,6 +531,32 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
     ]
 
 
+def test_models_page_tries_a_version_on_a_dropped_picture_through_its_ptl(trained):
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    from core.config import get_settings
+    from core.dataset import decode_image, normalize
+    from core.ingest import image_path
+
+    with read_session() as reader:
+        version = reader.exec(select(ModelVersion)).one()
+        picture = image_path(reader.exec(select(TrainingImage)).first())
+    ptl = next(a for a in version.artifacts if a["format"] == "ptl")
+    phone = _load_for_lite_interpreter(str(get_settings().data_dir / ptl["path"]))
+    expected = phone(normalize(decode_image(picture, version.image_size).unsqueeze(0))).softmax(1)[0]
+
+    at = ok(app("pages/models.py", "viewer"))
+    ok(at.file_uploader(key="try_picture").set_value((picture.name, picture.read_bytes(), "image/png")))
+    shown = table(at, "probability")
+    assert shown["category"][0] == version.classes[int(expected.argmax())]
+    assert shown["probability"][0] == pytest.approx(float(expected.max()), abs=1e-5)
+    assert len(shown) == len(version.classes) and shown["probability"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert f"Model **1.0.0** says **{shown['category'][0]}**" in " ".join(m.value for m in at.markdown)
+
+    ok(at.file_uploader(key="try_picture").set_value(("notes.png", b"plain text", "image/png")))
+    assert "Cannot read that file as an image" in at.error[0].value
+
+
 def test_models_page_asks_why_before_promoting_a_version_the_gate_held_back(trained):
     first = trained.exec(select(ModelVersion).where(ModelVersion.version == "1.0.0")).one()
     if not trained.exec(select(ModelVersion).where(ModelVersion.version == "1.2.0")).first():
