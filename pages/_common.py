@@ -6,6 +6,7 @@ The signed-in user lives in `st.session_state["user"]` as plain values
 the database on every run, so a change by an admin applies at the next click.
 """
 
+import pandas as pd
 import streamlit as st
 
 from core import users
@@ -84,6 +85,14 @@ def format_seconds(seconds: float | None) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def frame_of(rows: list[dict]) -> pd.DataFrame:
+    """Rows for `st.dataframe`, where a missing text shows as a blank cell rather than "None"."""
+    frame = pd.DataFrame(rows)
+    text = frame.select_dtypes("object").columns
+    frame[text] = frame[text].fillna("")
+    return frame
 
 
 def show_thumbnail(image: TrainingImage) -> None:

@@ -125,6 +125,31 @@ def test_overview_shows_production_version_accuracy_and_charts(trained):
     assert any("made model **1.0.0**" in m.value for m in at.markdown)
 
 
+def test_overview_chart_marks_production_overrides_and_rollbacks_with_dates(session):
+    import json
+
+    from core import registry
+    from core.models import utcnow
+
+    ids = add_images(session, {"cat": 2, "dog": 2})
+    truth = {i: ("cat" if n < 2 else "dog") for n, i in enumerate(ids)}
+    _versions_scored_on(session, {"1.0.0": truth, "1.1.0": {i: "cat" for i in ids}, "1.2.0": truth})
+    registry.promote("1.1.0", session=session, actor=as_actor(), reason="trying it")
+    registry.promote("1.2.0", session=session, actor=as_actor())
+    registry.rollback(session=session, actor=as_actor())
+    session.commit()
+
+    at = ok(app("pages/overview.py"))
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    today = f"{utcnow():%Y-%m-%d}"
+    names = [trace["name"] for trace in spec["data"]]
+    assert f"in production since {today}" in names
+    notes = sorted(note["text"] for note in spec["layout"]["annotations"])
+    assert notes == [f"gate overridden<br>{today}", f"rolled back from 1.2.0<br>{today}"]
+    colours = {trace["name"]: trace["line"]["color"] for trace in spec["data"] if "line" in trace}
+    assert colours["training"] == "#c8c8c8" and colours["test"] == "#1f4e9c"
+
+
 # --- review -------------------------------------------------------------------
 
 
@@ -573,7 +598,7 @@ def test_models_page_asks_why_before_promoting_a_version_the_gate_held_back(trai
     assert charts(at) == 1  # test accuracy over time
     ok(at.selectbox(key="promote_version").select("1.2.0"))
     ok(at.button(key="promote").click())
-    assert "held it back: category 'star' fell" in at.warning[0].value
+    assert "1.2.0 did not pass the promotion gate (category 'star' fell" in at.warning[0].value
     ok(at.button(key="confirm_yes").click())  # no reason given
     assert "Give a reason" in at.error[0].value and _production() == before
     ok(at.text_input(key="override_reason").input("field test showed the old model fails on stars too"))
@@ -589,6 +614,55 @@ def test_models_page_asks_why_before_promoting_a_version_the_gate_held_back(trai
     ok(at.button(key="rollback").click())
     ok(at.button(key="confirm_yes").click())
     assert _production() == before
+
+
+def _versions_scored_on(session, predictions: dict[str, dict[int, str]]) -> None:
+    """Fake versions (production first) whose recorded test predictions are given."""
+    from core import registry
+    from tests.factories import add_fake_version
+
+    for i, (name, predicted) in enumerate(predictions.items()):
+        version = add_fake_version(session, name, production=False)
+        version.metrics = {**version.metrics, "test_predictions": {str(k): v for k, v in predicted.items()}}
+        version.gate = {"passed": True, "reasons": []}
+        session.add(version)
+        if i == 0:
+            registry.promote(name, session=session, actor=as_actor(), action="auto")
+        session.commit()
+
+
+def test_models_page_asks_why_before_promoting_a_much_worse_version_and_rollback_names_its_target(session):
+    ids = add_images(session, {"cat": 5, "dog": 5})
+    truth = {i: ("cat" if n < 5 else "dog") for n, i in enumerate(ids)}
+    wrong = {i: ("dog" if label == "cat" else "cat") for i, label in truth.items()}
+    _versions_scored_on(session, {"1.0.0": truth, "1.1.0": {**truth, **dict(list(wrong.items())[:6])}})
+
+    at = ok(app("pages/models.py", "operator", "Grace"))
+    assert (at.selectbox(key="compare_a").value, at.selectbox(key="compare_b").value) == ("1.0.0", "1.1.0")
+    styled = [f.proto.arrow_data.styler.styles for f in at.dataframe if f.proto.arrow_data.styler.styles]
+    assert styled and all("#c62828" in css for css in styled)  # the drops, in red
+    ok(at.selectbox(key="promote_version").select("1.1.0"))
+    ok(at.button(key="promote").click())
+    assert "1.1.0 scores 60.0 points below production 1.0.0 (40.0% against 100.0%" in at.warning[0].value
+    ok(at.button(key="confirm_yes").click())
+    assert "Give a reason" in at.error[0].value and _production() == ["1.0.0"]
+    ok(at.text_input(key="override_reason").input("the new camera's pictures need it"))
+    ok(at.button(key="confirm_yes").click())
+    assert _production() == ["1.1.0"]
+
+    ok(at.button(key="rollback").click())
+    assert "**Roll back from 1.1.0 to 1.0.0?**" in " ".join(m.value for m in at.markdown)
+    ok(at.button(key="confirm_yes").click())
+    assert _production() == ["1.0.0"]
+
+
+def test_models_page_with_one_version_offers_no_comparison_with_itself(session):
+    from tests.factories import add_fake_version
+
+    add_fake_version(session, "1.0.0")
+    at = ok(app("pages/models.py", "viewer"))
+    assert "compare_a" not in [s.key for s in at.selectbox]
+    assert "Only 1.0.0 so far: train another version to compare them." in [c.value for c in at.caption]
 
 
 # --- sign-in, roles, admin and audit pages --------------------------------------
