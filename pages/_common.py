@@ -57,21 +57,32 @@ def require_page(permission: Permission) -> Actor:
     return actor
 
 
+def _try_sign_in() -> None:
+    """The form's callback (it may change the fields): a failure empties the
+    password field, so a wrong password is not left in it, and says why."""
+    with session_scope() as session:
+        outcome = users.sign_in(
+            st.session_state["sign_in_name"],
+            st.session_state["sign_in_password"],
+            session=session,
+            client=st.context.ip_address,
+        )
+    if outcome.ok:
+        st.session_state[SESSION_KEY] = {"id": outcome.user_id, "name": outcome.name, "role": outcome.role}
+    else:
+        st.session_state["sign_in_password"] = ""
+        st.session_state["sign_in_error"] = outcome.message
+
+
 def sign_in_form() -> None:
     """User name and password; failures are slowed down (core.users.sign_in)."""
     st.title("Sign in")
     with st.form("sign_in"):
-        name = st.text_input("User name", key="sign_in_name")
-        password = st.text_input("Password", type="password", key="sign_in_password")
-        submitted = st.form_submit_button("Sign in", type="primary")
-    if submitted:
-        with session_scope() as session:
-            outcome = users.sign_in(name, password, session=session, client=st.context.ip_address)
-        if not outcome.ok:
-            st.error(outcome.message)
-            return
-        st.session_state[SESSION_KEY] = {"id": outcome.user_id, "name": outcome.name, "role": outcome.role}
-        st.rerun()
+        st.text_input("User name", key="sign_in_name")
+        st.text_input("Password", type="password", key="sign_in_password")
+        st.form_submit_button("Sign in", type="primary", on_click=_try_sign_in)
+    if failed := st.session_state.pop("sign_in_error", None):
+        st.error(failed)
     st.caption("First run? `make run` printed the password of the user `admin` on its console.")
 
 
