@@ -106,6 +106,12 @@ def frame_of(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
+def when(*columns: str) -> dict:
+    """Column settings that show these timestamp columns as dates and times
+    in UTC ("2026-11-30 10:27"), not as raw ISO text with "+00:00"."""
+    return {c: st.column_config.DatetimeColumn(c, format="YYYY-MM-DD HH:mm", timezone="UTC") for c in columns}
+
+
 def show_thumbnail(image: TrainingImage) -> None:
     """The image's cached thumbnail, or a note when its file cannot be read."""
     try:

@@ -1,13 +1,12 @@
 """Users and tokens (admins): people who sign in, and API tokens for phones and scripts."""
 
-import pandas as pd
 import streamlit as st
 
 from core import tokens, users
 from core.access import USER_ROLES, Permission, Role
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import require_page
+from pages._common import frame_of, require_page, when
 
 actor = require_page(Permission.manage_users)
 st.title("Users and tokens")
@@ -90,7 +89,7 @@ with users_tab:
         {"name": u.name, "role": u.role, "active": u.active, "created": u.created_at, "last sign-in": u.last_sign_in_at}
         for u in people
     ]
-    st.dataframe(pd.DataFrame(listed), hide_index=True, key="users_table")
+    st.dataframe(frame_of(listed), hide_index=True, key="users_table", column_config=when("created", "last sign-in"))
     roles = [r.value for r in USER_ROLES]
     left, right = st.columns(2)
     with left, st.form("create_user", clear_on_submit=True):
@@ -132,7 +131,9 @@ with tokens_tab:
              "last used": t.last_used_at, "expires": t.expires_at}
             for t in rows
         ]  # fmt: skip
-        st.dataframe(pd.DataFrame(listed), hide_index=True, key="tokens_table")
+        st.dataframe(
+            frame_of(listed), hide_index=True, key="tokens_table", column_config=when("created", "last used", "expires")
+        )
         live = {t.id: f"{t.id} · {t.label} ({t.role})" for t in rows if tokens.token_state(t) == "active"}
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         left.selectbox("Token to revoke", list(live), format_func=live.get, key="revoke_token")

@@ -9,7 +9,7 @@ from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import current_user, frame_of
+from pages._common import current_user, frame_of, when
 
 actor = current_user()
 may_promote = allows(actor.role, Permission.promote)
@@ -212,6 +212,7 @@ if history:
         ),
         hide_index=True,
         key="promotion_history",
+        column_config=when("when"),
     )
 
 st.subheader("Try a model")

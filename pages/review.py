@@ -13,7 +13,7 @@ from core.errors import UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.uploads import ingest_uploads
-from pages._common import require_page, show_thumbnail
+from pages._common import require_page, show_thumbnail, when
 
 PAGE_SIZE = 48
 SUSPECTS_PAGE_SIZE = 24
@@ -158,7 +158,7 @@ with review_tab:
                 similar = duplicates.look_alikes(stats.images_by_id([shown], session=session)[shown], session=session)
             if events:
                 history = pd.DataFrame(audit.as_rows(events)).drop(columns=["target"])
-                st.dataframe(history, hide_index=True, key="image_history")
+                st.dataframe(history, hide_index=True, key="image_history", column_config=when("when"))
             else:
                 st.caption("Nothing recorded for this image (it came in before the audit trail existed).")
             if similar:

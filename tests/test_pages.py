@@ -1,6 +1,7 @@
 """Each page on its own (`AppTest.from_file`), on a temporary data folder with real data."""
 
 import io
+import json
 import zipfile
 
 import pytest
@@ -799,6 +800,14 @@ def test_admin_creates_a_user_who_can_sign_in_then_changes_role_resets_and_deact
     with session_scope() as s:
         assert "deactivated" in users.sign_in("bea", new_password, session=s).message
     assert table(at, "last sign-in").set_index("name").loc["bea", "active"] == False  # noqa: E712
+
+
+def test_admin_tables_show_dates_without_raw_timestamps_or_none(session):
+    at = ok(app("pages/admin.py"))
+    users_table = next(f for f in at.dataframe if "last sign-in" in f.value.columns)
+    config = json.loads(users_table.proto.columns)
+    assert config["created"]["type_config"]["format"] == "YYYY-MM-DD HH:mm", config
+    assert "None" not in table(at, "last sign-in").astype(str).to_string()
 
 
 def test_admin_creates_a_token_sees_its_secret_once_and_revokes_it(session):
