@@ -92,6 +92,19 @@ def images_by_id(ids: list[int], *, session: Session) -> dict[int, TrainingImage
     return {img.id: img for img in session.exec(select(TrainingImage).where(col(TrainingImage.id).in_(ids)))}
 
 
+def search_images(text: str, *, session: Session, limit: int = 20) -> list[TrainingImage]:
+    """Images whose id is `text` ("12" or "#12") or whose original file name
+    contains it (ignoring case), newest first."""
+    text = text.strip().removeprefix("#")
+    if not text:
+        return []
+    match = func.lower(TrainingImage.original_filename).contains(text.lower(), autoescape=True)
+    if text.isdigit():
+        match = match | (TrainingImage.id == int(text))
+    query = select(TrainingImage).where(match).order_by(col(TrainingImage.id).desc()).limit(limit)
+    return list(session.exec(query))
+
+
 def category_warnings(counts: Mapping[str, int], *, minimum: int, far_below: float = 0.25) -> list[str]:
     """Why the validated images per category may train a poor model: a category
     under `minimum`, or under `far_below` times the median of the others."""

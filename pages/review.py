@@ -36,8 +36,19 @@ review_tab, suspects_tab, duplicates_tab, upload_tab, categories_tab = st.tabs(
 )
 
 
+# The ticked images, kept apart from the checkboxes: Streamlit forgets a
+# checkbox's state when a filter or page hides it, and the ticks must last.
+PICKED = "picked_ids"
+
+
 def _picked() -> list[int]:
-    return [int(key.removeprefix("pick_")) for key, on in st.session_state.items() if key.startswith("pick_") and on]
+    return sorted(st.session_state.setdefault(PICKED, set()))
+
+
+def _tick(image_id: int) -> None:
+    """A checkbox's callback: its tick joins or leaves the kept set."""
+    picked = st.session_state.setdefault(PICKED, set())
+    (picked.add if st.session_state[f"pick_{image_id}"] else picked.discard)(image_id)
 
 
 def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> None:
@@ -59,8 +70,8 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
         st.session_state[f"{where}_error"] = str(exc)
         return
     st.session_state[f"{where}_message"] = f"{n} image(s) {done}."
-    for image_id in ids if picked else ():
-        st.session_state[f"pick_{image_id}"] = False
+    if picked:
+        _pick_all(ids, False)
 
 
 def _resolve(image_id: int, action: str) -> None:
@@ -88,8 +99,10 @@ def _page(total: int, size: int, key: str) -> tuple[int, int]:
 
 
 def _pick_all(ids: list[int], on: bool) -> None:
+    picked = st.session_state.setdefault(PICKED, set())
     for image_id in ids:
         st.session_state[f"pick_{image_id}"] = on
+        (picked.add if on else picked.discard)(image_id)
 
 
 with review_tab:
@@ -125,7 +138,7 @@ with review_tab:
     picked = _picked()
     a1, a2, a3, a4, a5, a6 = st.columns([1, 1, 1, 1, 2, 1], vertical_alignment="bottom")
     a1.button("Select page", key="select_page", on_click=_pick_all, args=(page_ids, True))
-    a2.button("Clear", key="clear_selection", on_click=_pick_all, args=(page_ids, False))
+    a2.button("Clear", key="clear_selection", on_click=_pick_all, args=(picked, False), help="Untick every image")
     a3.button(
         f"Validate ({len(picked)})",
         key="validate",
@@ -139,20 +152,35 @@ with review_tab:
     a6.button("Relabel", key="relabel", disabled=not picked or not categories, on_click=_apply, args=("relabel",))
 
     st.caption(f"{total} image(s) match; page {page} of {pages}. Tick images, then act on all ticked at once.")
+    if hidden := [i for i in picked if i not in page_ids]:
+        st.info(
+            f"{len(hidden)} ticked image(s) are not shown here (another page or filter): "
+            f"{', '.join(f'#{i}' for i in hidden[:10])}{' …' if len(hidden) > 10 else ''}. "
+            "The buttons act on every ticked image; **Clear** unticks them all.",
+            icon=":material/visibility_off:",
+        )
     for start_index in range(0, len(found.rows), COLUMNS):
         row = st.columns(COLUMNS)
         for col, (image, name) in zip(row, found.rows[start_index : start_index + COLUMNS], strict=False):
             with col.container(border=True):
                 show_thumbnail(image)
-                st.checkbox(f"#{image.id} {name}", key=f"pick_{image.id}")
+                st.session_state.setdefault(f"pick_{image.id}", image.id in picked)
+                st.checkbox(f"#{image.id} {name}", key=f"pick_{image.id}", on_change=_tick, args=(image.id,))
                 who = f" by {image.reviewed_by}" if image.reviewed_by else ""
                 alike = f" · {alikes[image.id]} look-alike(s)" if alikes[image.id] else ""
                 st.caption(f"{image.status.value}{who} · {image.source.value} · {image.uploaded_at:%Y-%m-%d}{alike}")
 
-    if page_ids:
-        with st.expander("History and look-alikes of an image"):
+    with st.expander("History and look-alikes of an image"):
+        wanted = st.text_input("Find an image by id or file name", key="history_search", placeholder="#12 or IMG_0042")
+        if wanted:
+            with read_session() as session:
+                choices = [img.id for img in stats.search_images(wanted, session=session)]
+            if not choices:
+                st.caption(f"No image has the id or a file name with '{wanted}'.")
+        else:
             choices = [*picked, *(i for i in page_ids if i not in picked)]
-            shown = st.selectbox("Image", choices, key="history_image", format_func=lambda i: f"#{i}")
+        shown = st.selectbox("Image", choices, key="history_image", format_func=lambda i: f"#{i}")
+        if shown is not None:
             with read_session() as session:
                 events = audit.image_history(shown, session=session)
                 similar = duplicates.look_alikes(stats.images_by_id([shown], session=session)[shown], session=session)

@@ -207,6 +207,36 @@ def test_review_filters_by_status_and_category_and_pages_the_grid(session):
     assert "0 image(s) match" in at.caption[0].value
 
 
+def test_review_ticks_survive_a_filter_change_with_a_note_and_act(session):
+    ids = add_images(session, {"cats": 2, "dogs": 2}, status=ImageStatus.pending)
+    cat, dog = ids[0], ids[2]
+    at = ok(app("pages/review.py", "curator", "Ana"))
+    ok(at.checkbox(key=f"pick_{cat}").check())
+    ok(at.selectbox(key="filter_category").select("dogs"))
+    assert f"1 ticked image(s) are not shown here (another page or filter): #{cat}" in at.info[0].value
+    ok(at.checkbox(key=f"pick_{dog}").check())
+    assert at.button(key="reject").label == "Reject (2)"
+    ok(at.button(key="reject").click())
+    assert "2 image(s) rejected." in at.success[0].value
+    statuses = {i: img.status for i, img in _images().items()}
+    assert statuses[cat] == statuses[dog] == ImageStatus.rejected
+    assert at.button(key="reject").label == "Reject (0)" and not at.info
+
+
+def test_review_history_finds_any_image_by_id(session):
+    ids = add_images(session, {"cats": 50}, status=ImageStatus.pending)
+    oldest = ids[0]  # newest first: not on the first page
+    from core.review import validate_images
+
+    validate_images([oldest], session=session, actor=as_actor("Ana", "curator"))
+    session.commit()
+    at = ok(app("pages/review.py", "curator", "Ana"))
+    assert f"pick_{oldest}" not in [c.key for c in at.checkbox]
+    ok(at.text_input(key="history_search").input(f"#{oldest}"))
+    assert at.selectbox(key="history_image").value == oldest
+    assert table(at, "action")["action"].tolist() == ["image.validate"]
+
+
 def test_review_upload_stores_good_files_and_lists_the_refused_ones_with_a_reason(session):
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
