@@ -9,7 +9,7 @@ from core import audit, duplicates, registry, review, stats, suspects
 from core.access import Permission
 from core.config import get_settings
 from core.db import read_session, session_scope
-from core.errors import UserError
+from core.errors import NotFoundError, UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.uploads import ingest_uploads
@@ -74,15 +74,32 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
         _pick_all(ids, False)
 
 
-def _resolve(image_id: int, action: str) -> None:
-    """Button callback: one decision about a suspected mislabel."""
+def _resolve(image_ids: list[int], action: str) -> None:
+    """Button callback: one decision about suspected mislabels (one card, or
+    the ticked ones: all or, on an error, none)."""
     try:
         with session_scope() as session:
-            row = suspects.resolve(image_id, action, session=session, actor=actor)
+            rows = [suspects.resolve(i, action, session=session, actor=actor) for i in image_ids]
     except UserError as exc:
         st.session_state["suspects_error"] = str(exc)
         return
-    st.session_state["suspects_message"] = f"#{image_id}: {row.resolution} ({row.given_label} → {row.suggested_label})."
+    if not rows:
+        st.session_state["suspects_error"] = "Tick at least one suspect first."
+        return
+    for row in rows:
+        st.session_state[f"suspect_pick_{row.image_id}"] = False
+    if len(rows) > 1:
+        st.session_state["suspects_message"] = f"{len(rows)} suspects {suspects.ACTIONS[action]}."
+    else:
+        st.session_state["suspects_message"] = f"#{rows[0].image_id}: " + _decision(rows[0]) + "."
+
+
+def _decision(row) -> str:
+    if row.resolution == "accepted":
+        return f"moved from '{row.given_label}' to '{row.suggested_label}'"
+    if row.resolution == "kept":
+        return f"kept as '{row.given_label}' (the model suggested '{row.suggested_label}')"
+    return "rejected"
 
 
 def _show_messages(where: str) -> None:
@@ -219,32 +236,84 @@ with suspects_tab:
                 else "No training round has completed yet: images are scored after each completed round."
             )
         page, _ = _page(suspect_total, SUSPECTS_PAGE_SIZE, "suspects_page")
+        # The cards of this page stay where they are until the page changes:
+        # a decided one is greyed, so the next card's buttons never slide under the pointer.
+        shown_page, shown_ids = st.session_state.get("suspects_cards", (None, []))
         with read_session() as session:
-            listed = suspects.list_suspects(
-                session=session, offset=(page - 1) * SUSPECTS_PAGE_SIZE, limit=SUSPECTS_PAGE_SIZE
+            if shown_page == page and shown_ids:
+                listed = suspects.list_suspects(session=session, image_ids=shown_ids)
+            else:
+                listed = suspects.list_suspects(
+                    session=session, offset=(page - 1) * SUSPECTS_PAGE_SIZE, limit=SUSPECTS_PAGE_SIZE
+                )
+                st.session_state["suspects_cards"] = (page, [s.image.id for s in listed])
+            try:
+                scorer = registry.get_version(listed[0].row.model_version, session=session) if listed else None
+            except NotFoundError:  # the scoring version was deleted since
+                scorer = None
+        if scorer is not None and scorer.metrics.get("test_accuracy") is not None:
+            st.caption(
+                f"The suggestions come from model {scorer.version}: {scorer.metrics['test_accuracy']:.1f}% right "
+                f"on its {scorer.metrics.get('test_images', 0)} held-out test images, so about one suggestion "
+                "in that many is wrong too: look before you accept."
             )
+        open_ids = [s.image.id for s in listed if s.row.resolution is None]
+        ticked = [i for i in open_ids if st.session_state.get(f"suspect_pick_{i}")]
+        if listed:
+            b1, b2, b3 = st.columns([1, 1, 3])
+            b1.button(
+                f"Keep ticked ({len(ticked)})",
+                key="suspects_keep_ticked",
+                disabled=not ticked,
+                on_click=_resolve,
+                args=(ticked, "keep"),
+            )
+            b2.button(
+                f"Reject ticked ({len(ticked)})",
+                key="suspects_reject_ticked",
+                disabled=not ticked,
+                on_click=_resolve,
+                args=(ticked, "reject"),
+            )
+            if b3.button("Show the next open suspects", key="suspects_refresh"):
+                st.session_state.pop("suspects_cards", None)
+                st.rerun()
         for suspect in listed:
             row, image_id = suspect.row, suspect.image.id
+            decided = row.resolution is not None
             with st.container(border=True):
                 picture, text, buttons = st.columns([1, 3, 2], vertical_alignment="center")
                 with picture:
                     show_thumbnail(suspect.image)
-                text.markdown(f"**#{image_id}** labelled **{row.given_label}**, looks like **{row.suggested_label}**")
+                if decided:
+                    text.markdown(f":gray[**#{image_id}** {_decision(row)} by {row.resolved_by}]")
+                else:
+                    text.checkbox(
+                        f"**#{image_id}** labelled **{row.given_label}**, looks like **{row.suggested_label}**",
+                        key=f"suspect_pick_{image_id}",
+                    )
                 text.caption(
                     f"p({row.given_label}) {row.given_probability:.2f} · margin {row.margin:.2f} · "
                     f"model {row.model_version}"
                 )
+                # Keep, the harmless choice, comes first; none is the coloured default.
+                buttons.button(
+                    f"Keep '{row.given_label}'",
+                    key=f"keep_{image_id}",
+                    disabled=decided,
+                    on_click=_resolve,
+                    args=([image_id], "keep"),
+                )
                 buttons.button(
                     f"Accept '{row.suggested_label}'",
                     key=f"accept_{image_id}",
-                    type="primary",
+                    disabled=decided,
                     on_click=_resolve,
-                    args=(image_id, "accept"),
+                    args=([image_id], "accept"),
                 )
                 buttons.button(
-                    f"Keep '{row.given_label}'", key=f"keep_{image_id}", on_click=_resolve, args=(image_id, "keep")
+                    "Reject", key=f"reject_{image_id}", disabled=decided, on_click=_resolve, args=([image_id], "reject")
                 )
-                buttons.button("Reject", key=f"reject_{image_id}", on_click=_resolve, args=(image_id, "reject"))
 
 with duplicates_tab:
     st.caption(
