@@ -8,6 +8,7 @@ renamed into place. A file that fails the check never appears.
 import importlib.metadata
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +114,17 @@ def check_parity(path: Path, fmt: str, images: torch.Tensor, eager_logits: torch
     return Parity(images.shape[0], agree / max(1, images.shape[0]), worst, threshold)
 
 
-def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[dict]:
+def export_model(
+    model: nn.Module, version: str, images: torch.Tensor, on_step: Callable[[str], None] | None = None
+) -> list[dict]:
     """Write, verify and publish both artifacts for `version`.
 
     `images` are normalised validation images (N, 3, H, W). Returns one record
     per artifact; raises ExportError (leaving no file behind) on any failure.
+    `on_step` hears "exporting" before each file is written and "checking the
+    phone files" before it is run in its own runtime.
     """
+    on_step = on_step or (lambda step: None)
     model = model.eval()
     with torch.inference_mode():
         eager = model(images)
@@ -129,7 +135,9 @@ def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[d
             final = artifact_path(version, fmt)
             tmp = temp_path_for(final)
             try:
+                on_step("exporting")
                 (_write_ptl if fmt == "ptl" else _write_pte)(model, example, tmp)
+                on_step("checking the phone files")
                 parity = check_parity(tmp, fmt, images, eager)
                 if not parity.passed:
                     raise ExportError(

@@ -373,6 +373,7 @@ def request_stop(job_id: str, *, session: Session, by: str | None = None) -> Tra
 
 def _finish(round_: TrainingRound, status: RoundStatus, note: str) -> None:
     round_.status = status
+    round_.phases = _enter_phase(round_.phases, None)
     round_.finished_at = utcnow()
     round_.history = [*round_.history, _line(note)]
     shutil.rmtree(round_dir(round_), ignore_errors=True)
@@ -430,6 +431,12 @@ class RoundReporter:
         self.session.add(self.round)
         self.session.commit()
 
+    def phase(self, name: str) -> None:
+        """The job enters phase `name` (one of PHASES); the one running ends."""
+        self.round.phases = _enter_phase(self.round.phases, name)
+        self.session.add(self.round)
+        self.session.commit()
+
     def note(self, text: str, warning: bool = False) -> None:
         self.round.history = [*self.round.history, _line(text)]
         if warning:
@@ -453,8 +460,22 @@ class SilentReporter(RoundReporter):
     def epoch(self, metric: EpochMetric) -> None:
         pass
 
+    def phase(self, name: str) -> None:
+        pass
+
     def note(self, text: str, warning: bool = False) -> None:
         pass
+
+
+def _enter_phase(phases: list, name: str | None) -> list:
+    """`phases` with the running one ended now and, given a `name`, that one begun."""
+    now = utcnow().isoformat()
+    out = [dict(p) for p in phases]
+    if out and out[-1]["ended_at"] is None:
+        out[-1]["ended_at"] = now
+    if name is not None:
+        out.append({"name": name, "started_at": now, "ended_at": None})
+    return out
 
 
 class Heartbeat:
@@ -999,6 +1020,7 @@ def _train_and_register(
     torch.set_num_threads(placement.threads(settings.training_threads))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    reporter.phase("preparing")
     if placement.leader:  # another rank's change would be flushed: its session only reads
         round_.device = placement.describe()
         reporter.note(f"training on {round_.device}")
@@ -1063,6 +1085,7 @@ def _train_and_register(
     rank_batch = math.ceil(config.batch_size / placement.world_size)
     n_batches = max(1, math.ceil(len(sampler) / rank_batch))
 
+    reporter.phase("training")
     for epoch in range(state.epoch + 1, config.epochs + 1):
         crash_point(f"rank{placement.rank}_epoch{epoch}")  # CRASH_AT, for the recovery tests
         started = time.perf_counter()
@@ -1312,7 +1335,7 @@ def _export_and_register(
     version = registry.next_version(classes, session=session)
     session.rollback()  # release the read transaction while exporting
     reporter.note(f"exporting model {version}")
-    artifacts = export_model(model, version, val_images)
+    artifacts = export_model(model, version, val_images, on_step=reporter.phase)
     ckpt = registry.checkpoint_path(version)
     _save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
     files = [settings.data_dir / a["path"] for a in artifacts] + [ckpt]
@@ -1322,8 +1345,10 @@ def _export_and_register(
         "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),
         "training_duration_seconds": round(duration, 1),
     }
+    reporter.phase("scoring")
     reporter.note("scoring production on the test images for the promotion gate")
     production = _production_predictions(outcome.test, reporter, session=session)
+    reporter.phase("registering")
     try:
         reporter.check_cancel()
         crash_point("before_commit")
@@ -1381,6 +1406,7 @@ def _commit_version(
     if promote:
         registry.promote(version, session=session, actor=SYSTEM_ACTOR, action="auto")
     round_.status = RoundStatus.completed
+    round_.phases = _enter_phase(round_.phases, None)
     round_.model_version_id = mv.id
     round_.progress = 1.0
     round_.finished_at = utcnow()

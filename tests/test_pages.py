@@ -528,6 +528,50 @@ def test_metrics_page_shows_progress_and_curves_of_a_running_round(session):
     assert charts(at) == 2  # loss and accuracy per epoch
 
 
+def _phases(start, **seconds) -> list[dict]:
+    """Phases one after the other from `start`, each lasting its seconds; the last one given as None runs."""
+    from datetime import timedelta
+
+    out, at = [], start
+    for name, length in seconds.items():
+        end = None if length is None else at + timedelta(seconds=length)
+        out.append({"name": name.replace("_", " "), "started_at": at.isoformat(),
+                    "ended_at": end.isoformat() if end else None})  # fmt: skip
+        at = end or at
+    return out
+
+
+def test_live_metrics_and_sidebar_show_the_phases_after_training_and_the_same_estimate(session):
+    from datetime import timedelta
+
+    from core.models import utcnow
+
+    now = utcnow()
+    earlier = now - timedelta(hours=1)
+    done = TrainingRound(parameters={"epochs": 2}, status=RoundStatus.completed, started_at=earlier,
+                         finished_at=earlier + timedelta(seconds=100), progress=1.0,
+                         phases=_phases(earlier, preparing=5, training=40, exporting=20,
+                                        checking_the_phone_files=15, scoring=10, registering=2))  # fmt: skip
+    started = now - timedelta(seconds=90)  # exporting has run 35 s: longer than its 20 s last time
+    running = TrainingRound(parameters={"epochs": 3}, status=RoundStatus.in_progress, started_at=started,
+                            current_epoch=3, current_batch=5, total_batches=5, progress=1.0,
+                            phases=_phases(started, preparing=5, training=50, exporting=None))  # fmt: skip
+    session.add_all([done, running])
+    session.commit()
+
+    at = ok(app("pages/metrics.py"))
+    assert at.get("progress")[0].proto.text == "exporting"
+    left = {m.label: m.value for m in at.metric}["Time left (estimate)"]
+    # exporting is over its time, so what is left is the phases to come, as long as last time: 15 + 10 + 2 s
+    assert left == "0m 27s"
+    phases = table(at, "phase")
+    assert phases["state"].tolist() == ["done", "done", "running", "to come", "to come", "to come"]
+    assert phases["progress"].tolist()[:3] == [1.0, 1.0, 0.99] and phases["seconds"][2] >= 35
+
+    frame = ok(app("dashboard.py"))
+    assert frame.sidebar.get("progress")[0].proto.text == f"Job {running.job_id[:8]}: exporting, about 0m 27s left"
+
+
 def test_metrics_page_shows_results_of_a_finished_round(trained):
     at = ok(app("pages/metrics.py"))
     assert {m.label for m in at.metric} >= {"Validation accuracy", "Training accuracy", "Size", "Test accuracy"}

@@ -1,4 +1,4 @@
-"""A running job can be stopped keeping its best epoch so far.
+"""A running job can be stopped keeping its best epoch so far, and records its phases.
 
 Revision ID: 0008
 Revises: 0004
@@ -17,8 +17,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("traininground", schema=None) as batch_op:
         batch_op.add_column(sa.Column("stop_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch_op.add_column(sa.Column("phases", sa.JSON(), nullable=False, server_default="[]"))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("traininground", schema=None) as batch_op:
+        batch_op.drop_column("phases")
         batch_op.drop_column("stop_requested")
