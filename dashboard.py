@@ -42,7 +42,8 @@ for section, page, permission in PAGES:
 pages = st.navigation(sections)
 
 
-@st.fragment(run_every=5)
+# As often as Live metrics refreshes, so both show the same numbers.
+@st.fragment(run_every=2)
 def queue_status() -> None:
     if signed_in() is None:
         # Signed out in another tab, or deactivated: show the sign-in form.
@@ -51,17 +52,17 @@ def queue_status() -> None:
         production = registry.production_version(session=session)
         running = stats.current_round(session=session)
         queued = stats.queued_count(session=session)
+        typical = stats.typical_phases(session=session)
     if production:
         st.metric("Production model", production.version, help="The version the mobile apps download.")
         st.caption(f"test accuracy {stats.accuracy_text(production.metrics)}")
     else:
         st.metric("Production model", "none yet")
     if running is not None and running.status == "in_progress":
-        _, left = stats.round_timing(running)
+        _, left = stats.round_timing(running, typical=typical)
         st.progress(
-            running.progress,
-            text=f"Job {running.job_id[:8]}: epoch {running.current_epoch}/{running.parameters['epochs']}, "
-            f"about {format_seconds(left)} left",
+            min(1.0, running.progress),
+            text=f"Job {running.job_id[:8]}: {stats.progress_text(running)}, about {format_seconds(left)} left",
         )
     else:
         st.caption("No job running.")

@@ -103,17 +103,26 @@ def training_status(job_id: str, caller: Reader) -> TrainingStatus:
 def cancel_training(job_id: str, caller: Trainer) -> CancelResponse:
     """Cancel a queued job, or ask a running one to stop after its current batch."""
     round_ = jobs.cancel_training(job_id, actor=caller.actor)
-    message = (
-        "Job cancelled before it started"
-        if round_.status == RoundStatus.cancelled
-        else "Cancel requested: the job stops after its current batch"
+    return _cancel_response(round_, "Cancel requested: the job stops after its current batch")
+
+
+@router.post("/models/training/{job_id}/stop/", tags=["training"])
+def stop_training(job_id: str, caller: Trainer) -> CancelResponse:
+    """Stop a running job after its current batch and register its best epoch
+    so far as a version, through the promotion gate (a queued job is cancelled)."""
+    round_ = jobs.cancel_training(job_id, actor=caller.actor, keep_best=True)
+    return _cancel_response(
+        round_, "Stop requested: the job stops after its current batch and registers its best epoch so far"
     )
+
+
+def _cancel_response(round_, requested: str) -> CancelResponse:
     return CancelResponse(
         job_id=round_.job_id,
         training_round_id=round_.id,
         status=round_.status.value,
         queue_status=QUEUE_STATUS[round_.status],
-        message=message,
+        message="Job cancelled before it started" if round_.status == RoundStatus.cancelled else requested,
     )
 
 

@@ -245,10 +245,11 @@ def cmd_status(args) -> int:
 def cmd_cancel(args) -> int:
     from jobs import cancel_training
 
-    round_ = cancel_training(args.job_id, actor=WHO)
+    round_ = cancel_training(args.job_id, actor=WHO, keep_best=args.keep_best)
+    asked = "stop requested: its best epoch so far becomes a version" if round_.stop_requested else "cancel requested"
     print(
         f"Job {round_.job_id}: {round_.status.value}"
-        + (" (cancel requested)" if round_.status == RoundStatus.in_progress else "")
+        + (f" ({asked})" if round_.status == RoundStatus.in_progress else "")
     )
     return 0
 
@@ -591,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job_id")
+    p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="stop a running job after its current batch and register its best epoch so far as a version",
+    )
     p.set_defaults(func=cmd_cancel)
 
     sub.add_parser("versions", help="list model versions").set_defaults(func=cmd_versions)

@@ -6,7 +6,7 @@ from datetime import date, datetime, time, timedelta
 
 from sqlmodel import Session, col, select
 
-from core.access import Actor
+from core.access import SYSTEM_ACTOR, Actor
 from core.models import UTC, AuditEvent
 
 # The actions recorded, for the audit page's filter.
@@ -18,8 +18,11 @@ ACTIONS = (
     "image.upload",
     "category.add",
     "category.rename",
+    "category.delete",
+    "category.merge",
     "training.start",
     "training.cancel",
+    "training.stop",
     "automation.update",
     "model.promote",
     "model.rollback",
@@ -44,9 +47,9 @@ def record_audit(
     after: dict | None = None,
 ) -> AuditEvent:
     """Add one audit row; it commits (or rolls back) with the action itself."""
-    event = AuditEvent(
-        actor=actor.name, actor_role=str(actor.role), action=action, target=target, before=before, after=after
-    )
+    # The system acts with an admin's permissions but is no admin: the trail says "system".
+    role = "system" if actor == SYSTEM_ACTOR else str(actor.role)
+    event = AuditEvent(actor=actor.name, actor_role=role, action=action, target=target, before=before, after=after)
     session.add(event)
     return event
 

@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -15,9 +16,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_image(path: Path, size: int) -> torch.Tensor:
-    """One image as a uint8 tensor of shape (3, size, size)."""
-    image = load_rgb(path).resize((size, size), Image.Resampling.BILINEAR)
+def decode_image(source: Path | BinaryIO, size: int) -> torch.Tensor:
+    """One image (a file, or its bytes in a stream) as a uint8 tensor of shape (3, size, size)."""
+    image = load_rgb(source).resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

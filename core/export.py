@@ -6,15 +6,21 @@ renamed into place. A file that fails the check never appears.
 """
 
 import importlib.metadata
+import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from core.config import get_settings
+from core.dataset import decode_image, normalize
+from core.errors import InvalidImageError, NotFoundError
 from core.ingest import file_sha256
+from core.models import ModelVersion
 from core.storage import commit_temp, temp_path_for
 
 log = logging.getLogger(__name__)
@@ -108,12 +114,17 @@ def check_parity(path: Path, fmt: str, images: torch.Tensor, eager_logits: torch
     return Parity(images.shape[0], agree / max(1, images.shape[0]), worst, threshold)
 
 
-def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[dict]:
+def export_model(
+    model: nn.Module, version: str, images: torch.Tensor, on_step: Callable[[str], None] | None = None
+) -> list[dict]:
     """Write, verify and publish both artifacts for `version`.
 
     `images` are normalised validation images (N, 3, H, W). Returns one record
     per artifact; raises ExportError (leaving no file behind) on any failure.
+    `on_step` hears "exporting" before each file is written and "checking the
+    phone files" before it is run in its own runtime.
     """
+    on_step = on_step or (lambda step: None)
     model = model.eval()
     with torch.inference_mode():
         eager = model(images)
@@ -124,7 +135,9 @@ def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[d
             final = artifact_path(version, fmt)
             tmp = temp_path_for(final)
             try:
+                on_step("exporting")
                 (_write_ptl if fmt == "ptl" else _write_pte)(model, example, tmp)
+                on_step("checking the phone files")
                 parity = check_parity(tmp, fmt, images, eager)
                 if not parity.passed:
                     raise ExportError(
@@ -153,6 +166,25 @@ def export_model(model: nn.Module, version: str, images: torch.Tensor) -> list[d
         remove_files(published)
         raise ExportError(f"export of model {version} failed: {exc}") from exc
     return records
+
+
+def try_model(version: ModelVersion, data: bytes, *, top: int = 5) -> list[tuple[str, float]]:
+    """What `version` predicts for one picture (the bytes of an image file):
+    its `top` categories with their probabilities, highest first, run through
+    the exported `.ptl` in the lite interpreter, as a phone runs it."""
+    try:
+        pixels = decode_image(io.BytesIO(data), version.image_size)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(f"Cannot read that file as an image ({exc}); use a JPEG, PNG or WebP picture") from None
+    lite = next((a for a in version.artifacts if a["format"] == "ptl"), None)
+    path = get_settings().data_dir / lite["path"] if lite else None
+    if path is None or not path.is_file():
+        raise NotFoundError(f"Model {version.version} has no .ptl file to run; re-export it or try another version")
+    batch = normalize(pixels.unsqueeze(0)).contiguous()
+    with torch.inference_mode():
+        probabilities = load_runner(path, "ptl")(batch).float().softmax(1)[0]
+    best = probabilities.topk(min(top, len(version.classes)))
+    return [(version.classes[i], float(p)) for p, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]
 
 
 def remove_files(paths: list[Path]) -> None:

@@ -8,9 +8,10 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sqlmodel import Session, select
+from sqlmodel import Session, func, select
 
 from core.config import get_settings
 from core.duplicates import image_hash
@@ -111,20 +112,37 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
     return CheckedImage(width=width, height=height, format=fmt, phash=phash)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open a stored image upright (EXIF orientation applied) in RGB."""
-    with Image.open(path) as im:
+def load_rgb(source: Path | BinaryIO) -> Image.Image:
+    """Open an image (a file, or a stream of its bytes) upright (EXIF orientation applied) in RGB."""
+    with Image.open(source) as im:
         return ImageOps.exif_transpose(im).convert("RGB")
 
 
-def get_or_create_category(name: str, *, session: Session, create: bool = True) -> Category:
-    """The category called `name`; created if missing and `create` is set."""
+def check_category_name(name: str) -> str:
+    """`name` without surrounding spaces, or UserError saying what to change:
+    names are printable text of at most 100 characters, without path
+    separators or a leading dot (they become folder names in exports)."""
     clean = name.strip()
     if not clean:
         raise UserError("A category name is required")
     if len(clean) > 100:
         raise UserError("A category name can be at most 100 characters")
-    category = session.exec(select(Category).where(Category.name == clean)).first()
+    if not clean.isprintable() or "/" in clean or "\\" in clean or clean.startswith("."):
+        raise UserError(
+            f"A category name must be printable text without / or \\ and must not start with a dot (got {clean!r})"
+        )
+    return clean
+
+
+def find_category(name: str, *, session: Session) -> Category | None:
+    """The category called `name`, compared case-insensitively ('Cat' is 'cat')."""
+    return session.exec(select(Category).where(func.lower(Category.name) == name.strip().lower())).first()
+
+
+def get_or_create_category(name: str, *, session: Session, create: bool = True) -> Category:
+    """The category called `name` (in any case); created if missing and `create` is set."""
+    clean = check_category_name(name)
+    category = find_category(clean, session=session)
     if category is None:
         if not create:
             known = ", ".join(c.name for c in session.exec(select(Category).order_by(Category.name))) or "none yet"

@@ -39,6 +39,8 @@ class RoundStatus(StrEnum):
 
 
 FINISHED_STATUSES = (RoundStatus.completed, RoundStatus.failed, RoundStatus.cancelled)
+# A job's steps, in order (TrainingRound.phases; the Live metrics page shows each).
+PHASES = ("preparing", "training", "exporting", "checking the phone files", "scoring", "registering")
 
 
 def _json(default_factory: Any) -> Any:
@@ -95,6 +97,9 @@ class TrainingRound(SQLModel, table=True):
     finished_at: datetime | None = None
     error: str | None = None
     cancel_requested: bool = False
+    # "Stop and keep the best so far": training ends after its current batch
+    # and the best epoch is exported and registered like a finished job's.
+    stop_requested: bool = False
     # [{"id", "sha256", "label"}, ...] in a stable order, and its hash.
     snapshot: list = _json(list)
     snapshot_hash: str = ""
@@ -104,6 +109,9 @@ class TrainingRound(SQLModel, table=True):
     warnings: list = _json(list)
     # Timestamped lines: attempts, resumes, fallbacks, the outcome.
     history: list = _json(list)
+    # The steps of the job as they happen (core.training.PHASES):
+    # [{"name", "started_at", "ended_at"}, ...], ISO times, ended_at None while running.
+    phases: list = _json(list)
     # What started it automatically (`new_images`, `schedule`); None: a person.
     trigger: str | None = Field(default=None, index=True)
     # Where it trained, e.g. "cpu" or "cuda:0 NVIDIA H100 (bf16)".

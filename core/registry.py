@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from sqlmodel import Session, col, select
 
+from core import gate
 from core.access import Actor, Permission, require
 from core.audit import record_audit
 from core.config import get_settings
@@ -122,32 +123,52 @@ def held_back(version: ModelVersion) -> bool:
     return bool(version.gate) and not version.gate.get("passed", True)
 
 
+def reason_needed(target: ModelVersion, *, session: Session) -> str | None:
+    """Why promoting `target` by hand needs a recorded reason, or None: the
+    promotion gate held it back, or it scores much worse than production (by
+    more than the gate's largest allowed drop of a category) on the test
+    images both were scored on."""
+    if held_back(target):
+        return f"did not pass the promotion gate ({'; '.join(target.gate.get('reasons', []))})"
+    current = production_version(session=session)
+    if current is None or current.id == target.id:
+        return None
+    on_test = gate.compare_on_test(current, target, session=session)
+    limit = gate.rules(session=session)["max_category_drop"]
+    if on_test["images"] and on_test["a"] is not None and on_test["b"] is not None:
+        drop = on_test["a"] - on_test["b"]
+        if drop > limit:
+            return (
+                f"scores {drop:.1f} points below production {current.version} ({on_test['b']:.1f}% against "
+                f"{on_test['a']:.1f}% on the {on_test['images']} test images both were scored on)"
+            )
+    return None
+
+
 def promote(
     version: str, *, session: Session, actor: Actor, action: str = "promote", reason: str | None = None
 ) -> ModelVersion:
     """Make `version` the production model (the previous one stays, for rollback).
 
-    A version the promotion gate held back goes only with a `reason`, recorded
-    with the promotion as an override."""
+    A version that needs a reason (`reason_needed`) goes only with one,
+    recorded with the promotion as an override."""
     require(actor, Permission.promote)
     target = get_version(version, session=session)
     if target.is_production:
         raise ConflictError(f"Model {version} is already in production")
     reason = (reason or "").strip() or None
-    override = action == "promote" and held_back(target)
-    if override and reason is None:
-        why = "; ".join(target.gate.get("reasons", []))
+    why = reason_needed(target, session=session) if action == "promote" else None
+    if why and reason is None:
         raise UserError(
-            f"Model {version} did not pass the promotion gate ({why}). "
-            "Give a reason to promote it anyway; it is recorded with the promotion."
+            f"Model {version} {why}. Give a reason to promote it anyway; it is recorded with the promotion."
         )
-    _set_production(target, session=session, action=action, actor=actor, reason=reason, override=override)
+    _set_production(target, session=session, action=action, actor=actor, reason=reason, override=why is not None)
     return target
 
 
-def rollback(*, session: Session, actor: Actor) -> ModelVersion:
-    """Put back the version that was in production before the current one."""
-    require(actor, Permission.promote)
+def rollback_target(*, session: Session) -> tuple[ModelVersion, ModelVersion]:
+    """(production now, the version a rollback puts back: the one in
+    production before it); ConflictError when there is none."""
     current = production_version(session=session)
     if current is None:
         raise ConflictError("Nothing is in production, so there is nothing to roll back")
@@ -161,7 +182,13 @@ def rollback(*, session: Session, actor: Actor) -> ModelVersion:
         raise ConflictError(
             f"Model {current.version} was the first in production; there is no earlier one to roll back to"
         )
-    target = get_version(previous, session=session)
+    return current, get_version(previous, session=session)
+
+
+def rollback(*, session: Session, actor: Actor) -> ModelVersion:
+    """Put back the version that was in production before the current one."""
+    require(actor, Permission.promote)
+    _, target = rollback_target(session=session)
     _set_production(target, session=session, action="rollback", actor=actor)
     return target
 

@@ -2,12 +2,12 @@
 
 from collections.abc import Sequence
 
-from sqlmodel import Session, func, select
+from sqlmodel import Session, func, select, update
 
 from core.access import Actor, Permission, require
 from core.audit import record_audit
 from core.errors import NotFoundError, UserError
-from core.ingest import get_or_create_category
+from core.ingest import check_category_name, find_category, get_or_create_category
 from core.models import Category, ImageStatus, TrainingImage, utcnow
 
 
@@ -98,25 +98,25 @@ def relabel_images(ids: Sequence[int], category: str, *, session: Session, actor
 
 
 def add_category(name: str, *, session: Session, actor: Actor) -> Category:
-    """Create a category; refuses a name that exists."""
+    """Create a category; refuses a name that exists in any case ('Cat' beside 'cat')."""
     require(actor, Permission.manage_categories)
-    clean = name.strip()
-    if session.exec(select(Category).where(Category.name == clean)).first():
-        raise UserError(f"Category '{clean}' already exists")
+    clean = check_category_name(name)
+    if existing := find_category(clean, session=session):
+        raise UserError(f"Category '{existing.name}' already exists")
     category = get_or_create_category(clean, session=session)
     record_audit("category.add", session=session, actor=actor, target=f"category:{category.name}")
     return category
 
 
 def rename_category(old: str, new: str, *, session: Session, actor: Actor) -> Category:
-    """Rename a category; its images follow (they refer to it by id)."""
+    """Rename a category; its images follow (they refer to it by id). A change
+    of case only ('cat' to 'Cat') is a rename too."""
     require(actor, Permission.manage_categories)
     category = get_or_create_category(old, session=session, create=False)
-    clean = new.strip()
-    if not clean:
-        raise UserError("A category name is required")
-    if clean != category.name and session.exec(select(Category).where(Category.name == clean)).first():
-        raise UserError(f"Category '{clean}' already exists")
+    clean = check_category_name(new)
+    existing = find_category(clean, session=session)
+    if existing is not None and existing.id != category.id:
+        raise UserError(f"Category '{existing.name}' already exists: merge '{category.name}' into it instead")
     before = category.name
     category.name = clean
     session.add(category)
@@ -130,6 +130,50 @@ def rename_category(old: str, new: str, *, session: Session, actor: Actor) -> Ca
     )
     session.flush()
     return category
+
+
+def _image_ids(category: Category, *, session: Session) -> list[int]:
+    query = select(TrainingImage.id).where(TrainingImage.category_id == category.id).order_by(TrainingImage.id)
+    return list(session.exec(query))
+
+
+def delete_category(name: str, *, session: Session, actor: Actor) -> None:
+    """Delete a category that has no images (of any status); one with images
+    is merged into another instead (`merge_category`)."""
+    require(actor, Permission.manage_categories)
+    category = get_or_create_category(name, session=session, create=False)
+    if count := len(_image_ids(category, session=session)):
+        raise UserError(
+            f"Category '{category.name}' has {count} image(s), so it cannot be deleted: "
+            "merge it into another category instead"
+        )
+    session.delete(category)
+    record_audit("category.delete", session=session, actor=actor, target=f"category:{category.name}")
+    session.flush()
+
+
+def merge_category(source: str, target: str, *, session: Session, actor: Actor) -> int:
+    """Move every image of `source` (any status) into `target`, then delete
+    `source`. Returns how many images moved; the audit trail lists them."""
+    require(actor, Permission.manage_categories)
+    from_ = get_or_create_category(source, session=session, create=False)
+    into = get_or_create_category(target, session=session, create=False)
+    if from_.id == into.id:
+        raise UserError(f"Choose two different categories to merge (got '{from_.name}' twice)")
+    moved = _image_ids(from_, session=session)
+    if moved:
+        session.exec(update(TrainingImage).where(TrainingImage.category_id == from_.id).values(category_id=into.id))
+    session.delete(from_)
+    record_audit(
+        "category.merge",
+        session=session,
+        actor=actor,
+        target=f"category:{from_.name}",
+        before={"name": from_.name, "images": moved},
+        after={"merged_into": into.name},
+    )
+    session.flush()
+    return len(moved)
 
 
 def status_counts(*, session: Session) -> dict[str, int]:

@@ -14,6 +14,7 @@ from sqlmodel import Session, col, func, select
 from core import gate
 from core.models import (
     FINISHED_STATUSES,
+    PHASES,
     Category,
     ImageSource,
     ImageStatus,
@@ -93,6 +94,19 @@ def images_by_id(ids: list[int], *, session: Session) -> dict[int, TrainingImage
     return {img.id: img for img in session.exec(select(TrainingImage).where(col(TrainingImage.id).in_(ids)))}
 
 
+def search_images(text: str, *, session: Session, limit: int = 20) -> list[TrainingImage]:
+    """Images whose id is `text` ("12" or "#12") or whose original file name
+    contains it (ignoring case), newest first."""
+    text = text.strip().removeprefix("#")
+    if not text:
+        return []
+    match = func.lower(TrainingImage.original_filename).contains(text.lower(), autoescape=True)
+    if text.isdigit():
+        match = match | (TrainingImage.id == int(text))
+    query = select(TrainingImage).where(match).order_by(col(TrainingImage.id).desc()).limit(limit)
+    return list(session.exec(query))
+
+
 def category_warnings(counts: Mapping[str, int], *, minimum: int, far_below: float = 0.25) -> list[str]:
     """Why the validated images per category may train a poor model: a category
     under `minimum`, or under `far_below` times the median of the others."""
@@ -142,19 +156,101 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def round_timing(round_: TrainingRound, now: datetime | None = None) -> tuple[float | None, float | None]:
-    """Seconds since the round started and an estimate of the seconds left
-    (from its progress so far); None where not known yet."""
+def phase_seconds(round_: TrainingRound, now: datetime | None = None) -> dict[str, float]:
+    """Seconds the round spent in each phase so far (the running one up to `now`)."""
+    now = now or utcnow()
+    spent: dict[str, float] = {}
+    for phase in round_.phases:
+        start = datetime.fromisoformat(phase["started_at"])
+        end = datetime.fromisoformat(phase["ended_at"]) if phase["ended_at"] else now
+        spent[phase["name"]] = spent.get(phase["name"], 0.0) + max(0.0, (_aware(end) - _aware(start)).total_seconds())
+    return spent
+
+
+def typical_phases(*, session: Session) -> dict[str, float]:
+    """Seconds per phase of the last completed round that recorded its phases:
+    how long exporting, checking and scoring will likely take this time."""
+    rounds = session.exec(
+        select(TrainingRound)
+        .where(TrainingRound.status == RoundStatus.completed)
+        .order_by(col(TrainingRound.id).desc())
+        .limit(20)
+    )
+    for round_ in rounds:
+        if round_.phases:
+            return phase_seconds(round_)
+    return {}
+
+
+def round_phase(round_: TrainingRound) -> str | None:
+    """The phase the round is in now (None when not running one)."""
+    if round_.phases and round_.phases[-1]["ended_at"] is None:
+        return round_.phases[-1]["name"]
+    return None
+
+
+def round_timing(
+    round_: TrainingRound, now: datetime | None = None, typical: Mapping[str, float] | None = None
+) -> tuple[float | None, float | None]:
+    """Seconds since the round started and an estimate of the seconds left;
+    None where not known yet. The estimate is the training left (from its
+    progress so far) plus, from `typical` (see `typical_phases`), the phases
+    still to come (exporting, checking the phone files, scoring, registering)."""
     started = _aware(round_.started_at)
     if started is None:
         return None, None
-    end = _aware(round_.finished_at) or now or utcnow()
+    now = now or utcnow()
+    end = _aware(round_.finished_at) or now
     elapsed = max(0.0, (end - started).total_seconds())
     if round_.status in FINISHED_STATUSES:
         return elapsed, 0.0
-    if round_.progress <= 0:
+    typical = typical or {}
+    current = round_phase(round_)
+    if current is None or current not in PHASES:  # a round from before phases were recorded
+        if round_.progress <= 0:
+            return elapsed, None
+        return elapsed, elapsed * (1 - round_.progress) / round_.progress
+    spent = phase_seconds(round_, now)
+    later = sum(typical.get(name, 0.0) for name in PHASES[PHASES.index(current) + 1 :])
+    if current == "training":
+        if round_.progress <= 0:
+            return elapsed, None
+        return elapsed, spent["training"] * (1 - round_.progress) / round_.progress + later
+    if current == "preparing" and "training" not in typical:
         return elapsed, None
-    return elapsed, elapsed * (1 - round_.progress) / round_.progress
+    return elapsed, max(0.0, typical.get(current, 0.0) - spent.get(current, 0.0)) + later
+
+
+def phase_rows(round_: TrainingRound, typical: Mapping[str, float], now: datetime | None = None) -> list[dict]:
+    """One row per phase: its state, seconds spent and its own progress (0-1;
+    a phase other than training is measured against `typical`)."""
+    spent = phase_seconds(round_, now)
+    current = round_phase(round_)
+    rows = []
+    for name in PHASES:
+        if name == current:
+            state = "running"
+            if name == "training":
+                progress = round_.progress
+            elif typical.get(name):
+                progress = min(0.99, spent.get(name, 0.0) / typical[name])
+            else:
+                progress = None
+        elif name in spent:
+            state, progress = "done", 1.0
+        else:
+            state, progress = "to come", 0.0
+        rows.append({"phase": name, "state": state, "progress": progress, "seconds": round(spent.get(name, 0.0), 1)})
+    return rows
+
+
+def progress_text(round_: TrainingRound) -> str:
+    """What a running round is doing, in the same words everywhere (sidebar, Live metrics)."""
+    phase = round_phase(round_)
+    if phase not in (None, "training"):
+        return phase
+    epochs = round_.parameters.get("epochs", 0)
+    return f"training: epoch {round_.current_epoch}/{epochs}, batch {round_.current_batch}/{round_.total_batches}"
 
 
 def queue_overview(*, session: Session, recent: int = 10) -> list[dict]:

@@ -97,11 +97,22 @@ def _suspect_query(query, include_resolved: bool):
 
 
 def list_suspects(
-    *, session: Session, limit: int = 50, offset: int = 0, include_resolved: bool = False
+    *,
+    session: Session,
+    limit: int = 50,
+    offset: int = 0,
+    include_resolved: bool = False,
+    image_ids: Sequence[int] | None = None,
 ) -> list[Suspect]:
     """Open suspects, most likely mislabelled first (with `include_resolved`,
-    the decided ones too)."""
+    the decided ones too). Given `image_ids`, those images' rows, open or
+    decided (a page keeps showing the cards it showed, decided ones greyed)."""
     query = select(SuspectScore, TrainingImage).order_by(col(SuspectScore.score).desc(), SuspectScore.image_id)
+    if image_ids is not None:
+        query = query.join(TrainingImage, TrainingImage.id == SuspectScore.image_id).where(
+            col(SuspectScore.image_id).in_(list(image_ids))
+        )
+        return [Suspect(row, image) for row, image in session.exec(query)]
     rows = session.exec(_suspect_query(query, include_resolved).offset(offset).limit(limit)).all()
     return [Suspect(row, image) for row, image in rows]
 

@@ -128,28 +128,61 @@ def param_range(name: str) -> tuple[type, float, float]:
     return kind, low, high
 
 
-def _check_param(name: str, value):
+def _check_param(name: str, value, label: str | None = None):
+    """`value` as the parameter's type, or UserError naming it by `label`
+    (the field's name in the API; the dashboard passes the form's labels)."""
+    label = label or name
     if name == "use_existing_model":
         if not isinstance(value, bool):
-            raise UserError(f"use_existing_model must be true or false (got {value!r})")
+            raise UserError(f"{label} must be true or false (got {value!r})")
         return value
     if name == "architecture":
         if value not in ARCHITECTURES:
-            raise UserError(f"architecture must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
+            raise UserError(f"{label} must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
         return value
     if name == "training_mode":
         if value not in TRAINING_MODES:
-            raise UserError(f"training_mode must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
+            raise UserError(f"{label} must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
         return value
     kind, low, high = param_range(name)
     top = f"MAX_TRAINING_PROCESSES={high:g}" if name == "processes" else f"{high:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{name} must be a number between {low:g} and {top} (got {value!r})")
+        raise UserError(f"{label} must be a number between {low:g} and {top} (got {value!r})")
     if kind is int and (isinstance(value, float) and not value.is_integer()):
-        raise UserError(f"{name} must be a whole number between {low:g} and {top} (got {value!r})")
+        raise UserError(f"{label} must be a whole number between {low:g} and {top} (got {value!r})")
     if not math.isfinite(value) or not low <= value <= high:
-        raise UserError(f"{name} must be between {low:g} and {top} (got {value!r})")
+        raise UserError(f"{label} must be between {low:g} and {top} (got {value!r})")
     return kind(value)
+
+
+def param_problems(params: Mapping, labels: Mapping[str, str]) -> dict[str, str]:
+    """What is wrong with each field of a parameter form, by field name, in
+    the words of `from_params` but naming each field by its label; empty when
+    `from_params` accepts them all."""
+    problems = {}
+    for name, value in params.items():
+        try:
+            _check_param(name, value, labels.get(name))
+        except UserError as exc:
+            problems[name] = str(exc)
+    if not problems:
+        try:
+            TrainingConfig.from_params(params)
+        except UserError as exc:  # a rule across fields (head mode in one process)
+            problems["processes"] = str(exc)
+    return problems
+
+
+def last_parameters(requested_by: str, *, session: Session) -> dict | None:
+    """The parameters of the last job `requested_by` asked for (the Train
+    form starts from them), or None when they never asked for one."""
+    query = (
+        select(TrainingRound.parameters)
+        .where(TrainingRound.requested_by == requested_by, col(TrainingRound.trigger).is_(None))
+        .order_by(col(TrainingRound.id).desc())
+        .limit(1)
+    )
+    return session.exec(query).first()
 
 
 @dataclass
@@ -205,7 +238,7 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
         if backbone is None:
             problems.append(_no_backbone_reason(config, session=session))
         else:
-            notices.append(f"training_mode head: {backbone.describe()} is frozen; only the classifier is trained.")
+            notices.append(f"Head mode: {backbone.describe()} is frozen; only the classifier is trained.")
     elif config is not None and config.use_existing_model:
         notices.extend(_existing_model_notice(config, sorted(per_category), session=session))
     return Preflight(len(rows), per_category, problems, notices)
@@ -214,17 +247,17 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
 def _existing_model_notice(config: TrainingConfig, classes: list[str], *, session: Session) -> list[str]:
     production = registry.production_version(session=session)
     if production is None:
-        return ["use_existing_model: no model is in production yet, so a new model is trained from scratch."]
+        return ["Use existing model: no model is in production yet, so a new model is trained from scratch."]
     if list(production.classes) != classes:
         text = (
-            f"use_existing_model: production model {production.version} knows {len(production.classes)} "
+            f"Use existing model: production model {production.version} knows {len(production.classes)} "
             f"categories ({', '.join(production.classes)}) but the dataset has {len(classes)} "
             f"({', '.join(classes)}), so a new model is trained from scratch."
         )
         return [text]
     if production.architecture != config.architecture:
         text = (
-            f"use_existing_model: production model {production.version} is a {production.architecture}, "
+            f"Use existing model: production model {production.version} is a {production.architecture}, "
             f"not a {config.architecture}, so a new model is trained from scratch."
         )
         return [text]
@@ -321,8 +354,26 @@ def request_cancel(job_id: str, *, session: Session, by: str | None = None) -> T
     return round_
 
 
+def request_stop(job_id: str, *, session: Session, by: str | None = None) -> TrainingRound:
+    """ "Stop and keep the best so far": a running round ends training after
+    its current batch (once one epoch has been validated) and registers its
+    best epoch as a version, through the gate; a queued one has nothing to
+    keep and is cancelled."""
+    round_ = get_round(job_id, session=session)
+    if round_.status == RoundStatus.queued:
+        return request_cancel(job_id, session=session, by=by)
+    if round_.status in FINISHED_STATUSES:
+        raise ConflictError(f"Job {round_.job_id} is already {round_.status.value}; only a running job can be stopped")
+    round_.stop_requested = True
+    round_.history = [*round_.history, _line(f"stop requested by {by or 'unknown'}: keeping the best epoch so far")]
+    session.add(round_)
+    session.flush()
+    return round_
+
+
 def _finish(round_: TrainingRound, status: RoundStatus, note: str) -> None:
     round_.status = status
+    round_.phases = _enter_phase(round_.phases, None)
     round_.finished_at = utcnow()
     round_.history = [*round_.history, _line(note)]
     shutil.rmtree(round_dir(round_), ignore_errors=True)
@@ -347,10 +398,17 @@ class RoundReporter:
         # per-batch check never holds the database's write lock.
         self._reader = read_engine(str(session.get_bind().url))
 
-    def cancel_requested(self) -> bool:
-        query = select(TrainingRound.cancel_requested).where(TrainingRound.id == self.round.id)
+    def requests(self) -> tuple[bool, bool]:
+        """Whether someone asked to cancel, and to stop keeping the best epoch."""
+        query = select(TrainingRound.cancel_requested, TrainingRound.stop_requested).where(
+            TrainingRound.id == self.round.id
+        )
         with Session(self._reader) as reader:
-            return reader.exec(query).one()
+            cancel, stop = reader.exec(query).one()
+        return cancel, stop
+
+    def cancel_requested(self) -> bool:
+        return self.requests()[0]
 
     def check_cancel(self) -> None:
         if self.cancel_requested():
@@ -373,6 +431,12 @@ class RoundReporter:
         self.session.add(self.round)
         self.session.commit()
 
+    def phase(self, name: str) -> None:
+        """The job enters phase `name` (one of PHASES); the one running ends."""
+        self.round.phases = _enter_phase(self.round.phases, name)
+        self.session.add(self.round)
+        self.session.commit()
+
     def note(self, text: str, warning: bool = False) -> None:
         self.round.history = [*self.round.history, _line(text)]
         if warning:
@@ -387,8 +451,8 @@ class SilentReporter(RoundReporter):
     def __init__(self, round_: TrainingRound):
         self.round = round_
 
-    def cancel_requested(self) -> bool:
-        return False
+    def requests(self) -> tuple[bool, bool]:
+        return False, False
 
     def batch(self, epoch: int, batch: int, total_batches: int, epochs: int) -> None:
         pass
@@ -396,8 +460,22 @@ class SilentReporter(RoundReporter):
     def epoch(self, metric: EpochMetric) -> None:
         pass
 
+    def phase(self, name: str) -> None:
+        pass
+
     def note(self, text: str, warning: bool = False) -> None:
         pass
+
+
+def _enter_phase(phases: list, name: str | None) -> list:
+    """`phases` with the running one ended now and, given a `name`, that one begun."""
+    now = utcnow().isoformat()
+    out = [dict(p) for p in phases]
+    if out and out[-1]["ended_at"] is None:
+        out[-1]["ended_at"] = now
+    if name is not None:
+        out.append({"name": name, "started_at": now, "ended_at": None})
+    return out
 
 
 class Heartbeat:
@@ -980,6 +1058,7 @@ def _train_and_register(
     torch.set_num_threads(placement.threads(settings.training_threads))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    reporter.phase("preparing")
     if placement.leader:  # another rank's change would be flushed: its session only reads
         round_.device = placement.describe()
         reporter.note(f"training on {round_.device}")
@@ -1044,6 +1123,7 @@ def _train_and_register(
     rank_batch = math.ceil(config.batch_size / placement.world_size)
     n_batches = max(1, math.ceil(len(sampler) / rank_batch))
 
+    reporter.phase("training")
     for epoch in range(state.epoch + 1, config.epochs + 1):
         crash_point(f"rank{placement.rank}_epoch{epoch}")  # CRASH_AT, for the recovery tests
         started = time.perf_counter()
@@ -1055,10 +1135,16 @@ def _train_and_register(
         correct = torch.zeros((), dtype=torch.long, device=placement.device)
         seen = 0
         lr = optimizer.param_groups[0]["lr"]
+        stopped = False
         for b in range(n_batches):
             reporter.batch(epoch, b + 1, n_batches, config.epochs)
-            if placement.agree(reporter.cancel_requested()):
+            cancel, stop = reporter.requests()
+            if placement.agree(cancel):
                 raise TrainingCancelled()
+            # Only once an epoch has been validated is there a best to keep.
+            stopped = placement.agree(stop and state.best_state is not None)
+            if stopped:
+                break
             idx = order[b * rank_batch : (b + 1) * rank_batch]
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on a single image (every rank's share is the same size)
@@ -1075,6 +1161,10 @@ def _train_and_register(
             total_loss += loss.detach().float() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
+        if stopped:
+            # The unfinished epoch is dropped: the best validated one is kept.
+            reporter.note(f"training stopped on request in epoch {epoch}; keeping epoch {state.best_epoch}")
+            break
         scheduler.step()
         total_loss, correct, seen = placement.sum(total_loss, correct, seen)
         if not placement.leader:
@@ -1119,6 +1209,7 @@ def _train_and_register(
         "train_accuracy": round(accuracy(train_logits, data.y_train), 2),
         "val_accuracy": round(accuracy(val_logits, data.y_val), 2),
         "best_epoch": state.best_epoch,
+        "epochs_trained": state.epoch,
         "train_images": n_train,
         "val_images": len(val_idx),
         **summarise(val_logits, data.y_val, classes),
@@ -1282,7 +1373,7 @@ def _export_and_register(
     version = registry.next_version(classes, session=session)
     session.rollback()  # release the read transaction while exporting
     reporter.note(f"exporting model {version}")
-    artifacts = export_model(model, version, val_images)
+    artifacts = export_model(model, version, val_images, on_step=reporter.phase)
     ckpt = registry.checkpoint_path(version)
     _save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
     files = [settings.data_dir / a["path"] for a in artifacts] + [ckpt]
@@ -1292,8 +1383,10 @@ def _export_and_register(
         "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),
         "training_duration_seconds": round(duration, 1),
     }
+    reporter.phase("scoring")
     reporter.note("scoring production on the test images for the promotion gate")
     production = _production_predictions(outcome.test, reporter, session=session)
+    reporter.phase("registering")
     try:
         reporter.check_cancel()
         crash_point("before_commit")
@@ -1352,6 +1445,7 @@ def _commit_version(
     if promote:
         registry.promote(version, session=session, actor=SYSTEM_ACTOR, action="auto")
     round_.status = RoundStatus.completed
+    round_.phases = _enter_phase(round_.phases, None)
     round_.model_version_id = mv.id
     round_.progress = 1.0
     round_.finished_at = utcnow()

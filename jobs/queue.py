@@ -171,18 +171,26 @@ def check_automatic_training() -> None:
     run_automatic_check()
 
 
-def cancel_training(job_id: str, *, actor: Actor) -> TrainingRound:
-    """Cancel a queued job (it will never start) or ask a running one to stop."""
+def cancel_training(job_id: str, *, actor: Actor, keep_best: bool = False) -> TrainingRound:
+    """Cancel a queued job (it will never start) or ask a running one to stop;
+    with `keep_best`, a running one stops keeping its best epoch so far as a
+    version (see `core.training.request_stop`)."""
     require(actor, Permission.train)
     with session_scope() as session:
         before = training.get_round(job_id, session=session).status.value
-        round_ = training.request_cancel(job_id, session=session, by=actor.name)
+        if keep_best:
+            round_ = training.request_stop(job_id, session=session, by=actor.name)
+        else:
+            round_ = training.request_cancel(job_id, session=session, by=actor.name)
+        after = {"status": round_.status.value, "cancel_requested": round_.cancel_requested}
+        if round_.stop_requested:
+            after["stop_requested"] = True
         record_audit(
-            "training.cancel",
+            "training.stop" if round_.stop_requested else "training.cancel",
             session=session,
             actor=actor,
             target=f"job:{round_.job_id}",
             before={"status": before},
-            after={"status": round_.status.value, "cancel_requested": True},
+            after=after,
         )
         return round_

@@ -12,6 +12,7 @@ applies at the next click.
 import logging
 from urllib.parse import quote, urlencode
 
+import pandas as pd
 import streamlit as st
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
@@ -82,28 +83,44 @@ def require_page(permission: Permission) -> Actor:
     return actor
 
 
+def _try_sign_in() -> None:
+    """The form's callback (it may change the fields): a failure empties the
+    password field, so a wrong password is not left in it, and says why; a
+    success leaves a one-time ticket for the run to exchange for the cookie."""
+    name = st.session_state["sign_in_name"]
+    try:
+        with session_scope() as session:
+            outcome = users.sign_in(
+                name, st.session_state["sign_in_password"], session=session, client=st.context.ip_address
+            )
+            ticket = sessions.start_session(outcome.user_id, session=session) if outcome.ok else None
+    except Exception:
+        # The traceback (paths, source lines) is for the server's log, not the visitor.
+        log.exception("sign-in of %r failed", name)
+        st.session_state["sign_in_password"] = ""
+        st.session_state["sign_in_error"] = (
+            "Signing in failed because of an error on the server. Try again; if it persists, tell an admin."
+        )
+        return
+    if ticket is None:
+        st.session_state["sign_in_password"] = ""
+        st.session_state["sign_in_error"] = outcome.message
+    else:
+        st.session_state["sign_in_ticket"] = ticket
+
+
 def sign_in_form(next_page: str = "/") -> None:
     """User name and password; failures are slowed down (core.users.sign_in).
     After signing in, the browser opens `next_page` (the page and query the
     address asked for)."""
     st.title("Sign in")
     with st.form("sign_in"):
-        name = st.text_input("User name", key="sign_in_name")
-        password = st.text_input("Password", type="password", key="sign_in_password")
-        submitted = st.form_submit_button("Sign in", type="primary")
-    if submitted:
-        try:
-            with session_scope() as session:
-                outcome = users.sign_in(name, password, session=session, client=st.context.ip_address)
-                ticket = sessions.start_session(outcome.user_id, session=session) if outcome.ok else None
-        except Exception:
-            # The traceback (paths, source lines) is for the server's log, not the visitor.
-            log.exception("sign-in of %r failed", name)
-            st.error("Signing in failed because of an error on the server. Try again; if it persists, tell an admin.")
-            return
-        if ticket is None:
-            st.error(outcome.message)
-            return
+        st.text_input("User name", key="sign_in_name")
+        st.text_input("Password", type="password", key="sign_in_password")
+        st.form_submit_button("Sign in", type="primary", on_click=_try_sign_in)
+    if failed := st.session_state.pop("sign_in_error", None):
+        st.error(failed)
+    if ticket := st.session_state.pop("sign_in_ticket", None):
         if _has_browser():
             # Only an HTTP response can set the cookie: /session/start exchanges the ticket for it.
             _go_to(f"/session/start?ticket={ticket}&next={quote(next_page, safe='')}")
@@ -153,6 +170,20 @@ def format_seconds(seconds: float | None) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def frame_of(rows: list[dict]) -> pd.DataFrame:
+    """Rows for `st.dataframe`, where a missing text shows as a blank cell rather than "None"."""
+    frame = pd.DataFrame(rows)
+    text = frame.select_dtypes("object").columns
+    frame[text] = frame[text].fillna("")
+    return frame
+
+
+def when(*columns: str) -> dict:
+    """Column settings that show these timestamp columns as dates and times
+    in UTC ("2026-11-30 10:27"), not as raw ISO text with "+00:00"."""
+    return {c: st.column_config.DatetimeColumn(c, format="YYYY-MM-DD HH:mm", timezone="UTC") for c in columns}
 
 
 def show_thumbnail(image: TrainingImage) -> None:

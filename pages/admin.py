@@ -1,40 +1,45 @@
 """Users and tokens (admins): people who sign in, and API tokens for phones and scripts."""
 
-import pandas as pd
 import streamlit as st
 
 from core import tokens, users
 from core.access import USER_ROLES, Permission, Role
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import require_page
+from pages._common import frame_of, require_page, when
 
 actor = require_page(Permission.manage_users)
 st.title("Users and tokens")
 
 
 def act(key: str, change) -> None:
-    """Run `change(session) -> message` as one unit of work; the message (or
-    the error) is shown after the rerun, once: a secret in it is then gone."""
+    """Run `change(session) -> message or (message, secret)` as one unit of
+    work; the message (or the error) is shown after the rerun, once: a secret
+    in it is then gone."""
     try:
         with session_scope() as session:
-            st.session_state[key] = ("success", change(session))
+            done = change(session)
+        text, secret = done if isinstance(done, tuple) else (done, None)
+        st.session_state[key] = ("success", text, secret)
     except UserError as exc:
-        st.session_state[key] = ("error", str(exc))
+        st.session_state[key] = ("error", str(exc), None)
     st.rerun()
 
 
 def show_result(key: str) -> None:
     if done := st.session_state.pop(key, None):
-        kind, text = done
+        kind, text, secret = done
         getattr(st, kind)(text)
+        if secret:
+            # st.code has a copy button; the secret is not shown again.
+            st.code(secret, language=None)
 
 
-def create_user(session) -> str:
+def create_user(session) -> tuple[str, str]:
     made = users.create_user(
         st.session_state["new_user_name"], st.session_state["new_user_role"], session=session, actor=actor
     )
-    return f"User '{made.user.name}' ({made.user.role}) created. Password, shown once: `{made.password}`"
+    return f"User '{made.user.name}' ({made.user.role}) created. Their password, shown once (copy it):", made.password
 
 
 def change_role(session) -> str:
@@ -44,9 +49,9 @@ def change_role(session) -> str:
     return f"'{user.name}' is now {user.role}."
 
 
-def reset_password(session) -> str:
+def reset_password(session) -> tuple[str, str]:
     made = users.reset_password(st.session_state["manage_user"], session=session, actor=actor)
-    return f"New password for '{made.user.name}', shown once: `{made.password}`"
+    return f"New password for '{made.user.name}', shown once (copy it):", made.password
 
 
 def toggle_active(session) -> str:
@@ -55,7 +60,7 @@ def toggle_active(session) -> str:
     return f"'{user.name}' is {'active again' if user.active else 'deactivated: they can no longer sign in'}."
 
 
-def create_token(session) -> str:
+def create_token(session) -> tuple[str, str]:
     made = tokens.create_token(
         session=session,
         actor=actor,
@@ -64,8 +69,8 @@ def create_token(session) -> str:
         expires_days=st.session_state["token_days"] or None,
     )
     return (
-        f"Token {made.token.id} for '{made.token.label}' ({made.token.role}). "
-        f"Copy it now, it is not shown again: `{made.secret}`"
+        f"Token {made.token.id} for '{made.token.label}' ({made.token.role}). Copy it now, it is not shown again:",
+        made.secret,
     )
 
 
@@ -84,7 +89,7 @@ with users_tab:
         {"name": u.name, "role": u.role, "active": u.active, "created": u.created_at, "last sign-in": u.last_sign_in_at}
         for u in people
     ]
-    st.dataframe(pd.DataFrame(listed), hide_index=True, key="users_table")
+    st.dataframe(frame_of(listed), hide_index=True, key="users_table", column_config=when("created", "last sign-in"))
     roles = [r.value for r in USER_ROLES]
     left, right = st.columns(2)
     with left, st.form("create_user", clear_on_submit=True):
@@ -126,7 +131,9 @@ with tokens_tab:
              "last used": t.last_used_at, "expires": t.expires_at}
             for t in rows
         ]  # fmt: skip
-        st.dataframe(pd.DataFrame(listed), hide_index=True, key="tokens_table")
+        st.dataframe(
+            frame_of(listed), hide_index=True, key="tokens_table", column_config=when("created", "last used", "expires")
+        )
         live = {t.id: f"{t.id} · {t.label} ({t.role})" for t in rows if tokens.token_state(t) == "active"}
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         left.selectbox("Token to revoke", list(live), format_func=live.get, key="revoke_token")

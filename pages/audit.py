@@ -6,7 +6,7 @@ import streamlit as st
 from core import audit
 from core.access import Permission
 from core.db import read_session
-from pages._common import require_page
+from pages._common import require_page, when
 
 ALL = "All"
 
@@ -36,5 +36,5 @@ if events:
         pd.DataFrame(audit.as_rows(events)),
         hide_index=True,
         key="audit_table",
-        column_config={"when": st.column_config.DatetimeColumn("when", format="YYYY-MM-DD HH:mm:ss")},
+        column_config=when("when"),
     )

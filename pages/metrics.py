@@ -76,17 +76,33 @@ def live(round_id: int) -> None:
             st.rerun()
     else:
         st.session_state["watched_active"] = round_id
-    elapsed, left = stats.round_timing(round_)
+    with read_session() as session:
+        typical = stats.typical_phases(session=session)
+    elapsed, left = stats.round_timing(round_, typical=typical)
     c1, c2, c3 = st.columns(3)
     c1.metric("Status", round_.status.value.replace("_", " "))
     if round_.status == "queued":
         st.info("Queued: waiting for a worker to pick it up.")
     elif round_.status == "in_progress":
-        text = f"epoch {round_.current_epoch}/{epochs}, batch {round_.current_batch}/{round_.total_batches}"
-        st.progress(min(1.0, round_.progress), text=text)
+        st.progress(min(1.0, round_.progress), text=stats.progress_text(round_))
         c2.metric("Elapsed", format_seconds(elapsed))
-        c3.metric("Time left (estimate)", format_seconds(left))
-    else:
+        c3.metric(
+            "Time left (estimate)",
+            format_seconds(left),
+            help="The training left at its pace so far, plus exporting, checking the phone files and scoring "
+            "as long as they took in the last completed round.",
+        )
+    if round_.phases:
+        st.dataframe(
+            pd.DataFrame(stats.phase_rows(round_, typical)),
+            hide_index=True,
+            key="phases_table",
+            column_config={
+                "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+                "seconds": st.column_config.NumberColumn("time (s)", format="%.0f"),
+            },
+        )
+    if round_.status not in ("queued", "in_progress"):
         c2.metric("Duration", format_seconds(elapsed))
         c3.metric("Epochs run", f"{len(metrics)}/{epochs}")
     if round_.device:

@@ -4,12 +4,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import registry, stats
+from core import export, registry, stats
 from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import current_user, linked
+from pages._common import current_user, frame_of, linked, when
 
 actor = current_user()
 may_promote = allows(actor.role, Permission.promote)
@@ -25,51 +25,56 @@ if not table:
     st.info("No model yet: start a training round on the **Train** page.")
     st.stop()
 
+VERSION_COLUMNS = {
+    "production": st.column_config.CheckboxColumn("production"),
+    "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+    "test_accuracy": st.column_config.NumberColumn(
+        "test acc (%)", format="%.1f", help="on the held-out test images when the version was made"
+    ),
+    "test_images": st.column_config.NumberColumn("test n", help="test images behind the test accuracy"),
+    "test_95_ci": st.column_config.TextColumn("test 95% CI", help="Wilson interval of the test accuracy"),
+    "near_chance": st.column_config.CheckboxColumn(
+        "near chance", help="test accuracy not clearly above always answering the commonest category"
+    ),
+    "gate": st.column_config.TextColumn("promotion gate", help="see 'Why candidates stayed candidates' below"),
+    "val_images": st.column_config.NumberColumn("val n"),
+    "val_accuracy": st.column_config.NumberColumn("val acc (%)", format="%.1f"),
+    "train_accuracy": st.column_config.NumberColumn("train acc (%)", format="%.1f"),
+    "size_mb": st.column_config.NumberColumn("size (MB)", format="%.2f"),
+    "snapshot_hash": st.column_config.TextColumn("dataset snapshot", help="first 12 characters of its SHA-256"),
+    "job_id": st.column_config.TextColumn("job id"),
+    "image_size": st.column_config.NumberColumn("image size (px)"),
+}
+# The main table fits a laptop's width; the rest is one click away.
+MAIN = [
+    "version",
+    "production",
+    "created",
+    "test_accuracy",
+    "test_images",
+    "test_95_ci",
+    "near_chance",
+    "gate",
+    "val_accuracy",
+    "val_images",
+    "size_mb",
+]
+DETAILS = ["version", "train_accuracy", "round", "classes", "architecture", "image_size", "snapshot_hash", "job_id"]
 st.dataframe(
-    pd.DataFrame(table),
+    frame_of(table),
     hide_index=True,
     key="versions_table",
-    column_order=[
-        "version",
-        "production",
-        "created",
-        "test_accuracy",
-        "test_images",
-        "test_95_ci",
-        "near_chance",
-        "gate",
-        "val_accuracy",
-        "val_images",
-        "train_accuracy",
-        "size_mb",
-        "classes",
-        "round",
-        "snapshot_hash",
-        "job_id",
-        "architecture",
-        "image_size",
-    ],
-    column_config={
-        "production": st.column_config.CheckboxColumn("production"),
-        "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
-        "test_accuracy": st.column_config.NumberColumn(
-            "test acc (%)", format="%.1f", help="on the held-out test images when the version was made"
-        ),
-        "test_images": st.column_config.NumberColumn("test n", help="test images behind the test accuracy"),
-        "test_95_ci": st.column_config.TextColumn("test 95% CI", help="Wilson interval of the test accuracy"),
-        "near_chance": st.column_config.CheckboxColumn(
-            "near chance", help="test accuracy not clearly above always answering the commonest category"
-        ),
-        "gate": st.column_config.TextColumn("promotion gate", help="see 'Why candidates stayed candidates' below"),
-        "val_images": st.column_config.NumberColumn("val n"),
-        "val_accuracy": st.column_config.NumberColumn("val acc (%)", format="%.1f"),
-        "train_accuracy": st.column_config.NumberColumn("train acc (%)", format="%.1f"),
-        "size_mb": st.column_config.NumberColumn("size (MB)", format="%.2f"),
-        "snapshot_hash": st.column_config.TextColumn("dataset snapshot", help="first 12 characters of its SHA-256"),
-        "job_id": st.column_config.TextColumn("job id"),
-        "image_size": st.column_config.NumberColumn("image size (px)"),
-    },
+    column_order=MAIN,
+    column_config=VERSION_COLUMNS,
 )
+with st.expander("More about each version (round, classes, architecture, dataset snapshot)"):
+    st.dataframe(
+        frame_of(table),
+        hide_index=True,
+        key="versions_details",
+        column_order=DETAILS,
+        column_config=VERSION_COLUMNS,
+    )
 
 
 scored = [row for row in table if row["test_accuracy"] is not None]
@@ -94,6 +99,11 @@ if scored:
         name="in production",
     )
     chart.update_yaxes(range=[0, 100])
+    # Dates, not the milliseconds plotly zooms to around a single point.
+    chart.update_xaxes(tickformat="%Y-%m-%d %H:%M")
+    if len(frame) == 1:
+        only = frame["created"].iloc[0]
+        chart.update_xaxes(range=[only - pd.Timedelta(days=1), only + pd.Timedelta(days=1)])
     st.plotly_chart(chart, key="test_accuracy_chart")
     st.caption(
         "Each version's accuracy on the test images held out when it was made; the test set grows with the "
@@ -104,19 +114,27 @@ with st.expander("Why candidates stayed candidates (the promotion gate)"):
     st.dataframe(pd.DataFrame(stats.gate_reasons(list(versions.values()))), hide_index=True, key="gate_table")
 
 
+def _negative_in_red(value) -> str:
+    return "color: #c62828; font-weight: 600" if isinstance(value, (int, float)) and value < 0 else ""
+
+
 def comparison(old: str, new: str) -> None:
     with read_session() as session:
         compared = stats.compare_versions(versions[old], versions[new], session=session)
     if compared["test_images"]:
         st.caption(
             f"Compared on the {compared['test_images']} test images both versions were scored on, "
-            "with today's labels; per category: the same images."
+            "with today's labels; per category: the same images. Deltas are "
+            f"{new} − {old}; drops in red."
         )
     else:
         st.caption("No test image was scored by both versions: per category shows validation accuracy.")
     left, right = st.columns(2)
-    left.dataframe(pd.DataFrame(compared["summary"]), hide_index=True)
-    right.dataframe(pd.DataFrame(compared["per_category"]), hide_index=True)
+    for column, rows in ((left, compared["summary"]), (right, compared["per_category"])):
+        frame = pd.DataFrame(rows)
+        column.dataframe(
+            frame.style.map(_negative_in_red, subset=["delta"]).format(precision=2, na_rep="–"), hide_index=True
+        )
 
 
 st.subheader("Compare two versions")
@@ -124,11 +142,19 @@ names = list(versions)
 # A link (/models?version=1.2.0) opens that version as B and in Downloads.
 link = linked("version", names)
 chosen_index = names.index(link) if link else 0
-c1, c2 = st.columns(2)
-older = c1.selectbox("Version A", names, index=min(1, len(names) - 1) if chosen_index == 0 else 0, key="compare_a")
-newer = c2.selectbox("Version B", names, index=chosen_index, key="compare_b")
-st.caption("Deltas are B − A: positive means B is higher.")
-comparison(older, newer)
+if len(names) < 2:
+    st.caption(f"Only {names[0]} so far: train another version to compare them.")
+else:
+    # B: the linked version, else the newest other than production; A: production
+    # (else the newest other than B). Never a version with itself.
+    base = production.version if production is not None else names[1]
+    other = link or (names[0] if names[0] != base else names[1])
+    if other == base:
+        base = next(name for name in names if name != other)
+    c1, c2 = st.columns(2)
+    older = c1.selectbox("Version A", names, index=names.index(base), key="compare_a")
+    newer = c2.selectbox("Version B", names, index=names.index(other), key="compare_b")
+    comparison(older, newer)
 
 st.subheader("Production")
 st.write(f"In production now: **{production.version if production else 'none'}**")
@@ -153,13 +179,24 @@ else:
             reason = None
             if action == "promote":
                 st.markdown(f"**Promote {target} to production?** The mobile apps will download it.")
-                if registry.held_back(versions[target]):
-                    st.warning("The promotion gate held it back: " + "; ".join(versions[target].gate["reasons"]))
-                    reason = st.text_input("Reason for overriding the gate (required, recorded)", key="override_reason")
+                with read_session() as session:
+                    why = registry.reason_needed(versions[target], session=session)
+                if why:
+                    st.warning(f"{target} {why}.")
+                    reason = st.text_input("Reason for promoting it anyway (required, recorded)", key="override_reason")
                 if production is not None:
                     comparison(production.version, target)
             else:
-                st.markdown(f"**Roll back from {production.version if production else 'nothing'}?**")
+                try:
+                    with read_session() as session:
+                        now, back = registry.rollback_target(session=session)
+                except UserError as exc:
+                    st.error(str(exc))
+                else:
+                    st.markdown(
+                        f"**Roll back from {now.version} to {back.version}?** The mobile apps will download it."
+                    )
+                    comparison(now.version, back.version)
             yes, no = st.columns(2)
             if yes.button("Confirm", key="confirm_yes", type="primary"):
                 try:
@@ -199,7 +236,35 @@ if history:
         ),
         hide_index=True,
         key="promotion_history",
+        column_config=when("when"),
     )
+
+st.subheader("Try a model")
+st.caption("Drop a picture and see what a version predicts, run through its `.ptl` file as a phone runs it.")
+tried_version, dropped = st.columns([1, 3])
+tried = tried_version.selectbox(
+    "Version", names, index=names.index(production.version) if production else 0, key="try_version"
+)
+picture = dropped.file_uploader("Picture", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], key="try_picture")
+if picture is not None:
+    try:
+        predicted = export.try_model(versions[tried], picture.getvalue())
+    except UserError as exc:
+        st.error(str(exc))
+    else:
+        shown, answer = st.columns([1, 3])
+        shown.image(picture.getvalue(), width="stretch")
+        answer.markdown(f"Model **{tried}** says **{predicted[0][0]}** ({predicted[0][1]:.0%})")
+        answer.dataframe(
+            pd.DataFrame(predicted, columns=["category", "probability"]),
+            hide_index=True,
+            key="try_table",
+            column_config={
+                "probability": st.column_config.ProgressColumn(
+                    "probability", min_value=0.0, max_value=1.0, format="percent"
+                )
+            },
+        )
 
 st.subheader("Downloads")
 chosen = st.selectbox("Version", names, index=chosen_index, key="download_version")

@@ -21,6 +21,7 @@ with read_session() as session:
     growth = stats.dataset_over_time(session=session)
     distribution = review.validated_counts(session=session)
     rounds = training.list_rounds(session=session, limit=1)
+    changes = registry.promotion_history(session=session)
 
 if not sum(counts.values()):
     st.info(
@@ -73,6 +74,8 @@ if versions:
         pd.DataFrame(versions)
         .sort_values("created")
         .rename(columns={"test_accuracy": "test", "val_accuracy": "validation", "train_accuracy": "training"})
+        # A version made before test images existed has no test accuracy: a gap, not an error.
+        .astype({"test": float, "validation": float, "training": float})
     )
     chart = px.line(
         frame,
@@ -81,10 +84,27 @@ if versions:
         markers=True,
         hover_data=["created"],
         labels={"value": "accuracy (%)", "version": "version (oldest to newest)"},
+        # Test accuracy is the one to judge by; training accuracy is the least telling, so the faintest.
+        color_discrete_map={"test": "#1f4e9c", "validation": "#7fa7d9", "training": "#c8c8c8"},
     )
-    chart.update_yaxes(range=[0, 100])
-    chart.update_xaxes(type="category")
-    chart.update_layout(legend_title_text="")
+    chart.update_traces(selector={"name": "training"}, line_dash="dot")
+    if production is not None:
+        since = f" since {production.promoted_at:%Y-%m-%d}" if production.promoted_at else ""
+        chart.add_scatter(
+            x=[production.version],
+            y=[production.metrics.get("test_accuracy") or production.metrics.get("val_accuracy")],
+            mode="markers",
+            marker={"size": 16, "symbol": "star", "color": "#e0a800"},
+            name=f"in production{since}",
+        )
+    shown = set(frame["version"])
+    # Overrides of the gate and rollbacks, each marked on the version it put in production.
+    for event in changes:
+        if (event.override or event.action == "rollback") and event.to_version in shown:
+            what = "gate overridden" if event.override else f"rolled back from {event.from_version}"
+            chart.add_annotation(
+                x=event.to_version, y=100, text=f"{what}<br>{event.at:%Y-%m-%d}", showarrow=True, arrowhead=2, ay=-30
+            )
     st.plotly_chart(chart, key="accuracy_chart")
 else:
     st.info("No model yet: go to **Train** and start a training round.")

@@ -9,11 +9,11 @@ from core import audit, duplicates, registry, review, stats, suspects
 from core.access import Permission
 from core.config import get_settings
 from core.db import read_session, session_scope
-from core.errors import UserError
+from core.errors import NotFoundError, UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.uploads import ingest_uploads
-from pages._common import require_page, show_thumbnail
+from pages._common import require_page, show_thumbnail, when
 
 PAGE_SIZE = 48
 SUSPECTS_PAGE_SIZE = 24
@@ -36,8 +36,19 @@ review_tab, suspects_tab, duplicates_tab, upload_tab, categories_tab = st.tabs(
 )
 
 
+# The ticked images, kept apart from the checkboxes: Streamlit forgets a
+# checkbox's state when a filter or page hides it, and the ticks must last.
+PICKED = "picked_ids"
+
+
 def _picked() -> list[int]:
-    return [int(key.removeprefix("pick_")) for key, on in st.session_state.items() if key.startswith("pick_") and on]
+    return sorted(st.session_state.setdefault(PICKED, set()))
+
+
+def _tick(image_id: int) -> None:
+    """A checkbox's callback: its tick joins or leaves the kept set."""
+    picked = st.session_state.setdefault(PICKED, set())
+    (picked.add if st.session_state[f"pick_{image_id}"] else picked.discard)(image_id)
 
 
 def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> None:
@@ -59,8 +70,8 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
         st.session_state[f"{where}_error"] = str(exc)
         return
     st.session_state[f"{where}_message"] = f"{n} image(s) {done}."
-    for image_id in ids if picked else ():
-        st.session_state[f"pick_{image_id}"] = False
+    if picked:
+        _pick_all(ids, False)
 
 
 def _cluster_action(action: str, ids: list[int]) -> None:
@@ -78,15 +89,32 @@ def _confirmed(answer: bool) -> None:
         _apply(action, ids, "clusters")
 
 
-def _resolve(image_id: int, action: str) -> None:
-    """Button callback: one decision about a suspected mislabel."""
+def _resolve(image_ids: list[int], action: str) -> None:
+    """Button callback: one decision about suspected mislabels (one card, or
+    the ticked ones: all or, on an error, none)."""
     try:
         with session_scope() as session:
-            row = suspects.resolve(image_id, action, session=session, actor=actor)
+            rows = [suspects.resolve(i, action, session=session, actor=actor) for i in image_ids]
     except UserError as exc:
         st.session_state["suspects_error"] = str(exc)
         return
-    st.session_state["suspects_message"] = f"#{image_id}: {row.resolution} ({row.given_label} → {row.suggested_label})."
+    if not rows:
+        st.session_state["suspects_error"] = "Tick at least one suspect first."
+        return
+    for row in rows:
+        st.session_state[f"suspect_pick_{row.image_id}"] = False
+    if len(rows) > 1:
+        st.session_state["suspects_message"] = f"{len(rows)} suspects {suspects.ACTIONS[action]}."
+    else:
+        st.session_state["suspects_message"] = f"#{rows[0].image_id}: " + _decision(rows[0]) + "."
+
+
+def _decision(row) -> str:
+    if row.resolution == "accepted":
+        return f"moved from '{row.given_label}' to '{row.suggested_label}'"
+    if row.resolution == "kept":
+        return f"kept as '{row.given_label}' (the model suggested '{row.suggested_label}')"
+    return "rejected"
 
 
 def _show_messages(where: str) -> None:
@@ -103,8 +131,10 @@ def _page(total: int, size: int, key: str) -> tuple[int, int]:
 
 
 def _pick_all(ids: list[int], on: bool) -> None:
+    picked = st.session_state.setdefault(PICKED, set())
     for image_id in ids:
         st.session_state[f"pick_{image_id}"] = on
+        (picked.add if on else picked.discard)(image_id)
 
 
 with review_tab:
@@ -140,7 +170,7 @@ with review_tab:
     picked = _picked()
     a1, a2, a3, a4, a5, a6 = st.columns([1, 1, 1, 1, 2, 1], vertical_alignment="bottom")
     a1.button("Select page", key="select_page", on_click=_pick_all, args=(page_ids, True))
-    a2.button("Clear", key="clear_selection", on_click=_pick_all, args=(page_ids, False))
+    a2.button("Clear", key="clear_selection", on_click=_pick_all, args=(picked, False), help="Untick every image")
     a3.button(
         f"Validate ({len(picked)})",
         key="validate",
@@ -154,26 +184,41 @@ with review_tab:
     a6.button("Relabel", key="relabel", disabled=not picked or not categories, on_click=_apply, args=("relabel",))
 
     st.caption(f"{total} image(s) match; page {page} of {pages}. Tick images, then act on all ticked at once.")
+    if hidden := [i for i in picked if i not in page_ids]:
+        st.info(
+            f"{len(hidden)} ticked image(s) are not shown here (another page or filter): "
+            f"{', '.join(f'#{i}' for i in hidden[:10])}{' …' if len(hidden) > 10 else ''}. "
+            "The buttons act on every ticked image; **Clear** unticks them all.",
+            icon=":material/visibility_off:",
+        )
     for start_index in range(0, len(found.rows), COLUMNS):
         row = st.columns(COLUMNS)
         for col, (image, name) in zip(row, found.rows[start_index : start_index + COLUMNS], strict=False):
             with col.container(border=True):
                 show_thumbnail(image)
-                st.checkbox(f"#{image.id} {name}", key=f"pick_{image.id}")
+                st.session_state.setdefault(f"pick_{image.id}", image.id in picked)
+                st.checkbox(f"#{image.id} {name}", key=f"pick_{image.id}", on_change=_tick, args=(image.id,))
                 who = f" by {image.reviewed_by}" if image.reviewed_by else ""
                 alike = f" · {alikes[image.id]} look-alike(s)" if alikes[image.id] else ""
                 st.caption(f"{image.status.value}{who} · {image.source.value} · {image.uploaded_at:%Y-%m-%d}{alike}")
 
-    if page_ids:
-        with st.expander("History and look-alikes of an image"):
+    with st.expander("History and look-alikes of an image"):
+        wanted = st.text_input("Find an image by id or file name", key="history_search", placeholder="#12 or IMG_0042")
+        if wanted:
+            with read_session() as session:
+                choices = [img.id for img in stats.search_images(wanted, session=session)]
+            if not choices:
+                st.caption(f"No image has the id or a file name with '{wanted}'.")
+        else:
             choices = [*picked, *(i for i in page_ids if i not in picked)]
-            shown = st.selectbox("Image", choices, key="history_image", format_func=lambda i: f"#{i}")
+        shown = st.selectbox("Image", choices, key="history_image", format_func=lambda i: f"#{i}")
+        if shown is not None:
             with read_session() as session:
                 events = audit.image_history(shown, session=session)
                 similar = duplicates.look_alikes(stats.images_by_id([shown], session=session)[shown], session=session)
             if events:
                 history = pd.DataFrame(audit.as_rows(events)).drop(columns=["target"])
-                st.dataframe(history, hide_index=True, key="image_history")
+                st.dataframe(history, hide_index=True, key="image_history", column_config=when("when"))
             else:
                 st.caption("Nothing recorded for this image (it came in before the audit trail existed).")
             if similar:
@@ -206,32 +251,84 @@ with suspects_tab:
                 else "No training round has completed yet: images are scored after each completed round."
             )
         page, _ = _page(suspect_total, SUSPECTS_PAGE_SIZE, "suspects_page")
+        # The cards of this page stay where they are until the page changes:
+        # a decided one is greyed, so the next card's buttons never slide under the pointer.
+        shown_page, shown_ids = st.session_state.get("suspects_cards", (None, []))
         with read_session() as session:
-            listed = suspects.list_suspects(
-                session=session, offset=(page - 1) * SUSPECTS_PAGE_SIZE, limit=SUSPECTS_PAGE_SIZE
+            if shown_page == page and shown_ids:
+                listed = suspects.list_suspects(session=session, image_ids=shown_ids)
+            else:
+                listed = suspects.list_suspects(
+                    session=session, offset=(page - 1) * SUSPECTS_PAGE_SIZE, limit=SUSPECTS_PAGE_SIZE
+                )
+                st.session_state["suspects_cards"] = (page, [s.image.id for s in listed])
+            try:
+                scorer = registry.get_version(listed[0].row.model_version, session=session) if listed else None
+            except NotFoundError:  # the scoring version was deleted since
+                scorer = None
+        if scorer is not None and scorer.metrics.get("test_accuracy") is not None:
+            st.caption(
+                f"The suggestions come from model {scorer.version}: {scorer.metrics['test_accuracy']:.1f}% right "
+                f"on its {scorer.metrics.get('test_images', 0)} held-out test images, so about one suggestion "
+                "in that many is wrong too: look before you accept."
             )
+        open_ids = [s.image.id for s in listed if s.row.resolution is None]
+        ticked = [i for i in open_ids if st.session_state.get(f"suspect_pick_{i}")]
+        if listed:
+            b1, b2, b3 = st.columns([1, 1, 3])
+            b1.button(
+                f"Keep ticked ({len(ticked)})",
+                key="suspects_keep_ticked",
+                disabled=not ticked,
+                on_click=_resolve,
+                args=(ticked, "keep"),
+            )
+            b2.button(
+                f"Reject ticked ({len(ticked)})",
+                key="suspects_reject_ticked",
+                disabled=not ticked,
+                on_click=_resolve,
+                args=(ticked, "reject"),
+            )
+            if b3.button("Show the next open suspects", key="suspects_refresh"):
+                st.session_state.pop("suspects_cards", None)
+                st.rerun()
         for suspect in listed:
             row, image_id = suspect.row, suspect.image.id
+            decided = row.resolution is not None
             with st.container(border=True):
                 picture, text, buttons = st.columns([1, 3, 2], vertical_alignment="center")
                 with picture:
                     show_thumbnail(suspect.image)
-                text.markdown(f"**#{image_id}** labelled **{row.given_label}**, looks like **{row.suggested_label}**")
+                if decided:
+                    text.markdown(f":gray[**#{image_id}** {_decision(row)} by {row.resolved_by}]")
+                else:
+                    text.checkbox(
+                        f"**#{image_id}** labelled **{row.given_label}**, looks like **{row.suggested_label}**",
+                        key=f"suspect_pick_{image_id}",
+                    )
                 text.caption(
                     f"p({row.given_label}) {row.given_probability:.2f} · margin {row.margin:.2f} · "
                     f"model {row.model_version}"
                 )
+                # Keep, the harmless choice, comes first; none is the coloured default.
+                buttons.button(
+                    f"Keep '{row.given_label}'",
+                    key=f"keep_{image_id}",
+                    disabled=decided,
+                    on_click=_resolve,
+                    args=([image_id], "keep"),
+                )
                 buttons.button(
                     f"Accept '{row.suggested_label}'",
                     key=f"accept_{image_id}",
-                    type="primary",
+                    disabled=decided,
                     on_click=_resolve,
-                    args=(image_id, "accept"),
+                    args=([image_id], "accept"),
                 )
                 buttons.button(
-                    f"Keep '{row.given_label}'", key=f"keep_{image_id}", on_click=_resolve, args=(image_id, "keep")
+                    "Reject", key=f"reject_{image_id}", disabled=decided, on_click=_resolve, args=([image_id], "reject")
                 )
-                buttons.button("Reject", key=f"reject_{image_id}", on_click=_resolve, args=(image_id, "reject"))
 
 with duplicates_tab:
     st.caption(
@@ -318,29 +415,52 @@ with upload_tab:
                     key="refused_table",
                 )
 
+
+def _change_categories(change, *args, done: str) -> None:
+    """Run a category change (a core.review function) and say how it went."""
+    try:
+        with session_scope() as session:
+            change(*args, session=session, actor=actor)
+    except UserError as exc:
+        st.session_state["category_message"] = ("error", str(exc))
+    else:
+        st.session_state["category_message"] = ("success", done)
+
+
 with categories_tab:
+    if message := st.session_state.pop("category_message", None):
+        (st.error if message[0] == "error" else st.success)(message[1])
     left, right = st.columns(2)
     with left, st.form("add_category", clear_on_submit=True):
-        new_name = st.text_input("New category", key="new_category")
+        new_name = st.text_input(
+            "New category", key="new_category", help="Printable text; names are compared ignoring case."
+        )
         if st.form_submit_button("Add category"):
-            try:
-                with session_scope() as session:
-                    review.add_category(new_name, session=session, actor=actor)
-            except UserError as exc:
-                st.error(str(exc))
-            else:
-                st.rerun()
+            _change_categories(review.add_category, new_name, done=f"Category '{new_name.strip()}' added.")
+            st.rerun()
     with right, st.form("rename_category"):
         old_name = st.selectbox("Category to rename", categories, key="rename_from")
         renamed = st.text_input("New name", key="rename_to")
         if st.form_submit_button("Rename"):
-            try:
-                with session_scope() as session:
-                    review.rename_category(old_name or "", renamed, session=session, actor=actor)
-            except UserError as exc:
-                st.error(str(exc))
-            else:
-                st.rerun()
+            _change_categories(
+                review.rename_category, old_name or "", renamed, done=f"'{old_name}' renamed to '{renamed.strip()}'."
+            )
+            st.rerun()
+    left, right = st.columns(2)
+    with left, st.form("delete_category"):
+        doomed = st.selectbox("Empty category to delete", categories, key="delete_name")
+        if st.form_submit_button("Delete"):
+            _change_categories(review.delete_category, doomed or "", done=f"Category '{doomed}' deleted.")
+            st.rerun()
+    with right, st.form("merge_category"):
+        m1, m2 = st.columns(2)
+        merged = m1.selectbox("Merge category", categories, key="merge_from")
+        into = m2.selectbox("into", categories, key="merge_into")
+        if st.form_submit_button("Merge", help="Moves all its images (any status) into the other, then deletes it."):
+            _change_categories(
+                review.merge_category, merged or "", into or "", done=f"'{merged}' merged into '{into}'."
+            )
+            st.rerun()
 
     st.subheader("Validated images per category")
     minimum = get_settings().min_images_per_category
@@ -353,7 +473,6 @@ with categories_tab:
             y="validated",
             labels={"validated": "validated images"},
         )
-        chart.add_hline(y=minimum, line_dash="dot", annotation_text=f"minimum {minimum}")
         st.plotly_chart(chart, key="validated_chart")
     else:
         st.info("No categories yet: add one above, or upload images with a category.")

@@ -8,12 +8,44 @@ from core.access import Permission
 from core.automation import SETTING_RANGES
 from core.db import read_session, session_scope
 from core.errors import UserError
-from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
+from core.models import RoundStatus
+from core.training import ARCHITECTURES, TRAINING_MODES, TrainingConfig, param_range
 from jobs import cancel_training, submit_training
 from pages._common import require_page
 
 actor = require_page(Permission.train)
-defaults = TrainingConfig()
+
+# The form's labels, by parameter (the widget keys are the parameter names);
+# problems name the fields by these.
+LABELS = {
+    "epochs": "Epochs",
+    "batch_size": "Batch size",
+    "learning_rate": "Learning rate",
+    "use_existing_model": "Use existing model",
+    "architecture": "Architecture",
+    "image_size": "Image size (px)",
+    "val_split": "Validation split",
+    "seed": "Seed",
+    "training_mode": "Training mode",
+    "processes": "Processes",
+}
+
+
+def load_parameters(parameters: dict) -> None:
+    """Put `parameters` into the form (a callback: widgets take state before they are drawn)."""
+    for name in LABELS:
+        if name in parameters:
+            st.session_state[name] = parameters[name]
+
+
+# The form starts from the operator's last job (Streamlit forgets widgets on
+# another page); widgets take their values from the session state only, so
+# the fields have no limits of their own: what is typed is what gets checked.
+with read_session() as session:
+    remembered = training.last_parameters(actor.name, session=session) or {}
+for name, value in {**TrainingConfig().to_dict(), **remembered}.items():
+    if name in LABELS:
+        st.session_state.setdefault(name, value)
 
 st.title("Train")
 form, check = st.columns([3, 2], gap="large")
@@ -21,72 +53,59 @@ form, check = st.columns([3, 2], gap="large")
 with form:
     st.subheader("Parameters")
     c1, c2 = st.columns(2)
-    epochs = c1.number_input("Epochs", *PARAM_RANGES["epochs"][1:], value=defaults.epochs, step=1, key="epochs")
-    batch_size = c2.number_input(
-        "Batch size", *PARAM_RANGES["batch_size"][1:], value=defaults.batch_size, step=1, key="batch_size"
-    )
+    epochs = c1.number_input(LABELS["epochs"], value=None, step=1, key="epochs")
+    batch_size = c2.number_input(LABELS["batch_size"], value=None, step=1, key="batch_size")
     learning_rate = c1.number_input(
-        "Learning rate",
-        *PARAM_RANGES["learning_rate"][1:],
-        value=defaults.learning_rate,
-        step=0.0001,
-        format="%.6f",
-        key="learning_rate",
+        LABELS["learning_rate"], value=None, step=0.0001, format="%.6f", key="learning_rate"
     )
     use_existing = c2.toggle(
-        "Use existing model",
-        value=defaults.use_existing_model,
+        LABELS["use_existing_model"],
         key="use_existing_model",
         help="Fine-tune the production model when it knows the same categories and has the same architecture.",
     )
     with st.expander("Advanced"):
         a1, a2 = st.columns(2)
-        architecture = a1.selectbox(
-            "Architecture", ARCHITECTURES, index=ARCHITECTURES.index(defaults.architecture), key="architecture"
-        )
-        image_size = a2.number_input(
-            "Image size (px)", *PARAM_RANGES["image_size"][1:], value=defaults.image_size, step=32, key="image_size"
-        )
-        val_split = a1.number_input(
-            "Validation split", *PARAM_RANGES["val_split"][1:], value=defaults.val_split, step=0.05, key="val_split"
-        )
-        seed = a2.number_input("Seed", *PARAM_RANGES["seed"][1:], value=defaults.seed, step=1, key="seed")
+        architecture = a1.selectbox(LABELS["architecture"], ARCHITECTURES, key="architecture")
+        image_size = a2.number_input(LABELS["image_size"], value=None, step=32, key="image_size")
+        val_split = a1.number_input(LABELS["val_split"], value=None, step=0.05, key="val_split")
+        seed = a2.number_input(LABELS["seed"], value=None, step=1, key="seed")
         training_mode = a1.radio(
-            "Training mode",
+            LABELS["training_mode"],
             TRAINING_MODES,
-            index=TRAINING_MODES.index(defaults.training_mode),
             key="training_mode",
             horizontal=True,
             help="full: train every layer. head: keep a pretrained backbone (ImageNet weights, or the production "
             "model's own) frozen and train only the classifier, in seconds; the preflight says when it cannot.",
         )
         processes = a2.number_input(
-            "Processes",
-            *param_range("processes")[1:],
-            value=defaults.processes,
+            LABELS["processes"],
+            value=None,
             step=1,
             key="processes",
             help="Train the job in this many processes together (PyTorch DDP): gloo on the CPU, NCCL on GPUs, "
-            "where each process needs its own GPU. The maximum is MAX_TRAINING_PROCESSES. Full mode only.",
+            f"where each process needs its own GPU. At most {param_range('processes')[2]:g} here "
+            "(MAX_TRAINING_PROCESSES). Full mode only.",
         )
 
 params = {
-    "epochs": int(epochs),
-    "batch_size": int(batch_size),
-    "learning_rate": float(learning_rate),
+    "epochs": epochs,
+    "batch_size": batch_size,
+    "learning_rate": learning_rate,
     "use_existing_model": use_existing,
     "architecture": architecture,
-    "image_size": int(image_size),
-    "val_split": float(val_split),
-    "seed": int(seed),
+    "image_size": image_size,
+    "val_split": val_split,
+    "seed": seed,
     "training_mode": training_mode,
-    "processes": int(processes),
+    "processes": processes,
 }
+field_problems = list(training.param_problems(params, LABELS).values())
 
 with check:
     st.subheader("Preflight")
     with read_session() as session:
-        preflight = training.preflight(TrainingConfig.from_params(params), session=session)
+        preflight = training.preflight(None if field_problems else TrainingConfig.from_params(params), session=session)
+    problems = field_problems + preflight.problems
     st.metric("Validated images", preflight.total, border=True)
     if preflight.per_category:
         st.dataframe(
@@ -96,12 +115,12 @@ with check:
             hide_index=True,
             key="preflight_table",
         )
-    for problem in preflight.problems:
+    for problem in problems:
         st.error(problem, icon=":material/block:")
     for notice in preflight.notices:
         st.info(notice)
-    if preflight.ok:
-        st.success("The dataset meets the rules: training can start.", icon=":material/check_circle:")
+    if not problems:
+        st.success("The parameters and the dataset meet the rules: training can start.", icon=":material/check_circle:")
 
 with form:
     clicked = st.button(
@@ -109,8 +128,8 @@ with form:
         key="train",
         type="primary",
         icon=":material/play_arrow:",
-        disabled=not preflight.ok,
-        help=" ".join(preflight.problems) or None,
+        disabled=bool(problems),
+        help=" ".join(problems) or None,
     )
     if clicked:
         try:
@@ -122,7 +141,36 @@ with form:
             # Again from the top, so the sidebar's queue shows the new job too.
             st.rerun()
     if job_id := st.session_state.get("last_job_id"):
-        st.success(f"Training job `{job_id}` queued. Follow it below or on **Live metrics**.")
+        with read_session() as session:
+            asked = training.get_round(job_id, session=session)
+        queued_with = ", ".join(f"{LABELS[k].lower()} {v}" for k, v in asked.parameters.items() if k in LABELS)
+        state = asked.status.value.replace("_", " ")
+        banner = st.error if asked.status == RoundStatus.failed else st.success
+        banner(
+            f"Round {asked.id} (job `{job_id[:8]}`) is **{state}**; queued with {queued_with}. "
+            "Follow it below or on **Live metrics**.",
+            icon=":material/info:",
+        )
+    with read_session() as session:
+        earlier = {
+            r.id: (r.status.value.replace("_", " "), r.parameters) for r in training.list_rounds(session=session)
+        }
+    if earlier:
+        again_from, again = st.columns([3, 1], vertical_alignment="bottom")
+        chosen = again_from.selectbox(
+            "Parameters of an earlier round",
+            list(earlier),
+            format_func=lambda i: f"round {i} · {earlier[i][0]}",
+            key="again_round",
+        )
+        again.button(
+            "Train again with these parameters",
+            key="train_again",
+            icon=":material/replay:",
+            on_click=load_parameters,
+            args=(earlier[chosen][1],),
+            help="Fills the form with that round's parameters; check them, then click Train.",
+        )
 
 
 @st.fragment(run_every=3)
@@ -148,7 +196,7 @@ def queue() -> None:
     active = [r for r in rows if r["status"] in ("queued", "in_progress")]
     if not active:
         return
-    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    left, stop_column, cancel_column = st.columns([3, 2, 1], vertical_alignment="bottom")
     # The label leaves the status out: a selectbox keeps showing the label it
     # had when chosen, and the status changes while the page is open.
     job_id = left.selectbox(
@@ -157,16 +205,26 @@ def queue() -> None:
         format_func=lambda j: f"round {next(r['round'] for r in active if r['job_id'] == j)} · job {j}",
         key="cancel_job",
     )
-    if right.button("Cancel job", key="cancel", icon=":material/cancel:"):
+    stop = stop_column.button(
+        "Stop and keep the best so far",
+        key="stop",
+        icon=":material/stop_circle:",
+        help="Training ends after its current batch; its best epoch so far is exported and registered as a "
+        "version, through the promotion gate. A queued job has nothing to keep and is cancelled.",
+    )
+    if cancel_column.button("Cancel job", key="cancel", icon=":material/cancel:") or stop:
         try:
-            round_ = cancel_training(job_id, actor=actor)
+            round_ = cancel_training(job_id, actor=actor, keep_best=stop)
         except UserError as exc:
             st.error(str(exc))
         else:
-            st.toast(
-                f"Job {round_.job_id[:8]}: "
-                + ("cancelled" if round_.status == "cancelled" else "cancel requested, it stops after its batch")
-            )
+            if round_.status == RoundStatus.cancelled:
+                done = "cancelled"
+            elif round_.stop_requested:
+                done = "stop requested: it stops after its batch and registers its best epoch so far"
+            else:
+                done = "cancel requested, it stops after its batch"
+            st.toast(f"Job {round_.job_id[:8]}: {done}")
             st.rerun()
 
 

@@ -153,3 +153,13 @@ def test_training_is_refused_without_the_role(data_dir, role):
         submit_training({"epochs": 1}, actor=as_actor("x", role))
     with pytest.raises(PermissionDeniedError, match="may not train"):
         cancel_training("any", actor=as_actor("x", role))
+
+
+def test_the_automatic_promoter_is_recorded_as_the_system_not_as_an_admin(session):
+    from core.access import SYSTEM_ACTOR
+
+    add_fake_version(session, "1.0.0", production=False)
+    registry.promote("1.0.0", session=session, actor=SYSTEM_ACTOR, action="auto")
+    session.commit()
+    event = session.exec(select(AuditEvent).where(AuditEvent.action == "model.auto")).one()
+    assert (event.actor, event.actor_role) == ("auto", "system")

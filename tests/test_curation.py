@@ -217,8 +217,39 @@ def test_suspects_tab_lists_rows_by_score_and_accept_relabels_the_image(session)
     with read_session() as reader:
         assert label_of(reader, ids[2]) == "dog"
         assert reader.get(TrainingImage, ids[2]).reviewed_by == "Ada"
-    assert f"#{ids[2]}: accepted" in at.success[0].value
+    assert f"#{ids[2]}: moved from 'cat' to 'dog'." in at.success[0].value
+    # The decided card stays where it was, greyed, until the page changes.
+    accept = {b.key: b.disabled for b in at.tabs[1].button if b.key.startswith("accept_")}
+    assert accept == {f"accept_{ids[0]}": False, f"accept_{ids[2]}": True, f"accept_{ids[1]}": False}
+    assert list(accept) == [f"accept_{i}" for i in (ids[0], ids[2], ids[1])]
+    ok(at.button(key="suspects_refresh").click())
     assert [b.key for b in at.tabs[1].button if b.key.startswith("accept_")] == [f"accept_{ids[0]}", f"accept_{ids[1]}"]
+
+
+def test_suspects_keep_comes_first_ticked_cards_are_kept_in_bulk_and_the_scorer_is_rated(session):
+    from tests.factories import add_fake_version
+
+    ids = add_suspects(session)
+    version = add_fake_version(session, "1.0.0", classes=CLASSES)
+    version.metrics = {**version.metrics, "test_accuracy": 87.5, "test_images": 40}
+    session.add(version)
+    session.commit()
+    at = open_tab("Suspects")
+    tab = at.tabs[1]
+    assert any("from model 1.0.0: 87.5% right on its 40 held-out test images" in c.value for c in tab.caption)
+    card = [b for b in tab.button if b.key.endswith(f"_{ids[0]}")]
+    assert [b.key for b in card] == [f"keep_{ids[0]}", f"accept_{ids[0]}", f"reject_{ids[0]}"]
+    assert all(b.type != "primary" for b in card)
+
+    at.checkbox(key=f"suspect_pick_{ids[0]}").check()
+    ok(at.checkbox(key=f"suspect_pick_{ids[1]}").check())
+    assert at.button(key="suspects_keep_ticked").label == "Keep ticked (2)"
+    ok(at.button(key="suspects_keep_ticked").click())
+    assert "2 suspects kept." in at.success[0].value
+    with read_session() as reader:
+        assert [label_of(reader, i) for i in ids[:3]] == ["cat", "cat", "cat"]
+        assert suspects.count_suspects(session=reader) == 1
+    assert at.button(key=f"keep_{ids[0]}").disabled and not at.button(key=f"keep_{ids[2]}").disabled
 
 
 def test_suspects_tab_says_when_nothing_has_been_scored_yet(session):

@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 from core.db import get_engine
 from core.export import load_runner
 from core.ingest import file_sha256
-from core.models import EpochMetric, ModelVersion, RoundStatus, TrainingRound
+from core.models import AuditEvent, EpochMetric, ModelVersion, RoundStatus, TrainingRound
 from tests.conftest import ROOT, wait_for
 
 
@@ -114,3 +114,42 @@ def test_cli_reports_bad_input_with_non_zero_exit(data_dir):
     assert "epochs must be between 1 and 500 (got 0)" in result.stderr
     result = cli("status", "no-such-job", check=False)
     assert result.returncode == 2 and "No training job with id 'no-such-job'" in result.stderr
+
+
+def test_stop_keeping_the_best_registers_the_best_epoch_so_far_through_the_gate(data_dir, worker_factory):
+    cli("demo", "--per-category", "12", "--size", "32")
+    worker_factory()
+    queued = cli("train", "--epochs", "500", "--batch-size", "16", "--image-size", "32").stdout
+    job_id = queued.split("Training job ")[1].split()[0]
+
+    def epochs_done() -> int:
+        with Session(get_engine()) as session:
+            round_ = session.exec(select(TrainingRound).where(TrainingRound.job_id == job_id)).one()
+            return len(list(session.exec(select(EpochMetric).where(EpochMetric.round_id == round_.id))))
+
+    wait_for(lambda: epochs_done() >= 2, message="two epochs")
+    assert "stop requested" in cli("cancel", job_id, "--keep-best").stdout
+
+    def finished():
+        with Session(get_engine()) as session:
+            round_ = session.exec(select(TrainingRound).where(TrainingRound.job_id == job_id)).one()
+            return round_ if round_.status not in (RoundStatus.queued, RoundStatus.in_progress) else None
+
+    round_ = wait_for(
+        finished, timeout=600, message="the stopped job to finish (exports take minutes on a busy machine)"
+    )
+    assert round_.status == RoundStatus.completed, round_.history
+    with Session(get_engine()) as session:
+        version = session.get(ModelVersion, round_.model_version_id)
+        epochs = list(session.exec(select(EpochMetric).where(EpochMetric.round_id == round_.id)))
+    assert version.version == "1.0.0" and version.is_production  # the first version: nothing to beat
+    trained = version.metrics["epochs_trained"]
+    assert 2 <= trained < 500 and len(epochs) == trained
+    best = max(epochs, key=lambda m: (m.val_accuracy, -m.epoch))
+    assert version.metrics["best_epoch"] == best.epoch
+    assert version.gate is not None and version.gate["passed"]
+    assert any(f"training stopped on request in epoch {trained + 1}" in line for line in round_.history)
+    assert all(a["parity"]["passed"] and (data_dir / a["path"]).is_file() for a in version.artifacts)
+    with Session(get_engine()) as session:
+        stops = list(session.exec(select(AuditEvent).where(AuditEvent.action == "training.stop")))
+    assert [(e.target, e.after["stop_requested"]) for e in stops] == [(f"job:{job_id}", True)]

@@ -1,0 +1,26 @@
+"""A running job can be stopped keeping its best epoch so far, and records its phases.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-30
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("traininground", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("stop_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch_op.add_column(sa.Column("phases", sa.JSON(), nullable=False, server_default="[]"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("traininground", schema=None) as batch_op:
+        batch_op.drop_column("phases")
+        batch_op.drop_column("stop_requested")
