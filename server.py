@@ -5,8 +5,10 @@
 """
 
 import streamlit as st
+from starlette.middleware import Middleware
 from starlette.routing import Mount
 
 from api.app import app as api_app
+from api.security import SecurityHeaders
 
-app = st.App("dashboard.py", routes=[Mount("/api", app=api_app)])
+app = st.App("dashboard.py", routes=[Mount("/api", app=api_app)], middleware=[Middleware(SecurityHeaders)])

@@ -3,13 +3,14 @@
 import logging
 from dataclasses import asdict
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sqlalchemy import text
 
 import jobs
-from api.deps import Reader, Trainer, Uploader
+from api.deps import JsonObject, Reader, Trainer, Uploader
 from api.schemas import (
     CancelResponse,
     CategoryList,
@@ -22,6 +23,7 @@ from api.schemas import (
     UploadResponse,
 )
 from core import manifest, registry, review, training, uploads
+from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import InvalidImageError
 from core.ingest import check_size, get_or_create_category
@@ -41,7 +43,7 @@ QUEUE_STATUS = {
 
 
 @router.post("/models/train/", status_code=202, tags=["training"])
-def start_training(caller: Trainer, body: TrainRequest | None = None) -> TrainResponse:
+def start_training(caller: Trainer, _: JsonObject, body: TrainRequest | None = None) -> TrainResponse:
     """Queue a training job on all validated images."""
     round_ = jobs.submit_training((body or TrainRequest()).model_dump(), actor=caller.actor)
     return TrainResponse(
@@ -60,6 +62,7 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
         training_round_id=round_.id,
         status=round_.status.value,
         queue_status=QUEUE_STATUS[round_.status],
+        celery_status=QUEUE_STATUS[round_.status],
         start_time=round_.started_at,
         finished_time=round_.finished_at,
         attempts=round_.attempts,
@@ -122,8 +125,11 @@ def cancel_training(job_id: str, caller: Trainer) -> CancelResponse:
 def latest_model(request: Request, caller: Reader) -> ModelManifest:
     """The production model: classes in output order, input, metrics and files to download."""
 
+    # root_path is "/api" where server.py mounts the API; the Host header plays no part.
+    base = get_settings().public_url + request.scope.get("root_path", "")
+
     def download_url(version: str, fmt: str) -> str:
-        return str(request.url_for("download_model").include_query_params(version=version, format=fmt))
+        return f"{base}{router.url_path_for('download_model')}?{urlencode({'version': version, 'format': fmt})}"
 
     with read_session() as session:
         version = manifest.resolve_version(None, session=session)

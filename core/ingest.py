@@ -11,7 +11,7 @@ from sqlmodel import Session, select
 
 from core.config import get_settings
 from core.duplicates import dhash
-from core.errors import FileTooLargeError, InvalidImageError, UserError
+from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded_text
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
 from core.splits import assign_splits
 from core.storage import write_atomic
@@ -115,11 +115,9 @@ def load_rgb(path: Path) -> Image.Image:
 
 def get_or_create_category(name: str, *, session: Session, create: bool = True) -> Category:
     """The category called `name`; created if missing and `create` is set."""
-    clean = name.strip()
+    clean = bounded_text(name, "A category name", 100)
     if not clean:
         raise UserError("A category name is required")
-    if len(clean) > 100:
-        raise UserError("A category name can be at most 100 characters")
     category = session.exec(select(Category).where(Category.name == clean)).first()
     if category is None:
         if not create:

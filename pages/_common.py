@@ -71,7 +71,9 @@ def sign_in_form() -> None:
             return
         st.session_state[SESSION_KEY] = {"id": outcome.user_id, "name": outcome.name, "role": outcome.role}
         st.rerun()
-    st.caption("First run? `make run` printed the password of the user `admin` on its console.")
+    st.caption(
+        "First run? The password of the user `admin` is in `first_admin_password.txt` in the data folder (`make run` printed its path)."
+    )
 
 
 def sign_out() -> None:
