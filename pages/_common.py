@@ -6,6 +6,8 @@ The signed-in user lives in `st.session_state["user"]` as plain values
 the database on every run, so a change by an admin applies at the next click.
 """
 
+import re
+
 import streamlit as st
 
 from core import users
@@ -15,6 +17,26 @@ from core.models import TrainingImage
 from core.thumbnails import thumbnail
 
 SESSION_KEY = "user"
+
+# What turns typed text into something else in Streamlit's markdown: links and
+# images (`[`), emphasis and code, raw HTML and `<url>` autolinks, `$` maths,
+# tables, `:red[...]` directives (need `[`), bare URLs that GFM links by itself
+# (`http://`, `www.`), and block markers at the start (heading, quote, list).
+# Other punctuation stays as typed, so messages read (and match) as written.
+_INLINE_MARKS = re.compile(r"([\\`*_~\[\]<>$|])")
+_BARE_URL = re.compile(r"(?i)(?<=[a-z0-9])(:)(?=//)|(?<=\bwww)(\.)")
+_BLOCK_START = re.compile(r"^(\s*)([#>+=-])|^(\s*[0-9]+)([.)])")
+
+
+def md(text: object) -> str:
+    """`text` (anything users or phones typed: category names, labels, user
+    names, device ids, notes, reasons, error messages quoting them) made safe
+    to put in markdown: shown as typed, never a link, image or formatting.
+    Hand-written because neither Streamlit nor the standard library has one;
+    a backslash before ASCII punctuation is CommonMark's escape."""
+    escaped = _INLINE_MARKS.sub(r"\\\1", str(text).replace("\n", " "))
+    escaped = _BARE_URL.sub(lambda m: "\\" + m.group(0), escaped)
+    return _BLOCK_START.sub(lambda m: "\\".join(part for part in m.groups() if part is not None), escaped)
 
 
 def signed_in() -> Actor | None:
@@ -67,7 +89,7 @@ def sign_in_form() -> None:
         with session_scope() as session:
             outcome = users.sign_in(name, password, session=session, client=st.context.ip_address)
         if not outcome.ok:
-            st.error(outcome.message)
+            st.error(md(outcome.message))
             return
         st.session_state[SESSION_KEY] = {"id": outcome.user_id, "name": outcome.name, "role": outcome.role}
         st.rerun()

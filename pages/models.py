@@ -9,7 +9,7 @@ from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import current_user
+from pages._common import current_user, md
 
 actor = current_user()
 may_promote = allows(actor.role, Permission.promote)
@@ -141,7 +141,7 @@ else:
             if action == "promote":
                 st.markdown(f"**Promote {target} to production?** The mobile apps will download it.")
                 if registry.held_back(versions[target]):
-                    st.warning("The promotion gate held it back: " + "; ".join(versions[target].gate["reasons"]))
+                    st.warning("The promotion gate held it back: " + md("; ".join(versions[target].gate["reasons"])))
                     reason = st.text_input("Reason for overriding the gate (required, recorded)", key="override_reason")
                 if production is not None:
                     comparison(production.version, target)
@@ -156,7 +156,7 @@ else:
                         else:
                             done = registry.rollback(session=session, actor=actor)
                 except UserError as exc:
-                    st.error(str(exc))
+                    st.error(md(exc))
                 else:
                     st.session_state.pop("confirm")
                     st.session_state["models_message"] = f"Model {done.version} is now in production."

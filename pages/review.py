@@ -13,7 +13,7 @@ from core.errors import UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.uploads import ingest_uploads
-from pages._common import require_page, show_thumbnail
+from pages._common import md, require_page, show_thumbnail
 
 PAGE_SIZE = 48
 SUSPECTS_PAGE_SIZE = 24
@@ -50,13 +50,13 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
             if action == "relabel":
                 target = st.session_state.get("relabel_to")
                 n = review.relabel_images(ids, target or "", session=session, actor=actor)
-                done = f"moved to '{target}'"
+                done = f"moved to '{md(target)}'"
             else:
                 status = ImageStatus.validated if action == "validate" else ImageStatus.rejected
                 n = review.set_status(ids, status, session=session, actor=actor)
                 done = status.value
     except UserError as exc:
-        st.session_state[f"{where}_error"] = str(exc)
+        st.session_state[f"{where}_error"] = md(exc)
         return
     st.session_state[f"{where}_message"] = f"{n} image(s) {done}."
     for image_id in ids if picked else ():
@@ -69,9 +69,11 @@ def _resolve(image_id: int, action: str) -> None:
         with session_scope() as session:
             row = suspects.resolve(image_id, action, session=session, actor=actor)
     except UserError as exc:
-        st.session_state["suspects_error"] = str(exc)
+        st.session_state["suspects_error"] = md(exc)
         return
-    st.session_state["suspects_message"] = f"#{image_id}: {row.resolution} ({row.given_label} → {row.suggested_label})."
+    st.session_state["suspects_message"] = (
+        f"#{image_id}: {row.resolution} ({md(row.given_label)} → {md(row.suggested_label)})."
+    )
 
 
 def _show_messages(where: str) -> None:
@@ -144,8 +146,8 @@ with review_tab:
         for col, (image, name) in zip(row, found.rows[start_index : start_index + COLUMNS], strict=False):
             with col.container(border=True):
                 show_thumbnail(image)
-                st.checkbox(f"#{image.id} {name}", key=f"pick_{image.id}")
-                who = f" by {image.reviewed_by}" if image.reviewed_by else ""
+                st.checkbox(f"#{image.id} {md(name)}", key=f"pick_{image.id}")
+                who = f" by {md(image.reviewed_by)}" if image.reviewed_by else ""
                 alike = f" · {alikes[image.id]} look-alike(s)" if alikes[image.id] else ""
                 st.caption(f"{image.status.value}{who} · {image.source.value} · {image.uploaded_at:%Y-%m-%d}{alike}")
 
@@ -201,20 +203,22 @@ with suspects_tab:
                 picture, text, buttons = st.columns([1, 3, 2], vertical_alignment="center")
                 with picture:
                     show_thumbnail(suspect.image)
-                text.markdown(f"**#{image_id}** labelled **{row.given_label}**, looks like **{row.suggested_label}**")
+                text.markdown(
+                    f"**#{image_id}** labelled **{md(row.given_label)}**, looks like **{md(row.suggested_label)}**"
+                )
                 text.caption(
-                    f"p({row.given_label}) {row.given_probability:.2f} · margin {row.margin:.2f} · "
+                    f"p({md(row.given_label)}) {row.given_probability:.2f} · margin {row.margin:.2f} · "
                     f"model {row.model_version}"
                 )
                 buttons.button(
-                    f"Accept '{row.suggested_label}'",
+                    f"Accept '{md(row.suggested_label)}'",
                     key=f"accept_{image_id}",
                     type="primary",
                     on_click=_resolve,
                     args=(image_id, "accept"),
                 )
                 buttons.button(
-                    f"Keep '{row.given_label}'", key=f"keep_{image_id}", on_click=_resolve, args=(image_id, "keep")
+                    f"Keep '{md(row.given_label)}'", key=f"keep_{image_id}", on_click=_resolve, args=(image_id, "keep")
                 )
                 buttons.button("Reject", key=f"reject_{image_id}", on_click=_resolve, args=(image_id, "reject"))
 
@@ -239,7 +243,7 @@ with duplicates_tab:
             with st.container(border=True):
                 labels = sorted({name for _, name in members})
                 head, validate_all, reject_all = st.columns([4, 1, 1], vertical_alignment="center")
-                head.markdown(f"**{len(ids)} look-alikes** · {', '.join(labels)}")
+                head.markdown(f"**{len(ids)} look-alikes** · {md(', '.join(labels))}")
                 validate_all.button(
                     "Validate all", key=f"cluster_validate_{ids[0]}", on_click=_apply,
                     args=("validate", ids, "clusters"),
@@ -253,7 +257,7 @@ with duplicates_tab:
                     ):
                         with col:
                             show_thumbnail(image)
-                            st.caption(f"#{image.id} {name} · {image.status.value}")
+                            st.caption(f"#{image.id} {md(name)} · {image.status.value}")
 
 with upload_tab:
     st.write(
@@ -282,9 +286,9 @@ with upload_tab:
                     actor=actor,
                 )
         except UserError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
         else:
-            st.success(f"Upload: {report.summary()}.")
+            st.success(md(f"Upload: {report.summary()}."))
             if report.refused:
                 st.warning("These files were refused:")
                 st.dataframe(
@@ -302,7 +306,7 @@ with categories_tab:
                 with session_scope() as session:
                     review.add_category(new_name, session=session, actor=actor)
             except UserError as exc:
-                st.error(str(exc))
+                st.error(md(exc))
             else:
                 st.rerun()
     with right, st.form("rename_category"):
@@ -313,14 +317,14 @@ with categories_tab:
                 with session_scope() as session:
                     review.rename_category(old_name or "", renamed, session=session, actor=actor)
             except UserError as exc:
-                st.error(str(exc))
+                st.error(md(exc))
             else:
                 st.rerun()
 
     st.subheader("Validated images per category")
     minimum = get_settings().min_images_per_category
     for warning in stats.category_warnings(validated, minimum=minimum):
-        st.warning(warning)
+        st.warning(md(warning))
     if validated:
         chart = px.bar(
             pd.DataFrame({"category": list(validated), "validated": list(validated.values())}),
