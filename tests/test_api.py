@@ -716,7 +716,7 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
             assert answer.headers["x-frame-options"] == "DENY"
             assert answer.headers["x-content-type-options"] == "nosniff"
             assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
-            assert "img-src 'self' data: blob:" in answer.headers["content-security-policy"]
+            assert "img-src 'self' data: blob: https://fonts.gstatic.com;" in answer.headers["content-security-policy"]
 
         _cli(data_dir, "token", "revoke", "1")
         assert httpx.get(f"{base}/api/categories/", headers=auth).status_code == 401
