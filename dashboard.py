@@ -6,7 +6,7 @@ import streamlit as st
 from core import registry, stats
 from core.access import Permission, allows
 from core.db import read_session
-from pages._common import format_seconds, page_address, sign_in_form, sign_out, signed_in
+from pages._common import format_seconds, md, page_address, sign_in_form, sign_out, signed_in
 
 st.set_page_config(page_title="Training dashboard", page_icon=":material/model_training:", layout="wide")
 
@@ -70,7 +70,7 @@ def queue_status() -> None:
 
 
 with st.sidebar:
-    st.markdown(f"Signed in as **{user.name}** · {user.role}")
+    st.markdown(f"Signed in as **{md(user.name)}** · {user.role}")
     st.button("Sign out", key="sign_out", icon=":material/logout:", on_click=sign_out)
     queue_status()
 

@@ -12,9 +12,10 @@ from starlette.routing import Mount
 
 from api import browser
 from api.app import app as api_app
+from api.security import SecurityHeaders
 
 app = st.App(
     "dashboard.py",
     routes=[Mount("/api", app=api_app), *browser.routes],
-    middleware=[Middleware(browser.MediaNeedsSession)],
+    middleware=[Middleware(SecurityHeaders), Middleware(browser.MediaNeedsSession)],
 )

@@ -5,10 +5,12 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from api.limits import RequestLimits
 from api.routes import router
 from api.schemas import allowed_range
+from core.config import get_settings
 from core.errors import AuthenticationError, UserError
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,12 @@ def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="Training dashboard API", version="1.0.0", description=DESCRIPTION)
+    about = {"title": "Training dashboard API", "version": "1.0.0", "description": DESCRIPTION}
+    if get_settings().api_docs:
+        # The docs pages' scripts and styles come from /api/static-offline-docs, not a CDN.
+        app = FastAPIOffline(**about)
+    else:
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, **about)
     app.include_router(router)
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 
@@ -73,6 +73,19 @@ def require(permission: Permission):
         return caller
 
     return Depends(check)
+
+
+async def _json_object(request: Request) -> None:
+    # FastAPI reads a JSON `null` body as no body at all, which would queue the
+    # defaults; any other non-object is refused by the body's model.
+    if (await request.body()).strip() == b"null":
+        raise HTTPException(
+            422, 'The request body must be a JSON object, e.g. {"epochs": 5}; send no body for the defaults'
+        )
+
+
+# After the caller's check in a route's parameters, so a stranger gets 401 first.
+JsonObject = Annotated[None, Depends(_json_object)]
 
 
 Reader = Annotated[Caller, require(Permission.read)]

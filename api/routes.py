@@ -3,13 +3,14 @@
 import logging
 from dataclasses import asdict
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sqlalchemy import text
 
 import jobs
-from api.deps import Reader, Trainer, Uploader
+from api.deps import JsonObject, Reader, Trainer, Uploader
 from api.schemas import (
     CancelResponse,
     CategoryList,
@@ -43,7 +44,7 @@ QUEUE_STATUS = {
 
 
 @router.post("/models/train/", status_code=202, tags=["training"])
-def start_training(caller: Trainer, body: TrainRequest | None = None) -> TrainResponse:
+def start_training(caller: Trainer, _: JsonObject, body: TrainRequest | None = None) -> TrainResponse:
     """Queue a training job on all validated images."""
     round_ = jobs.submit_training((body or TrainRequest()).model_dump(), actor=caller.actor)
     return TrainResponse(
@@ -62,6 +63,7 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
         training_round_id=round_.id,
         status=round_.status.value,
         queue_status=QUEUE_STATUS[round_.status],
+        celery_status=QUEUE_STATUS[round_.status],
         start_time=round_.started_at,
         finished_time=round_.finished_at,
         attempts=round_.attempts,
@@ -130,8 +132,11 @@ def _cancel_response(round_, requested: str) -> CancelResponse:
 def latest_model(request: Request, caller: Reader) -> ModelManifest:
     """The production model: classes in output order, input, metrics and files to download."""
 
+    # root_path is "/api" where server.py mounts the API; the Host header plays no part.
+    base = get_settings().public_url + request.scope.get("root_path", "")
+
     def download_url(version: str, fmt: str) -> str:
-        return str(request.url_for("download_model").include_query_params(version=version, format=fmt))
+        return f"{base}{router.url_path_for('download_model')}?{urlencode({'version': version, 'format': fmt})}"
 
     with read_session() as session:
         version = manifest.resolve_version(None, session=session)

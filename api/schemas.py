@@ -31,7 +31,8 @@ def _param(name: str, text: str) -> Any:
 # POST /models/train/: the original four fields and the dashboard's advanced ones.
 class TrainRequest(BaseModel):
     # Unknown fields reach TrainingConfig.from_params, which names them in its error.
-    model_config = ConfigDict(extra="allow")
+    # Strict: JSON types as written (`true` is not 1, "5" is not 5).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     epochs: int = _param("epochs", "Passes over the training images")
     batch_size: int = _param("batch_size", "Images per optimisation step")
@@ -80,8 +81,14 @@ class TrainingStatus(BaseModel):
     job_id: str
     training_round_id: int
     status: str
-    queue_status: str
-    start_time: UtcDatetime | None
+    queue_status: str = Field(
+        description="The queue's view of the job, in Celery's words: PENDING, STARTED, SUCCESS, FAILURE, REVOKED"
+    )
+    celery_status: str = Field(
+        description="The same value as `queue_status`, kept for apps written for the original pipeline "
+        "(Django + Celery); new apps read `queue_status`"
+    )
+    start_time: UtcDatetime | None = Field(description="When a worker started the job (ISO 8601, UTC)")
     finished_time: UtcDatetime | None
     attempts: int
     current_epoch: int
@@ -96,8 +103,8 @@ class TrainingStatus(BaseModel):
     error: str | None = None
     model_version: str | None = None
     model_version_id: int | None = None
-    accuracy: float | None = Field(None, description="Validation accuracy in percent")
-    duration_minutes: float | None = None
+    accuracy: float | None = Field(None, description="Validation accuracy in percent, as `metrics.val_accuracy`")
+    duration_minutes: float | None = Field(None, description="From start to finish, in minutes")
 
 
 class CancelResponse(BaseModel):

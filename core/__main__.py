@@ -437,9 +437,10 @@ def cmd_serve(args) -> int:
     print(f"\n  Training dashboard: open http://{shown}:{port} in your browser", flush=True)
     print(f"  HTTP API for phones: http://{shown}:{port}/api/ (docs at /api/docs)", flush=True)
     if first_password:
-        # Printed once: only its hash is stored. `python -m core user reset-password admin` makes a new one.
-        print(f"  First run: sign in as '{users.FIRST_ADMIN}' with the password {first_password}", flush=True)
-        print("  (shown only now; python -m core user reset-password admin makes a new one)", flush=True)
+        # Only its hash is stored. `python -m core user reset-password admin` makes a new one.
+        saved = users.save_first_password(first_password)
+        print(f"  First run: sign in as '{users.FIRST_ADMIN}' with the password in {saved}", flush=True)
+        print("  (readable only by you; delete it once you have signed in)", flush=True)
     print(f"  Data folder: {get_settings().data_dir}   (Ctrl-C stops the server and the worker)\n", flush=True)
     try:
         while worker.poll() is None and web.poll() is None:

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     session_hours: float = Field(12.0, gt=0, le=24 * 30)
     # Send the session cookie only over HTTPS: set it true behind TLS (docs/deploy.md).
     session_cookie_secure: bool = False
+    # The address people and phones use to reach the server, e.g.
+    # https://train.example.com (behind a reverse proxy: the proxy's address).
+    # Links the API hands out (the manifest's downloads) start with it; when
+    # empty they are relative (/api/...), never built from the request's Host
+    # header, which any client can set.
+    public_url: str = ""
+    # Whether /api/docs and /api/redoc serve the interactive API documentation
+    # (its scripts are served by this server, nothing from a CDN).
+    api_docs: bool = True
 
     # Which files each version is exported to, in order: `ptl` (PyTorch's lite
     # interpreter) and/or `pte` (ExecuTorch). Phones fetch the one they run.
@@ -100,6 +109,16 @@ class Settings(BaseSettings):
     @property
     def formats(self) -> tuple[str, ...]:
         return tuple(self.export_formats.split(","))
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and (not value.startswith(("http://", "https://")) or "?" in value or "#" in value):
+            raise ValueError(
+                f"PUBLIC_URL must be empty or an http(s):// address, e.g. https://train.example.com (got {value!r})"
+            )
+        return value
 
     @field_validator("data_dir")
     @classmethod

@@ -7,6 +7,16 @@ class UserError(Exception):
     status_code = 400
 
 
+def bounded_text(value: str | None, what: str, limit: int) -> str | None:
+    """`value` stripped (None when empty), or a UserError naming `what` when it
+    is longer than `limit` characters: free text from callers (labels, device
+    ids, reasons) is stored and shown, so it gets a bound."""
+    clean = (value or "").strip()
+    if len(clean) > limit:
+        raise UserError(f"{what} can be at most {limit} characters (got {len(clean)})")
+    return clean or None
+
+
 class NotFoundError(UserError):
     """A job, version, image or category that does not exist."""
 

@@ -1,5 +1,6 @@
 """Model versions: numbering, production flag, promotion and rollback."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -9,16 +10,21 @@ from core import gate
 from core.access import Actor, Permission, require
 from core.audit import record_audit
 from core.config import get_settings
-from core.errors import ConflictError, NotFoundError, UserError
+from core.errors import ConflictError, NotFoundError, UserError, bounded_text
 from core.models import ModelVersion, PromotionEvent, utcnow
+
+# ASCII digits only (str.isdigit() also takes '²' and '①', which int() refuses),
+# and few enough that each part fits the database's integer column.
+VERSION_PATTERN = re.compile(r"v?([0-9]{1,6})\.([0-9]{1,6})\.([0-9]{1,6})")
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
     """'1.2.3' -> (1, 2, 3); a clear error for anything else."""
-    parts = text.strip().lstrip("v").split(".")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise UserError(f"'{text}' is not a version: use MAJOR.MINOR.PATCH, e.g. 1.0.0")
-    major, minor, patch = (int(p) for p in parts)
+    match = VERSION_PATTERN.fullmatch(text.strip())
+    if match is None:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise UserError(f"'{shown}' is not a version: use MAJOR.MINOR.PATCH (each at most 6 digits), e.g. 1.0.0")
+    major, minor, patch = (int(p) for p in match.groups())
     return major, minor, patch
 
 
@@ -156,7 +162,7 @@ def promote(
     target = get_version(version, session=session)
     if target.is_production:
         raise ConflictError(f"Model {version} is already in production")
-    reason = (reason or "").strip() or None
+    reason = bounded_text(reason, "A promotion reason", 500)
     why = reason_needed(target, session=session) if action == "promote" else None
     if why and reason is None:
         raise UserError(

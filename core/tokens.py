@@ -9,7 +9,7 @@ from sqlmodel import Session, col, select
 
 from core.access import Actor, Permission, parse_role, require
 from core.audit import record_audit
-from core.errors import AuthenticationError, NotFoundError, UserError
+from core.errors import AuthenticationError, NotFoundError, UserError, bounded_text
 from core.models import ApiToken, as_utc, utcnow
 
 PREFIX = "tdb_"
@@ -34,7 +34,7 @@ def create_token(
     """A new token for `role`; the returned secret is not stored anywhere."""
     require(actor, Permission.manage_users)
     role = parse_role(role)
-    label = label.strip()
+    label = bounded_text(label, "A token label", 100)
     if not label:
         raise UserError("A token needs a label (who or what uses it, e.g. 'pixel-7 of Ana')")
     if expires_days is not None and expires_days <= 0:
@@ -68,13 +68,9 @@ def verify_token(secret: str, *, session: Session) -> ApiToken:
     if token is None:
         raise AuthenticationError("Unknown API token: check it, or create one with `python -m core token create`")
     state = token_state(token)
-    if state == "revoked":
-        raise AuthenticationError(f"API token {token.id} ('{token.label}') was revoked: ask for a new one")
-    if state == "expired":
-        raise AuthenticationError(
-            f"API token {token.id} ('{token.label}') expired on {as_utc(token.expires_at):%Y-%m-%d %H:%M} UTC: "
-            "ask for a new one"
-        )
+    if state != "active":
+        # Whoever holds a dead token learns nothing about whose it was.
+        raise AuthenticationError("This API token is revoked or expired: ask for a new one")
     return token
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import threading
 import time
@@ -309,12 +310,16 @@ def _line(text: str) -> str:
     return f"{utcnow():%Y-%m-%d %H:%M:%S}Z {text}"
 
 
+# A numeric round id: ASCII digits, few enough for the database's integer column.
+ROUND_ID = re.compile(r"[0-9]{1,12}")
+
+
 def get_round(job_id_or_id: str | int, *, session: Session) -> TrainingRound:
     """A round by public job id (UUID) or numeric id."""
     text = str(job_id_or_id).strip()
     query = select(TrainingRound).where(
         (TrainingRound.job_id == text)
-        | (TrainingRound.id == int(text) if text.isdigit() else TrainingRound.job_id == text)
+        | (TrainingRound.id == int(text) if ROUND_ID.fullmatch(text) else TrainingRound.job_id == text)
     )
     found = session.exec(query).first()
     if found is None:

@@ -10,7 +10,7 @@ from sqlmodel import Session, col, select
 from core.access import Actor, Permission, require
 from core.audit import record_audit
 from core.demo import load_demo_dataset
-from core.errors import UserError
+from core.errors import UserError, bounded_text
 from core.ingest import IngestReport, IngestResult, import_folder, import_zip, ingest_bytes
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
 from core.splits import assign_splits
@@ -44,6 +44,10 @@ def _audit(report: IngestReport, *, session: Session, actor: Actor) -> IngestRep
     return report
 
 
+# Phones send a model name or an install id; anything longer is not an id.
+MAX_DEVICE_ID = 100
+
+
 def ingest_uploads(
     files: Iterable[tuple[str, bytes]],
     *,
@@ -60,6 +64,7 @@ def ingest_uploads(
     `category`). A bad file or archive is refused with its reason; the good
     ones still go in. Without `archives` the category must exist."""
     _require(actor, status)
+    device_id = bounded_text(device_id, "device_id", MAX_DEVICE_ID)
     files = list(files)
     is_zip = [archives and name.lower().endswith(".zip") for name, _ in files]
     if not category and not all(is_zip):

@@ -3,15 +3,18 @@ after repeated failures, and the first admin of a new install."""
 
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from sqlmodel import Session, col, select
 
 from core.access import USER_ROLES, Actor, Permission, parse_role, require
 from core.audit import record_audit
-from core.errors import ConflictError, NotFoundError, UserError
+from core.config import get_settings
+from core.errors import ConflictError, NotFoundError, UserError, bounded_text
 from core.models import SignInThrottle, User, as_utc, utcnow
 from core.sessions import end_user_sessions
 
@@ -32,6 +35,7 @@ UNKNOWN_FREE_FAILURES = 10
 # shared budget does not end up waiting after every slip.
 FAILURE_MEMORY = timedelta(hours=1)
 FIRST_ADMIN = "admin"
+FIRST_PASSWORD_FILE = "first_admin_password.txt"
 
 
 def hash_password(password: str) -> str:
@@ -84,7 +88,7 @@ class NewPassword:
 def create_user(name: str, role: str, *, session: Session, actor: Actor, password: str | None = None) -> NewPassword:
     """A new user; without `password` a random one is generated (and returned)."""
     require(actor, Permission.manage_users)
-    clean = name.strip()
+    clean = bounded_text(name, "A user name", 64)
     if not clean:
         raise UserError("A user needs a name")
     role = parse_role(role, USER_ROLES)
@@ -171,6 +175,19 @@ def ensure_first_admin(*, session: Session) -> str | None:
         return None
     system = Actor("setup", "admin")
     return create_user(FIRST_ADMIN, "admin", session=session, actor=system).password
+
+
+def save_first_password(password: str) -> Path:
+    """Write the first admin's password to a file only the server's user may
+    read (0600) and return its path: a console or a log that captures stdout
+    is read by more people than the person installing."""
+    path = get_settings().data_dir / FIRST_PASSWORD_FILE
+    path.unlink(missing_ok=True)
+    # Created with its final mode: no moment when the file is readable by others.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    return path
 
 
 # --- sign-in ------------------------------------------------------------------

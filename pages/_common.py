@@ -10,6 +10,7 @@ applies at the next click.
 """
 
 import logging
+import re
 from urllib.parse import quote, urlencode
 
 import pandas as pd
@@ -48,6 +49,27 @@ def _go_to(url: str) -> None:
     message = ForwardMsg()
     message.auth_redirect.url = url
     get_script_run_ctx().enqueue(message)
+
+
+# What turns typed text into something else in Streamlit's markdown: links and
+# images (`[`), emphasis and code, raw HTML and `<url>` autolinks, `$` maths,
+# tables, `:red[...]` directives (need `[`), bare URLs that GFM links by itself
+# (`http://`, `www.`), and block markers at the start (heading, quote, list).
+# Other punctuation stays as typed, so messages read (and match) as written.
+_INLINE_MARKS = re.compile(r"([\\`*_~\[\]<>$|])")
+_BARE_URL = re.compile(r"(?i)(?<=[a-z0-9])(:)(?=//)|(?<=\bwww)(\.)")
+_BLOCK_START = re.compile(r"^(\s*)([#>+=-])|^(\s*[0-9]+)([.)])")
+
+
+def md(text: object) -> str:
+    """`text` (anything users or phones typed: category names, labels, user
+    names, device ids, notes, reasons, error messages quoting them) made safe
+    to put in markdown: shown as typed, never a link, image or formatting.
+    Hand-written because neither Streamlit nor the standard library has one;
+    a backslash before ASCII punctuation is CommonMark's escape."""
+    escaped = _INLINE_MARKS.sub(r"\\\1", str(text).replace("\n", " "))
+    escaped = _BARE_URL.sub(lambda m: "\\" + m.group(0), escaped)
+    return _BLOCK_START.sub(lambda m: "\\".join(part for part in m.groups() if part is not None), escaped)
 
 
 def signed_in() -> Actor | None:
@@ -119,7 +141,7 @@ def sign_in_form(next_page: str = "/") -> None:
         st.text_input("Password", type="password", key="sign_in_password")
         st.form_submit_button("Sign in", type="primary", on_click=_try_sign_in)
     if failed := st.session_state.pop("sign_in_error", None):
-        st.error(failed)
+        st.error(md(failed))
     if ticket := st.session_state.pop("sign_in_ticket", None):
         if _has_browser():
             # Only an HTTP response can set the cookie: /session/start exchanges the ticket for it.
@@ -128,7 +150,9 @@ def sign_in_form(next_page: str = "/") -> None:
         with session_scope() as session:
             st.session_state[TOKEN_KEY] = sessions.claim_ticket(ticket, session=session).token
         st.rerun()
-    st.caption("First run? `make run` printed the password of the user `admin` on its console.")
+    st.caption(
+        "First run? The password of the user `admin` is in `first_admin_password.txt` in the data folder (`make run` printed its path)."
+    )
 
 
 def sign_out() -> None:

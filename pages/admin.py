@@ -6,7 +6,7 @@ from core import tokens, users
 from core.access import USER_ROLES, Permission, Role
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import frame_of, require_page, when
+from pages._common import frame_of, md, require_page, when
 
 actor = require_page(Permission.manage_users)
 st.title("Users and tokens")
@@ -22,7 +22,7 @@ def act(key: str, change) -> None:
         text, secret = done if isinstance(done, tuple) else (done, None)
         st.session_state[key] = ("success", text, secret)
     except UserError as exc:
-        st.session_state[key] = ("error", str(exc), None)
+        st.session_state[key] = ("error", md(exc), None)
     st.rerun()
 
 
@@ -39,25 +39,28 @@ def create_user(session) -> tuple[str, str]:
     made = users.create_user(
         st.session_state["new_user_name"], st.session_state["new_user_role"], session=session, actor=actor
     )
-    return f"User '{made.user.name}' ({made.user.role}) created. Their password, shown once (copy it):", made.password
+    return (
+        f"User '{md(made.user.name)}' ({made.user.role}) created. Their password, shown once (copy it):",
+        made.password,
+    )
 
 
 def change_role(session) -> str:
     user = users.set_role(
         st.session_state["manage_user"], st.session_state["manage_role"], session=session, actor=actor
     )
-    return f"'{user.name}' is now {user.role}."
+    return f"'{md(user.name)}' is now {user.role}."
 
 
 def reset_password(session) -> tuple[str, str]:
     made = users.reset_password(st.session_state["manage_user"], session=session, actor=actor)
-    return f"New password for '{made.user.name}', shown once (copy it):", made.password
+    return f"New password for '{md(made.user.name)}', shown once (copy it):", made.password
 
 
 def toggle_active(session) -> str:
     name = st.session_state["manage_user"]
     user = users.set_active(name, not users.get_user(name, session=session).active, session=session, actor=actor)
-    return f"'{user.name}' is {'active again' if user.active else 'deactivated: they can no longer sign in'}."
+    return f"'{md(user.name)}' is {'active again' if user.active else 'deactivated: they can no longer sign in'}."
 
 
 def create_token(session) -> tuple[str, str]:
@@ -69,14 +72,14 @@ def create_token(session) -> tuple[str, str]:
         expires_days=st.session_state["token_days"] or None,
     )
     return (
-        f"Token {made.token.id} for '{made.token.label}' ({made.token.role}). Copy it now, it is not shown again:",
+        f"Token {made.token.id} for '{md(made.token.label)}' ({made.token.role}). Copy it now, it is not shown again:",
         made.secret,
     )
 
 
 def revoke_token(session) -> str:
     token = tokens.revoke_token(st.session_state["revoke_token"], session=session, actor=actor)
-    return f"Token {token.id} ('{token.label}') is revoked."
+    return f"Token {token.id} ('{md(token.label)}') is revoked."
 
 
 users_tab, tokens_tab = st.tabs(["Users", "API tokens"])

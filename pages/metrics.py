@@ -8,7 +8,7 @@ import streamlit as st
 from core import registry, stats, training
 from core.db import read_session
 from core.models import FINISHED_STATUSES
-from pages._common import current_user, format_seconds, linked, show_thumbnail
+from pages._common import current_user, format_seconds, linked, md, show_thumbnail
 
 REFRESH_SECONDS = 2
 
@@ -106,7 +106,7 @@ def live(round_id: int) -> None:
         c2.metric("Duration", format_seconds(elapsed))
         c3.metric("Epochs run", f"{len(metrics)}/{epochs}")
     if round_.device:
-        st.caption(f"Device: {round_.device}")
+        st.caption(f"Device: {md(round_.device)}")
     curves(metrics)
 
 
@@ -119,9 +119,9 @@ if active:
     st.stop()
 
 if selected.error:
-    st.error(f"The round failed: {selected.error}")
+    st.error(f"The round failed: {md(selected.error)}")
 for warning in selected.warnings:
-    st.warning(warning)
+    st.warning(md(warning))
 if selected.model_version_id is None:
     st.stop()
 
@@ -176,7 +176,7 @@ for i, item in enumerate(wrong[:48]):
     with grid[i % 8]:
         if image is not None:
             show_thumbnail(image)
-        st.caption(f"#{item['image_id']}: {item['true']} → **{item['predicted']}** ({item['confidence']:.0%})")
+        st.caption(f"#{item['image_id']}: {md(item['true'])} → **{md(item['predicted'])}** ({item['confidence']:.0%})")
 
 st.markdown("**Held-out test images**")
 if version.metrics.get("test_images"):

@@ -9,7 +9,7 @@ from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
-from pages._common import current_user, frame_of, linked, when
+from pages._common import current_user, frame_of, linked, md, when
 
 actor = current_user()
 may_promote = allows(actor.role, Permission.promote)
@@ -182,7 +182,7 @@ else:
                 with read_session() as session:
                     why = registry.reason_needed(versions[target], session=session)
                 if why:
-                    st.warning(f"{target} {why}.")
+                    st.warning(f"{target} {md(why)}.")
                     reason = st.text_input("Reason for promoting it anyway (required, recorded)", key="override_reason")
                 if production is not None:
                     comparison(production.version, target)
@@ -206,7 +206,7 @@ else:
                         else:
                             done = registry.rollback(session=session, actor=actor)
                 except UserError as exc:
-                    st.error(str(exc))
+                    st.error(md(exc))
                 else:
                     st.session_state.pop("confirm")
                     st.session_state["models_message"] = f"Model {done.version} is now in production."

@@ -9,7 +9,7 @@ from core.access import Permission
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.uploads import load_demo
-from pages._common import can, current_user
+from pages._common import can, current_user, md
 
 actor = current_user()
 st.title("Overview")
@@ -41,7 +41,7 @@ if not sum(counts.values()):
                 with session_scope() as session:
                     report = load_demo(session=session, actor=actor)
             except UserError as exc:
-                st.error(str(exc))
+                st.error(md(exc))
                 st.stop()
         st.toast(f"Demo dataset: {report.summary()}")
         st.rerun()
@@ -141,6 +141,6 @@ if rounds:
         summary += f", made model **{next((v['version'] for v in versions if v['round'] == last_round.id), '?')}**"
     st.markdown(summary)
     if last_round.error:
-        st.error(last_round.error)
+        st.error(md(last_round.error))
     for warning in last_round.warnings:
-        st.warning(warning)
+        st.warning(md(warning))

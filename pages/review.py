@@ -13,7 +13,7 @@ from core.errors import NotFoundError, UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.uploads import ingest_uploads
-from pages._common import require_page, show_thumbnail, when
+from pages._common import md, require_page, show_thumbnail, when
 
 PAGE_SIZE = 48
 SUSPECTS_PAGE_SIZE = 24
@@ -61,13 +61,13 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
             if action == "relabel":
                 target = st.session_state.get("relabel_to")
                 n = review.relabel_images(ids, target or "", session=session, actor=actor)
-                done = f"moved to '{target}'"
+                done = f"moved to '{md(target)}'"
             else:
                 status = ImageStatus.validated if action == "validate" else ImageStatus.rejected
                 n = review.set_status(ids, status, session=session, actor=actor)
                 done = status.value
     except UserError as exc:
-        st.session_state[f"{where}_error"] = str(exc)
+        st.session_state[f"{where}_error"] = md(exc)
         return
     st.session_state[f"{where}_message"] = f"{n} image(s) {done}."
     if picked:
@@ -96,7 +96,7 @@ def _resolve(image_ids: list[int], action: str) -> None:
         with session_scope() as session:
             rows = [suspects.resolve(i, action, session=session, actor=actor) for i in image_ids]
     except UserError as exc:
-        st.session_state["suspects_error"] = str(exc)
+        st.session_state["suspects_error"] = md(exc)
         return
     if not rows:
         st.session_state["suspects_error"] = "Tick at least one suspect first."
@@ -119,9 +119,9 @@ def _decision(row) -> str:
 
 def _show_messages(where: str) -> None:
     if message := st.session_state.pop(f"{where}_message", None):
-        st.success(message)
+        st.success(md(message))
     if error := st.session_state.pop(f"{where}_error", None):
-        st.error(error)
+        st.error(md(error))
 
 
 def _page(total: int, size: int, key: str) -> tuple[int, int]:
@@ -197,8 +197,8 @@ with review_tab:
             with col.container(border=True):
                 show_thumbnail(image)
                 st.session_state.setdefault(f"pick_{image.id}", image.id in picked)
-                st.checkbox(f"#{image.id} {name}", key=f"pick_{image.id}", on_change=_tick, args=(image.id,))
-                who = f" by {image.reviewed_by}" if image.reviewed_by else ""
+                st.checkbox(f"#{image.id} {md(name)}", key=f"pick_{image.id}", on_change=_tick, args=(image.id,))
+                who = f" by {md(image.reviewed_by)}" if image.reviewed_by else ""
                 alike = f" · {alikes[image.id]} look-alike(s)" if alikes[image.id] else ""
                 st.caption(f"{image.status.value}{who} · {image.source.value} · {image.uploaded_at:%Y-%m-%d}{alike}")
 
@@ -301,26 +301,26 @@ with suspects_tab:
                 with picture:
                     show_thumbnail(suspect.image)
                 if decided:
-                    text.markdown(f":gray[**#{image_id}** {_decision(row)} by {row.resolved_by}]")
+                    text.markdown(f":gray[**#{image_id}** {md(_decision(row))} by {md(row.resolved_by)}]")
                 else:
                     text.checkbox(
-                        f"**#{image_id}** labelled **{row.given_label}**, looks like **{row.suggested_label}**",
+                        f"**#{image_id}** labelled **{md(row.given_label)}**, looks like **{md(row.suggested_label)}**",
                         key=f"suspect_pick_{image_id}",
                     )
                 text.caption(
-                    f"p({row.given_label}) {row.given_probability:.2f} · margin {row.margin:.2f} · "
+                    f"p({md(row.given_label)}) {row.given_probability:.2f} · margin {row.margin:.2f} · "
                     f"model {row.model_version}"
                 )
                 # Keep, the harmless choice, comes first; none is the coloured default.
                 buttons.button(
-                    f"Keep '{row.given_label}'",
+                    f"Keep '{md(row.given_label)}'",
                     key=f"keep_{image_id}",
                     disabled=decided,
                     on_click=_resolve,
                     args=([image_id], "keep"),
                 )
                 buttons.button(
-                    f"Accept '{row.suggested_label}'",
+                    f"Accept '{md(row.suggested_label)}'",
                     key=f"accept_{image_id}",
                     disabled=decided,
                     on_click=_resolve,
@@ -361,7 +361,7 @@ with duplicates_tab:
             with st.container(border=True):
                 labels = sorted({name for _, name in members})
                 head, validate_all, reject_all = st.columns([4, 1, 1], vertical_alignment="center")
-                head.markdown(f"**{len(ids)} look-alikes** · {', '.join(labels)}")
+                head.markdown(f"**{len(ids)} look-alikes** · {md(', '.join(labels))}")
                 validate_all.button(
                     "Validate all", key=f"cluster_validate_{ids[0]}", on_click=_cluster_action,
                     args=("validate", ids),
@@ -375,7 +375,7 @@ with duplicates_tab:
                     ):
                         with col:
                             show_thumbnail(image)
-                            st.caption(f"#{image.id} {name} · {image.status.value}")
+                            st.caption(f"#{image.id} {md(name)} · {image.status.value}")
 
 with upload_tab:
     st.write(
@@ -404,9 +404,9 @@ with upload_tab:
                     actor=actor,
                 )
         except UserError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
         else:
-            st.success(f"Upload: {report.summary()}.")
+            st.success(md(f"Upload: {report.summary()}."))
             if report.refused:
                 st.warning("These files were refused:")
                 st.dataframe(
@@ -429,7 +429,7 @@ def _change_categories(change, *args, done: str) -> None:
 
 with categories_tab:
     if message := st.session_state.pop("category_message", None):
-        (st.error if message[0] == "error" else st.success)(message[1])
+        (st.error if message[0] == "error" else st.success)(md(message[1]))
     left, right = st.columns(2)
     with left, st.form("add_category", clear_on_submit=True):
         new_name = st.text_input(
@@ -465,7 +465,7 @@ with categories_tab:
     st.subheader("Validated images per category")
     minimum = get_settings().min_images_per_category
     for warning in stats.category_warnings(validated, minimum=minimum):
-        st.warning(warning)
+        st.warning(md(warning))
     if validated:
         chart = px.bar(
             pd.DataFrame({"category": list(validated), "validated": list(validated.values())}),

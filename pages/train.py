@@ -11,7 +11,7 @@ from core.errors import UserError
 from core.models import RoundStatus
 from core.training import ARCHITECTURES, TRAINING_MODES, TrainingConfig, param_range
 from jobs import cancel_training, submit_training
-from pages._common import require_page
+from pages._common import md, require_page
 
 actor = require_page(Permission.train)
 
@@ -116,9 +116,9 @@ with check:
             key="preflight_table",
         )
     for problem in problems:
-        st.error(problem, icon=":material/block:")
+        st.error(md(problem), icon=":material/block:")
     for notice in preflight.notices:
-        st.info(notice)
+        st.info(md(notice))
     if not problems:
         st.success("The parameters and the dataset meet the rules: training can start.", icon=":material/check_circle:")
 
@@ -135,7 +135,7 @@ with form:
         try:
             round_ = submit_training(params, actor=actor)
         except UserError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
         else:
             st.session_state["last_job_id"] = round_.job_id
             # Again from the top, so the sidebar's queue shows the new job too.
@@ -216,7 +216,7 @@ def queue() -> None:
         try:
             round_ = cancel_training(job_id, actor=actor, keep_best=stop)
         except UserError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
         else:
             if round_.status == RoundStatus.cancelled:
                 done = "cancelled"
@@ -318,7 +318,7 @@ if save:
         with session_scope() as session:
             automation.update_automation(changes, session=session, actor=actor)
     except UserError as exc:
-        settings_column.error(str(exc))
+        settings_column.error(md(exc))
     else:
         settings_column.success("Automatic retraining settings saved.")
 
@@ -333,7 +333,7 @@ def automation_state() -> None:
         f"**Last check:** {now.last_check_text}  \n"
         f"**Next check:** by {now.next_check_at:%H:%M:%S} UTC"
     )
-    changed = f" Last changed by {now.settings.updated_by}." if now.settings.updated_by else ""
+    changed = f" Last changed by {md(now.settings.updated_by)}." if now.settings.updated_by else ""
     st.caption(f"Automatic jobs train with {automation.parameters_text(now.settings)}; requested by `auto`.{changed}")
     if now.warning:
         st.warning(now.warning)

@@ -1,17 +1,22 @@
-"""Real PostgreSQL and Redis servers for the scale-out tests, on loopback.
+"""Real servers on loopback: the product as `make run` starts it, and
+PostgreSQL and Redis for the scale-out tests.
 
-Started from the Debian packages when their binaries exist (`.ci/run`
-installs them); the tests that need them are skipped, with the reason, if not.
+PostgreSQL and Redis are started from the Debian packages when their binaries
+exist (`.ci/run` installs them); the tests that need them are skipped, with
+the reason, if not.
 """
 
 import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -45,6 +50,52 @@ class Server:
             self.proc.kill()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class AppServer(Server):
+    """`python -m core serve`: the web server and its worker, in their own process group."""
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def start_app(data_dir: Path, log_path: Path, **env: str) -> AppServer:
+    """The product on a free loopback port, answering /api/health/ (the caller stops it)."""
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"],
+            cwd=root,
+            env={**os.environ, "DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = AppServer(proc, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: {log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/api/health/", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"the server did not answer /api/health/ in 120 s: {log_path.read_text()}")
 
 
 def postgres_bin() -> Path | None:

@@ -1,9 +1,12 @@
 """The HTTP API through real HTTP requests: in-process, and as `make run` serves it."""
 
 import hashlib
+import json
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from datetime import timedelta
@@ -130,7 +133,7 @@ def test_reading_without_a_token_is_401_saying_how_to_send_one(client, route):
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-def test_unknown_revoked_and_expired_tokens_are_401_with_the_reason(client, session):
+def test_unknown_revoked_and_expired_tokens_are_401_naming_neither_the_token_nor_its_holder(client, session):
     from core.tokens import revoke_token
 
     response = client.get("/categories/", headers={"Authorization": "Bearer tdb_not-a-real-token"})
@@ -144,7 +147,7 @@ def test_unknown_revoked_and_expired_tokens_are_401_with_the_reason(client, sess
     session.commit()
     response = client.get("/categories/", headers=revoked)
     assert response.status_code == 401
-    assert response.json()["detail"] == "API token 1 ('old phone') was revoked: ask for a new one"
+    assert response.json()["detail"] == "This API token is revoked or expired: ask for a new one"
 
     expired = add_token(session, "viewer", label="temp", expires_days=1)
     assert client.get("/categories/", headers=expired).status_code == 200
@@ -156,7 +159,15 @@ def test_unknown_revoked_and_expired_tokens_are_401_with_the_reason(client, sess
     session.commit()
     response = client.get("/categories/", headers=expired)
     assert response.status_code == 401
-    assert "API token 2 ('temp') expired on" in response.json()["detail"]
+    assert response.json()["detail"] == "This API token is revoked or expired: ask for a new one"
+
+
+def test_a_token_label_longer_than_its_bound_is_refused(session):
+    from core.errors import UserError
+    from core.tokens import create_token
+
+    with pytest.raises(UserError, match="A token label can be at most 100 characters"):
+        create_token(session=session, actor=as_actor(), role="device", label="x" * 101)
 
 
 def test_a_token_records_when_it_was_last_used(client, session):
@@ -232,6 +243,32 @@ def test_training_parameters_out_of_range_name_the_field_and_range(client, token
         assert "between" in response.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"epochs": True}, "epochs: Input should be a valid integer"),
+        ({"batch_size": False}, "batch_size: Input should be a valid integer"),
+        ({"learning_rate": True}, "learning_rate: Input should be a valid number"),
+        ({"epochs": "5"}, "epochs: Input should be a valid integer"),
+        ({"use_existing_model": 1}, "use_existing_model: Input should be a valid boolean"),
+        ({"architecture": 5}, "architecture: Input should be a valid string"),
+        (None, "The request body must be a JSON object"),
+        ("20", "request body: Input should be a valid dictionary"),
+    ],
+)
+def test_loose_json_is_refused_and_queues_nothing(client, session, tokens, body, detail):
+    add_demo(session, per_category=10, size=16)
+    response = client.post(
+        "/models/train/",
+        content=json.dumps(body),
+        headers={**tokens["operator"], "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert detail in response.json()["detail"]
+    with read_session() as reader:
+        assert reader.exec(select(TrainingRound)).first() is None
+
+
 def test_a_body_that_is_not_json_is_422_saying_so(client, tokens):
     response = client.post(
         "/models/train/", content=b"{epochs: 5", headers={**tokens["operator"], "Content-Type": "application/json"}
@@ -260,7 +297,7 @@ def test_a_queued_job_has_the_original_shapes_and_can_be_cancelled(client, sessi
     assert round_.requested_by == "api:test operator"
 
     status = client.get(f"/models/training-status/{job_id}/", headers=tokens["device"]).json()
-    assert status["status"] == "queued" and status["queue_status"] == "PENDING"
+    assert status["status"] == "queued" and status["queue_status"] == status["celery_status"] == "PENDING"
     assert status["start_time"] is None and status["progress"] == 0 and status["epoch_metrics"] == []
     assert status["total_epochs"] == 3
     assert status["metrics"]["total_images"] == 50
@@ -297,6 +334,10 @@ def test_unknown_job_id_is_404(client, tokens):
     response = client.get("/models/training-status/no-such-job/", headers=tokens["viewer"])
     assert response.status_code == 404
     assert response.json() == {"detail": "No training job with id 'no-such-job'"}
+    # Digits that are not ASCII, or too many for the database's integer, are just unknown ids.
+    for odd in ("①", "²", "99999999999999999999999"):
+        response = client.get(f"/models/training-status/{odd}/", headers=tokens["viewer"])
+        assert response.status_code == 404, (odd, response.text)
     response = client.post("/models/training/no-such-job/cancel/", headers=tokens["operator"])
     assert response.status_code == 404
 
@@ -332,7 +373,7 @@ def test_a_running_job_reports_epoch_progress_and_the_metrics_so_far(client, ses
     )
     session.commit()
     status = client.get(f"/models/training-status/{running.job_id}/", headers=tokens["device"]).json()
-    assert status["status"] == "in_progress" and status["queue_status"] == "STARTED"
+    assert status["status"] == "in_progress" and status["queue_status"] == status["celery_status"] == "STARTED"
     assert (status["current_epoch"], status["total_epochs"], status["progress"]) == (2, 4, 0.4375)
     assert (status["current_batch"], status["total_batches"], status["attempts"]) == (3, 4, 1)
     assert status["epoch_metrics"] == [
@@ -374,7 +415,7 @@ def test_completed_and_failed_jobs_report_their_outcome(client, session, tokens)
     session.commit()
 
     status = client.get(f"/models/training-status/{done.job_id}/", headers=tokens["viewer"]).json()
-    assert status["status"] == "completed" and status["queue_status"] == "SUCCESS"
+    assert status["status"] == "completed" and status["queue_status"] == status["celery_status"] == "SUCCESS"
     assert status["model_version"] == "1.0.0" and status["model_version_id"] == version.id
     assert status["accuracy"] == 95.5 and status["duration_minutes"] == 15.3
     assert status["metrics"] == {
@@ -422,12 +463,44 @@ def test_latest_describes_the_production_model_and_links_its_files(client, sessi
     assert [a["format"] for a in manifest["artifacts"]] == ["ptl", "pte"]
     for artifact in manifest["artifacts"]:
         assert artifact["filename"] == f"model_1.1.0.{artifact['format']}"
-        assert artifact["url"] == f"http://testserver/models/download/?version=1.1.0&format={artifact['format']}"
+        # Relative without PUBLIC_URL: the request's Host header plays no part.
+        assert artifact["url"] == f"/models/download/?version=1.1.0&format={artifact['format']}"
         assert artifact["runtime"]
         response = client.get(artifact["url"], headers=tokens["device"])
         assert response.status_code == 200
         assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
         assert len(response.content) == artifact["size_bytes"]
+
+
+def test_manifest_links_follow_public_url_never_the_host_header(client, session, tokens, monkeypatch):
+    from core.config import get_settings
+
+    add_fake_version(session)
+    forged = {**tokens["device"], "Host": "evil.example"}
+    url = client.get("/models/latest/", headers=forged).json()["artifacts"][0]["url"]
+    assert url == "/models/download/?version=1.0.0&format=ptl"
+    monkeypatch.setenv("PUBLIC_URL", "https://train.example.com/")
+    get_settings.cache_clear()
+    url = client.get("/models/latest/", headers=forged).json()["artifacts"][0]["url"]
+    assert url == "https://train.example.com/models/download/?version=1.0.0&format=ptl"
+
+
+def test_public_url_must_be_an_http_address(monkeypatch):
+    from pydantic import ValidationError
+
+    from core.config import Settings
+
+    monkeypatch.setenv("PUBLIC_URL", "evil.example")
+    with pytest.raises(ValidationError, match="PUBLIC_URL must be empty or an http"):
+        Settings()
+
+
+@pytest.mark.parametrize("version", ["99999999999999999999.0.0", "1.0.²", "1.0.①", "1.0", "1.0.0.0", "v1.x.0"])
+def test_odd_version_strings_are_400_saying_the_form(client, session, tokens, version):
+    add_fake_version(session)
+    response = client.get("/models/download/", params={"version": version}, headers=tokens["device"])
+    assert response.status_code == 400, response.text
+    assert "is not a version: use MAJOR.MINOR.PATCH" in response.json()["detail"]
 
 
 def test_download_sends_the_file_with_etag_and_answers_304_when_the_phone_has_it(client, session, tokens):
@@ -457,7 +530,7 @@ def test_download_sends_the_file_with_etag_and_answers_304_when_the_phone_has_it
     [
         ("version=9.9.9", 404, "No model version 9.9.9. Known versions: 1.0.0"),
         ("format=onnx", 404, "Model 1.0.0 has no 'onnx' file; its formats: ptl, pte"),
-        ("version=latest", 400, "'latest' is not a version: use MAJOR.MINOR.PATCH, e.g. 1.0.0"),
+        ("version=latest", 400, "'latest' is not a version: use MAJOR.MINOR.PATCH (each at most 6 digits), e.g. 1.0.0"),
     ],
 )
 def test_unknown_version_or_format_is_a_clear_error(client, session, tokens, query, status, detail):
@@ -568,6 +641,20 @@ def test_upload_on_a_full_disk_is_507_with_a_message_and_stores_nothing(client, 
     assert [p.name for p in full_images_disk.rglob("*") if p.is_file()] == ["filler"]
 
 
+def test_a_device_id_longer_than_its_bound_is_refused_and_nothing_is_stored(client, session, tokens):
+    add_images(session, {"cat": 1})
+    response = client.post(
+        "/images/",
+        data={"category": "cat", "device_id": "x" * 200_000},
+        files=[("images", ("a.png", image_bytes((1, 2, 3)), "image/png"))],
+        headers=tokens["device"],
+    )
+    assert response.status_code == 400
+    assert response.json()["detail"] == "device_id can be at most 100 characters (got 200000)"
+    with read_session() as reader:
+        assert len(reader.exec(select(TrainingImage)).all()) == 1
+
+
 def test_upload_without_files_or_category_says_which_field_is_missing(client, tokens):
     response = client.post("/images/", data={"device_id": "x"}, headers=tokens["device"])
     assert response.status_code == 422
@@ -628,7 +715,7 @@ def test_combined_app_serves_the_dashboard_and_the_api_under_api(data_dir, sessi
         assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
         add_fake_version(session)
         url = combined.get("/api/models/latest/", headers=headers).json()["artifacts"][0]["url"]
-        assert url == "http://testserver/api/models/download/?version=1.0.0&format=ptl"
+        assert url == "/api/models/download/?version=1.0.0&format=ptl"
         assert combined.get(url, headers=headers).content == b"stand-in ptl of 1.0.0"
 
 
@@ -706,10 +793,21 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
         assert httpx.get(f"{base}/api/models/latest/", headers=auth).status_code == 404
         assert httpx.post(f"{base}/api/models/train/", headers=auth).status_code == 403
         assert httpx.get(f"{base}/api/openapi.json").json()["info"]["title"] == "Training dashboard API"
-        assert "/api/openapi.json" in httpx.get(f"{base}/api/docs").text
+        docs = httpx.get(f"{base}/api/docs").text
+        assert "/api/openapi.json" in docs
+        # The docs' scripts and styles come from this server, not a CDN.
+        assets = re.findall(r'(?:src|href)="([^"]+)"', docs)
+        assert assets and all(a.startswith("/api/") for a in assets), assets
+        assert all(httpx.get(f"{base}{a}").status_code == 200 for a in assets)
         dashboard = httpx.get(f"{base}/")
         assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
         assert httpx.get(f"{base}/_stcore/health").text == "ok"
+        assert httpx.get(f"{base}/_stcore/metrics").status_code == 404
+        for answer in (dashboard, httpx.get(f"{base}/api/health/"), response):
+            assert answer.headers["x-frame-options"] == "DENY"
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+            assert "img-src 'self' data: blob: https://fonts.gstatic.com;" in answer.headers["content-security-policy"]
 
         _cli(data_dir, "token", "revoke", "1")
         assert httpx.get(f"{base}/api/categories/", headers=auth).status_code == 401
@@ -719,6 +817,16 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
     output = (tmp_path / "serve.log").read_text()
     assert f"Training dashboard: open http://localhost:{port} in your browser" in output
     assert "worker consuming" in output
+    # The first admin's password: in a file only the owner may read, its path printed, never the password.
+    saved = data_dir / "first_admin_password.txt"
+    assert f"with the password in {saved}" in output
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    password = saved.read_text().strip()
+    assert len(password) >= 12 and password not in output
+    with read_session() as reader:
+        from core import users
+
+        assert users.sign_in("admin", password, session=reader).role == "admin"
 
 
 # --- limits before the body: a real server on loopback, bodies streamed ----------

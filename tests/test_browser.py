@@ -74,10 +74,10 @@ def server(tmp_path):
     try:
         wait_for(lambda: healthy(url) or proc.poll() is not None, timeout=120, message="the web server")
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        # What a newcomer reads on the console: the first admin's password, printed once.
-        printed = re.search(r"sign in as 'admin' with the password (\S+)", (tmp_path / "serve.log").read_text())
+        # What a newcomer reads on the console: where the first admin's password is.
+        printed = re.search(r"sign in as 'admin' with the password in (\S+)", (tmp_path / "serve.log").read_text())
         assert printed, (tmp_path / "serve.log").read_text()
-        yield url, printed.group(1)
+        yield url, Path(printed.group(1)).read_text().strip()
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

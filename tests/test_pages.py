@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 from core.db import read_session, session_scope
 from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
 from core.review import add_category, validated_counts
+from pages._common import md
 from tests.conftest import ROOT, _clear_caches
 from tests.factories import add_demo, add_images, add_user, as_actor, image_bytes, sign_in
 
@@ -583,7 +584,7 @@ def test_metrics_page_shows_results_of_a_finished_round(trained):
     assert any(f"({len(version.metrics['misclassified'])})" in m.value for m in at.markdown)
     assert len(at.image) == min(48, len(version.metrics["misclassified"]))
     round_ = trained.exec(select(TrainingRound)).first()
-    assert round_.warnings and all(any(w == shown.value for shown in at.warning) for w in round_.warnings)
+    assert round_.warnings and all(any(md(w) == shown.value for shown in at.warning) for w in round_.warnings)
     trained.rollback()
 
 

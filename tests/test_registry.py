@@ -84,3 +84,11 @@ def test_orphan_files_are_removed_and_referenced_ones_kept(session, data_dir):
     removed = registry.cleanup_orphan_files(session=session)
     assert [p.name for p in removed] == ["model_1.1.0.ptl"]
     assert (models / "model_1.0.0.ptl").exists()
+
+
+def test_a_promotion_reason_longer_than_its_bound_is_refused(session):
+    session.add_all([version_row("1.0.0", is_production=True), version_row("1.1.0")])
+    session.commit()
+    with pytest.raises(UserError, match="A promotion reason can be at most 500 characters"):
+        registry.promote("1.1.0", session=session, actor=as_actor(), reason="x" * 501)
+    assert registry.production_version(session=session).version == "1.0.0"

@@ -150,3 +150,9 @@ def test_cli_creates_users_resets_passwords_and_lists_them(data_dir, session):
     assert "ana" in listed.stdout and "operator" in listed.stdout and "active" in listed.stdout
     refused = _cli(data_dir, "user", "create", "ana", "--role", "viewer")
     assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+def test_a_user_name_longer_than_its_bound_is_refused_and_nobody_is_created(session):
+    with pytest.raises(UserError, match="A user name can be at most 64 characters"):
+        users.create_user("x" * 65, "viewer", session=session, actor=as_actor())
+    assert session.exec(select(User)).first() is None
