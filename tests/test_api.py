@@ -691,6 +691,23 @@ def test_openapi_document_lists_every_route_with_bearer_auth(client):
     train = document["components"]["schemas"]["TrainRequest"]["properties"]
     assert (train["epochs"]["default"], train["batch_size"]["default"]) == (20, 32)
     assert "between 1 and 500" in train["epochs"]["description"]
+    status = document["components"]["schemas"]["TrainingStatus"]
+    assert "celery_status" in status["required"]
+    assert "kept for apps written for the original pipeline" in status["properties"]["celery_status"]["description"]
+
+
+def test_api_docs_false_turns_off_the_docs_and_the_openapi_document(data_dir, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from core.config import get_settings
+
+    monkeypatch.setenv("API_DOCS", "false")
+    get_settings.cache_clear()
+    with TestClient(create_app()) as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 404, path
+        assert client.get("/health/").status_code == 200
 
 
 # --- the combined app: dashboard and API on one port ------------------------------
