@@ -15,7 +15,7 @@ from sqlmodel import Session, func, select
 
 from core.config import get_settings
 from core.duplicates import image_hash
-from core.errors import FileTooLargeError, InvalidImageError, UserError
+from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded_text
 from core.faults import crash_point
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
 from core.splits import assign_splits
@@ -122,11 +122,9 @@ def check_category_name(name: str) -> str:
     """`name` without surrounding spaces, or UserError saying what to change:
     names are printable text of at most 100 characters, without path
     separators or a leading dot (they become folder names in exports)."""
-    clean = name.strip()
+    clean = bounded_text(name, "A category name", 100)
     if not clean:
         raise UserError("A category name is required")
-    if len(clean) > 100:
-        raise UserError("A category name can be at most 100 characters")
     if not clean.isprintable() or "/" in clean or "\\" in clean or clean.startswith("."):
         raise UserError(
             f"A category name must be printable text without / or \\ and must not start with a dot (got {clean!r})"
