@@ -138,10 +138,11 @@ def find_category(name: str, *, session: Session) -> Category | None:
 
 
 def get_or_create_category(name: str, *, session: Session, create: bool = True) -> Category:
-    """The category called `name` (in any case); created if missing and `create` is set."""
-    clean = check_category_name(name)
-    category = find_category(clean, session=session)
+    """The category called `name` (in any case); created if missing and `create` is set.
+    The naming rules apply to new names: a category made before them keeps working."""
+    category = find_category(name, session=session)
     if category is None:
+        clean = check_category_name(name)
         if not create:
             known = ", ".join(c.name for c in session.exec(select(Category).order_by(Category.name))) or "none yet"
             raise UserError(f"Unknown category '{clean}'. Known categories: {known}")

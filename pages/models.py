@@ -131,6 +131,9 @@ def comparison(old: str, new: str) -> None:
         st.caption("No test image was scored by both versions: per category shows validation accuracy.")
     left, right = st.columns(2)
     for column, rows in ((left, compared["summary"]), (right, compared["per_category"])):
+        if not rows:
+            column.caption("No per-category accuracy recorded for these versions.")
+            continue
         frame = pd.DataFrame(rows)
         column.dataframe(
             frame.style.map(_negative_in_red, subset=["delta"]).format(precision=2, na_rep="–"), hide_index=True

@@ -4,7 +4,7 @@ an error quoting them never becomes a link, an image or formatting."""
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
-from core.models import ImageStatus
+from core.models import Category, ImageStatus
 from pages._common import md
 from tests.conftest import ROOT
 from tests.factories import add_images, add_user, sign_in
@@ -34,6 +34,10 @@ def assert_inert(at: AppTest) -> list[str]:
 
 
 def test_a_markdown_link_as_category_name_is_shown_as_typed_not_as_a_link(session):
+    # New names may not hold "/" any more (core.ingest.check_category_name), but
+    # a category named before that rule keeps its name.
+    session.add(Category(name=EVIL))
+    session.commit()
     ids = add_images(session, {EVIL: 2, "cats": 1}, status=ImageStatus.pending)
     curator = add_user(session, "curator", "curator")
     at = AppTest.from_file(str(ROOT / "pages/review.py"), default_timeout=60)
