@@ -53,7 +53,7 @@ WORDS = HASH_SIZE * HASH_SIZE // 64
 # 95-98 % of the planted copies of glyphs, documents and photos were within
 # 54 of 256 bits; different pictures of those kinds rarely were.
 MAX_DISTANCE = 54
-RATIO = 0.5
+RATIO = 0.45
 NEIGHBOURS = 10
 # A hash with at most this many bits set, or unset, comes from a picture with
 # next to no detail: such pictures all hash alike.

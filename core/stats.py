@@ -342,7 +342,8 @@ def accuracy_summary(metrics: Mapping, split: str = "test") -> dict:
     correct, interval} (accuracy None when there is none)."""
     counts = accuracy_counts(metrics, split)
     if counts is None:
-        return {"accuracy": None, "images": metrics.get(f"{split}_images") or 0, "correct": None, "interval": None}
+        images = metrics.get(f"{split}_images") or 0
+        return {"accuracy": metrics.get(f"{split}_accuracy"), "images": images, "correct": None, "interval": None}
     correct, images = counts
     return {
         "accuracy": metrics.get(f"{split}_accuracy"),
@@ -375,6 +376,8 @@ def accuracy_text(metrics: Mapping, split: str = "test") -> str:
     found = accuracy_summary(metrics, split)
     if found["accuracy"] is None:
         return "no test images" if split == "test" else "–"
+    if found["interval"] is None:
+        return f"{found['accuracy']:.1f}% (n unknown)"
     low, high = found["interval"]
     text = f"{found['accuracy']:.1f}% (n = {found['images']}; 95% CI {low:.1f}–{high:.1f}%)"
     if split == "test" and gate.near_chance(metrics):

@@ -180,9 +180,7 @@ for i, item in enumerate(wrong[:48]):
 
 st.markdown("**Held-out test images**")
 if version.metrics.get("test_images"):
-    t1, t2 = st.columns(2)
-    t1.metric("Test accuracy", stats.accuracy_text(version.metrics), border=True)
-    t2.metric("Test images", version.metrics["test_images"], border=True, help="never trained on by any version")
+    st.metric("Test images", version.metrics["test_images"], border=True, help="never trained on by any version")
     st.dataframe(pd.DataFrame(stats.per_category_rows(version.metrics)), hide_index=True, key="test_per_class_table")
     with read_session() as session:
         by_origin = stats.accuracy_by_origin(version, session=session)

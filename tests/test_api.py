@@ -399,6 +399,9 @@ def test_a_running_job_reports_epoch_progress_and_the_metrics_so_far(client, ses
 
 def test_completed_and_failed_jobs_report_their_outcome(client, session, tokens):
     version = add_fake_version(session)
+    # 38 of 40 validation and 41 of 45 test images right; the commonest test category has 23.
+    version.metrics = {**version.metrics, "val_images": 40, "test_accuracy": 91.11, "test_images": 45}
+    version.metrics |= {"test_correct": 41, "test_majority": 23}
     start = utcnow() - timedelta(minutes=15)
     done = TrainingRound(
         status=RoundStatus.completed,
@@ -423,7 +426,16 @@ def test_completed_and_failed_jobs_report_their_outcome(client, session, tokens)
         "category_distribution": {"cat": 30, "dog": 30},
         "train_accuracy": 98.2,
         "val_accuracy": 95.5,
-        "test_accuracy": None,
+        "val_images": 40,
+        "val_correct": 38,
+        "val_accuracy_ci95_low": 83.5,
+        "val_accuracy_ci95_high": 98.6,
+        "test_accuracy": 91.11,
+        "test_images": 45,
+        "test_correct": 41,
+        "test_accuracy_ci95_low": 79.3,
+        "test_accuracy_ci95_high": 96.5,
+        "near_chance": False,
         "model_size_mb": 8.1,
     }
     assert status["start_time"].endswith("Z")

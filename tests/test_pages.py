@@ -69,6 +69,9 @@ def trained_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DATA_DIR", str(folder))
+        # One epoch on 60 pictures is no evidence the gate would accept for a
+        # first version; these tests are about showing one in production.
+        mp.setenv("AUTO_PROMOTE", "always")
         mp.delenv("DATABASE_URL", raising=False)
         _clear_caches()
         with Session(get_engine(), expire_on_commit=False) as session:
@@ -102,6 +105,8 @@ def test_dashboard_frame_shows_production_model_and_queue_in_the_sidebar(trained
     at = ok(app("dashboard.py"))
     sidebar_metrics = {m.label: m.value for m in at.sidebar.metric}
     assert sidebar_metrics["Production model"] == "1.0.0"
+    assert any(c.value.startswith("test accuracy ") and "(n = " in c.value and "95% CI" in c.value
+               for c in at.sidebar.caption)  # fmt: skip
     assert any("0 job(s) queued" in c.value for c in at.sidebar.caption)
     assert any("admin user" in m.value for m in at.sidebar.markdown)
     # The default page is the overview.
@@ -121,7 +126,10 @@ def test_overview_shows_production_version_accuracy_and_charts(trained):
     at = ok(app("pages/overview.py"))
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Production model"] == "1.0.0"
-    assert metrics["Validation accuracy"].endswith("%")
+    version = trained.exec(select(ModelVersion)).first()
+    trained.rollback()
+    assert metrics["Test accuracy"].startswith(f"{version.metrics['test_accuracy']:.1f}% (n = ")
+    assert f"n = {version.metrics['test_images']}; 95% CI " in metrics["Test accuracy"]
     assert metrics["Last training"] == "completed"
     assert charts(at) == 3  # accuracy per version, dataset over time, distribution
     assert any("made model **1.0.0**" in m.value for m in at.markdown)
@@ -484,11 +492,13 @@ def test_train_page_shows_automatic_retraining_and_saving_changes_the_settings(s
     shown = " ".join(m.value for m in at.markdown)
     assert "**New images:** off (0 of 100 new validated images)" in shown and "**Last check:** never" in shown
     assert at.toggle(key="auto_new_images_enabled").value is False
-    assert "beats production on the same test images" in at.number_input(key="gate_min_improvement").help
+    assert "shared test images, significantly" in at.number_input(key="gate_min_improvement").help
+    assert at.number_input(key="gate_min_test_images").value == 30
 
     at.toggle(key="auto_new_images_enabled").set_value(True)
     at.number_input(key="auto_new_images_threshold").set_value(25)
     at.number_input(key="gate_max_category_drop").set_value(3.0)
+    at.number_input(key="gate_min_test_images").set_value(100)
     at.number_input(key="epochs").set_value(2)
     at.checkbox(key="auto_use_params").check()
     ok(at.button(key="auto_save").click())
@@ -497,6 +507,7 @@ def test_train_page_shows_automatic_retraining_and_saving_changes_the_settings(s
     with read_session() as reader:
         row = reader.get(Automation, 1)
     assert (row.new_images_enabled, row.new_images_threshold, row.gate_max_category_drop) == (True, 25, 3.0)
+    assert row.gate_min_test_images == 100
     assert row.parameters["epochs"] == 2 and row.updated_by == "Grace"
     assert "**New images:** on: 0 of 25 new validated images" in " ".join(m.value for m in at.markdown)
 
@@ -576,11 +587,16 @@ def test_live_metrics_and_sidebar_show_the_phases_after_training_and_the_same_es
 def test_metrics_page_shows_results_of_a_finished_round(trained):
     at = ok(app("pages/metrics.py"))
     assert {m.label for m in at.metric} >= {"Validation accuracy", "Training accuracy", "Size", "Test accuracy"}
+    shown = {m.label: m.value for m in at.metric}
+    assert "95% CI" in shown["Test accuracy"] and "95% CI" in shown["Validation accuracy"]
     assert charts(at) == 4  # loss, accuracy, per category, confusion matrix
     by_source = table(at, "source")  # the test images by where they came from
     assert by_source["source"].tolist() == ["import"] and by_source["images"].sum() > 0
     assert table(at, "device")["device"].tolist() == ["none"]
     version = trained.exec(select(ModelVersion)).first()
+    assert f"(n = {version.metrics['val_images']}; " in shown["Validation accuracy"]
+    per_category = table(at, "accuracy (%)")  # validation images, with n per category
+    assert per_category["images"].sum() == version.metrics["val_images"]
     assert any(f"({len(version.metrics['misclassified'])})" in m.value for m in at.markdown)
     assert len(at.image) == min(48, len(version.metrics["misclassified"]))
     round_ = trained.exec(select(TrainingRound)).first()
@@ -603,7 +619,7 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
     metrics = {**first.metrics, "val_accuracy": first.metrics["val_accuracy"] + 5}
     if not trained.exec(select(ModelVersion).where(ModelVersion.version == "1.1.0")).first():
         trained.add(ModelVersion(**{**first.model_dump(exclude={"id", "is_production", "promoted_at"}),
-                                    "version": "1.1.0", "minor": 1, "metrics": metrics}))  # fmt: skip
+                                    "version": "1.1.0", "minor": 1, "metrics": metrics, "gate": None}))  # fmt: skip
         trained.commit()
     trained.rollback()
 
@@ -611,6 +627,8 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
     listed = table(at, "snapshot_hash")
     assert listed["version"].tolist() == ["1.1.0", "1.0.0"]
     assert listed["production"].tolist() == [False, True]
+    assert listed["test_images"].tolist() == [first.metrics["test_images"]] * 2
+    assert listed["test_95_ci"].str.endswith("%").all() and listed["near_chance"].notna().all()
     assert {b.key for b in at.download_button} == {"download_ptl", "download_pte"}
     assert any("parity check passed" in m.value for m in at.markdown)
 
