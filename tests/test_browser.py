@@ -170,7 +170,7 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     expect(page.get_by_text("No model yet")).to_be_visible()
 
     go(page, "Review images")
-    expect(page.locator('[data-testid="stImage"]')).to_have_count(48)
+    expect(page.locator('[data-testid="stImage"]')).to_have_count(48, timeout=60_000)
     shoot(page, "review")
     thumbnail = urljoin(page.url, page.locator('[data-testid="stImage"] img').first.get_attribute("src"))
     assert "/media/" in thumbnail

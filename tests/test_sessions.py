@@ -332,3 +332,17 @@ def test_an_error_while_signing_in_shows_a_short_message_and_logs_the_rest(sessi
     assert at.error[0].value.startswith("Signing in failed because of an error on the server.")
     assert "Traceback" not in at.error[0].value and "date value out of range" not in at.error[0].value
     assert "OverflowError: date value out of range" in caplog.text
+
+
+def test_an_unexpected_error_reaches_the_browser_without_its_traceback(web, session, tmp_path):
+    from core.models import RoundStatus, TrainingRound
+
+    add_user(session, "ana", "curator")
+    # A running round that lost its parameters breaks the sidebar's progress line.
+    session.add(TrainingRound(parameters={}, status=RoundStatus.in_progress))
+    session.commit()
+    _, shown = run_page(web, cookie=cookie_for(web, "ana"))
+    assert b"This app has encountered an error" in shown
+    assert b"KeyError" not in shown and b'File "' not in shown and b", line " not in shown
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (tmp_path / "web.log").read_text())  # without the colours
+    assert "KeyError: 'epochs'" in log  # the server's log has it all
