@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 from streamlit.testing.v1 import AppTest
 
 from core.db import read_session, session_scope
-from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
+from core.models import PHASES, ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
 from core.review import add_category, validated_counts
 from tests.conftest import ROOT, _clear_caches
 from tests.factories import add_demo, add_images, add_user, as_actor, image_bytes, sign_in
@@ -579,6 +579,8 @@ def test_metrics_page_shows_results_of_a_finished_round(trained):
     by_source = table(at, "source")  # the test images by where they came from
     assert by_source["source"].tolist() == ["import"] and by_source["images"].sum() > 0
     assert table(at, "device")["device"].tolist() == ["none"]
+    phases = table(at, "phase")  # recorded by the real round, each ended
+    assert phases["phase"].tolist() == list(PHASES) and phases["state"].tolist() == ["done"] * len(PHASES)
     version = trained.exec(select(ModelVersion)).first()
     assert any(f"({len(version.metrics['misclassified'])})" in m.value for m in at.markdown)
     assert len(at.image) == min(48, len(version.metrics["misclassified"]))
