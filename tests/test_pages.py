@@ -640,14 +640,15 @@ def test_models_page_tries_a_version_on_a_dropped_picture_through_its_ptl(traine
     from core.dataset import decode_image, normalize
     from core.ingest import image_path
 
-    with read_session() as reader:
-        version = reader.exec(select(ModelVersion)).one()
+    with read_session() as reader:  # the fixture's version (other tests add more to the shared folder)
+        version = reader.exec(select(ModelVersion).where(ModelVersion.version == "1.0.0")).one()
         picture = image_path(reader.exec(select(TrainingImage)).first())
     ptl = next(a for a in version.artifacts if a["format"] == "ptl")
     phone = _load_for_lite_interpreter(str(get_settings().data_dir / ptl["path"]))
     expected = phone(normalize(decode_image(picture, version.image_size).unsqueeze(0))).softmax(1)[0]
 
     at = ok(app("pages/models.py", "viewer"))
+    ok(at.selectbox(key="try_version").select("1.0.0"))
     ok(at.file_uploader(key="try_picture").set_value((picture.name, picture.read_bytes(), "image/png")))
     shown = table(at, "probability")
     assert shown["category"][0] == version.classes[int(expected.argmax())]
