@@ -526,6 +526,7 @@ def test_openapi_document_lists_every_route_with_bearer_auth(client):
         "/models/train/",
         "/models/training-status/{job_id}/",
         "/models/training/{job_id}/cancel/",
+        "/models/training/{job_id}/stop/",
         "/models/latest/",
         "/models/download/",
         "/images/",
