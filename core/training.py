@@ -360,7 +360,7 @@ def request_cancel(job_id: str, *, session: Session, by: str | None = None) -> T
 
 
 def request_stop(job_id: str, *, session: Session, by: str | None = None) -> TrainingRound:
-    """ "Stop and keep the best so far": a running round ends training after
+    """Stop and keep the best so far: a running round ends training after
     its current batch (once one epoch has been validated) and registers its
     best epoch as a version, through the gate; a queued one has nothing to
     keep and is cancelled."""

@@ -11,7 +11,7 @@ from core.errors import UserError
 from core.models import RoundStatus
 from core.training import ARCHITECTURES, TRAINING_MODES, TrainingConfig, param_range
 from jobs import cancel_training, submit_training
-from pages._common import md, require_page
+from pages._common import frame_of, md, require_page
 
 actor = require_page(Permission.train)
 
@@ -182,7 +182,7 @@ def queue() -> None:
         st.caption("No training jobs yet.")
         return
     st.dataframe(
-        pd.DataFrame(rows).drop(columns=["cancel_requested"]),
+        frame_of(rows).drop(columns=["cancel_requested"]),
         hide_index=True,
         key="queue_table",
         column_config={
@@ -302,7 +302,9 @@ with settings_column, st.form("automation"):
     )
     save = st.form_submit_button("Save", key="auto_save", type="primary")
 
-if save:
+if save and use_params and field_problems:
+    settings_column.error("Fix the parameters above first: " + " ".join(field_problems))
+elif save:
     changes = {
         "new_images_enabled": new_images_enabled,
         "new_images_threshold": int(new_images_threshold),

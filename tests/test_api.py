@@ -189,6 +189,7 @@ def test_a_token_records_when_it_was_last_used(client, session):
         ("device", "post", "/models/train/", False),
         ("viewer", "post", "/models/training/x/cancel/", False),
         ("device", "post", "/models/training/x/cancel/", False),
+        ("viewer", "post", "/models/training/x/stop/", False),
         ("viewer", "post", "/images/", False),
         ("operator", "post", "/images/", True),
         ("device", "get", "/models/latest/", True),
@@ -315,6 +316,28 @@ def test_a_queued_job_has_the_original_shapes_and_can_be_cancelled(client, sessi
     response = client.post(f"/models/training/{job_id}/cancel/", headers=tokens["operator"])
     assert response.status_code == 409
     assert "already cancelled" in response.json()["detail"]
+
+
+def test_stop_asks_a_running_job_to_keep_its_best_epoch_and_answers_like_cancel(client, session, tokens):
+    from core import training
+
+    add_demo(session, per_category=10, size=16)
+    running = training.start_training({"epochs": 3}, session=session, requested_by="x")
+    running.status = RoundStatus.in_progress
+    session.add(running)
+    session.commit()
+    response = client.post(f"/models/training/{running.job_id}/stop/", headers=tokens["operator"])
+    assert response.status_code == 200
+    assert response.json() == {
+        "job_id": running.job_id,
+        "training_round_id": running.id,
+        "status": "in_progress",
+        "queue_status": "STARTED",
+        "message": "Stop requested: the job stops after its current batch and registers its best epoch so far",
+    }
+    with read_session() as reader:
+        stopped = reader.get(TrainingRound, running.id)
+    assert stopped.stop_requested and not stopped.cancel_requested
 
 
 def test_defaults_are_the_original_ones_when_the_body_is_empty(client, session, tokens):

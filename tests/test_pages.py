@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 from streamlit.testing.v1 import AppTest
 
 from core.db import read_session, session_scope
-from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
+from core.models import PHASES, ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound
 from core.review import add_category, validated_counts
 from pages._common import md
 from tests.conftest import ROOT, _clear_caches
@@ -593,6 +593,8 @@ def test_metrics_page_shows_results_of_a_finished_round(trained):
     by_source = table(at, "source")  # the test images by where they came from
     assert by_source["source"].tolist() == ["import"] and by_source["images"].sum() > 0
     assert table(at, "device")["device"].tolist() == ["none"]
+    phases = table(at, "phase")  # recorded by the real round, each ended
+    assert phases["phase"].tolist() == list(PHASES) and phases["state"].tolist() == ["done"] * len(PHASES)
     version = trained.exec(select(ModelVersion)).first()
     assert f"(n = {version.metrics['val_images']}; " in shown["Validation accuracy"]
     per_category = table(at, "accuracy (%)")  # validation images, with n per category
@@ -657,14 +659,15 @@ def test_models_page_tries_a_version_on_a_dropped_picture_through_its_ptl(traine
     from core.dataset import decode_image, normalize
     from core.ingest import image_path
 
-    with read_session() as reader:
-        version = reader.exec(select(ModelVersion)).one()
+    with read_session() as reader:  # the fixture's version (other tests add more to the shared folder)
+        version = reader.exec(select(ModelVersion).where(ModelVersion.version == "1.0.0")).one()
         picture = image_path(reader.exec(select(TrainingImage)).first())
     ptl = next(a for a in version.artifacts if a["format"] == "ptl")
     phone = _load_for_lite_interpreter(str(get_settings().data_dir / ptl["path"]))
     expected = phone(normalize(decode_image(picture, version.image_size).unsqueeze(0))).softmax(1)[0]
 
     at = ok(app("pages/models.py", "viewer"))
+    ok(at.selectbox(key="try_version").select("1.0.0"))
     ok(at.file_uploader(key="try_picture").set_value((picture.name, picture.read_bytes(), "image/png")))
     shown = table(at, "probability")
     assert shown["category"][0] == version.classes[int(expected.argmax())]

@@ -176,7 +176,7 @@ def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, mon
     session.commit()
     real_export = core_training.export_model
 
-    def export_while_another_job_commits(model, version, images):
+    def export_while_another_job_commits(model, version, images, on_step=None):
         artifacts = real_export(model, version, images)
         with Session(session.get_bind()) as other:  # the other job commits 1.0.0 first
             other.add(
