@@ -2,7 +2,7 @@
 parameters are checked by `core.training.TrainingConfig.from_params`."""
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -40,7 +40,11 @@ class TrainRequest(BaseModel):
         "use_existing_model", "Fine-tune the production model when its classes and architecture match"
     )
     architecture: str = _param("architecture", f"One of {', '.join(ARCHITECTURES)}")
-    image_size: int = _param("image_size", "Input size in pixels (square)")
+    image_size: int | Literal["auto"] = _param(
+        "image_size",
+        "Input size in pixels (square), or `auto`: the validated images' median short side, "
+        "rounded to a multiple of 32 between 32 and 224 (recorded on the round)",
+    )
     val_split: float = _param("val_split", "Fraction of each category held out for validation")
     seed: int = _param("seed", "Random seed for the split and the initialisation")
     training_mode: str = _param(

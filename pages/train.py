@@ -8,7 +8,7 @@ from core.access import Permission
 from core.automation import SETTING_RANGES
 from core.db import read_session, session_scope
 from core.errors import UserError
-from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
+from core.training import ARCHITECTURES, AUTO, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
 from jobs import cancel_training, submit_training
 from pages._common import require_page
 
@@ -45,7 +45,14 @@ with form:
             "Architecture", ARCHITECTURES, index=ARCHITECTURES.index(defaults.architecture), key="architecture"
         )
         image_size = a2.number_input(
-            "Image size (px)", *PARAM_RANGES["image_size"][1:], value=defaults.image_size, step=32, key="image_size"
+            "Image size (px)",
+            *PARAM_RANGES["image_size"][1:],
+            value=None,
+            step=32,
+            placeholder="auto",
+            key="image_size",
+            help="Empty: auto, the validated images' median short side rounded to a multiple of 32 (32 to 224); "
+            "the preflight says what it picks.",
         )
         val_split = a1.number_input(
             "Validation split", *PARAM_RANGES["val_split"][1:], value=defaults.val_split, step=0.05, key="val_split"
@@ -76,7 +83,7 @@ params = {
     "learning_rate": float(learning_rate),
     "use_existing_model": use_existing,
     "architecture": architecture,
-    "image_size": int(image_size),
+    "image_size": AUTO if image_size is None else int(image_size),
     "val_split": float(val_split),
     "seed": int(seed),
     "training_mode": training_mode,
