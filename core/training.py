@@ -663,7 +663,8 @@ def _no_backbone_reason(config: TrainingConfig, *, session: Session) -> str:
         other = "use_existing_model is off, so the production model may not be used"
     return (
         f"training_mode 'head' trains only the classifier on top of a pretrained backbone, but there is none: "
-        f"no ImageNet weights for {config.architecture} are on this machine (WEIGHTS_DIR or the torch hub cache) "
+        f"no ImageNet weights for {config.architecture} are on this machine (the weights folder or the torch hub "
+        "cache; a full-mode round downloads them where WEIGHTS_DOWNLOAD allows) "
         f"and {other}. Train with training_mode 'full' first, or add the weights."
     )
 
