@@ -2,17 +2,29 @@
 parameters are checked by `core.training.TrainingConfig.from_params`."""
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from core.models import as_utc
-from core.training import ARCHITECTURES, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
+from core.training import ARCHITECTURES, AUTO, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
 
 # Datetimes come back from SQLite without a zone; they are UTC.
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 _DEFAULTS = TrainingConfig()
+
+
+def _one_image_size_error(value: Any, handler) -> Any:
+    # One message for the field, not one per member of the union.
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("image_size", "Input should be a whole number of pixels or 'auto'") from None
+
+
+ImageSize = Annotated[int | Literal[AUTO], WrapValidator(_one_image_size_error)]
 
 
 def allowed_range(name: str) -> str | None:
@@ -41,7 +53,11 @@ class TrainRequest(BaseModel):
         "use_existing_model", "Fine-tune the production model when its classes and architecture match"
     )
     architecture: str = _param("architecture", f"One of {', '.join(ARCHITECTURES)}")
-    image_size: int = _param("image_size", "Input size in pixels (square)")
+    image_size: ImageSize = _param(
+        "image_size",
+        "Input size in pixels (square), or `auto`: the validated images' median short side, "
+        "rounded to a multiple of 32 between 32 and 224 (recorded on the round)",
+    )
     val_split: float = _param("val_split", "Fraction of each category held out for validation")
     seed: int = _param("seed", "Random seed for the split and the initialisation")
     training_mode: str = _param(

@@ -459,6 +459,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _image_size(text: str) -> int | str:
+    if text == training.AUTO or text.isdigit():
+        return text if text == training.AUTO else int(text)
+    raise argparse.ArgumentTypeError(f"must be a whole number of pixels or {training.AUTO!r} (got {text!r})")
+
+
 def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The training parameters as options (read back by `_train_params`)."""
     defaults = training.TrainingConfig()
@@ -466,7 +472,11 @@ def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--batch-size", type=int, help=f"{prefix}default {defaults.batch_size}")
     p.add_argument("--learning-rate", type=float, help=f"{prefix}default {defaults.learning_rate}")
     p.add_argument("--architecture", choices=training.ARCHITECTURES, help=f"{prefix}default {defaults.architecture}")
-    p.add_argument("--image-size", type=int, help=f"{prefix}default {defaults.image_size}")
+    p.add_argument(
+        "--image-size",
+        type=_image_size,
+        help=f"{prefix}default {defaults.image_size}: the images' median short side, a multiple of 32 from 32 to 224",
+    )
     p.add_argument("--val-split", type=float, help=f"{prefix}default {defaults.val_split}")
     p.add_argument("--seed", type=int, help=f"{prefix}default {defaults.seed}")
     p.add_argument(

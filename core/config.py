@@ -62,9 +62,17 @@ class Settings(BaseSettings):
     # only when nothing is in production yet (`first`), every time (`always`) or
     # never (`never`).
     auto_promote: Literal["gate", "first", "always", "never"] = "gate"
-    # Folder searched for torchvision's ImageNet weight files (besides the torch
-    # hub cache); nothing is ever downloaded.
+    # Folder for torchvision's ImageNet weight files (default DATA_DIR/weights;
+    # the torch hub cache is searched too). Missing files are downloaded into it
+    # once, checked against the hash in their published name.
     weights_dir: Path | None = None
+    # Off for air-gapped installs: training then uses only files already on disk.
+    weights_download: bool = True
+    # A mirror to download from instead of torchvision's own server
+    # (https://download.pytorch.org/models): the base URL the file names are added to.
+    weights_url: str = ""
+    # Seconds a weights download may wait for the server before giving up.
+    weights_timeout: float = Field(15.0, gt=0)
     # CPU threads for training; 0: all cores (see `training_threads`).
     torch_threads: int = Field(0, ge=0)
     # Decoded images and backbone features kept in memory by a worker process
@@ -166,6 +174,10 @@ class Settings(BaseSettings):
         # one thread can be many times faster (BENCHMARKS.md): set
         # TORCH_THREADS=1 there.
         return self.torch_threads or max(1, os.cpu_count() or 1)
+
+    @property
+    def weights_folder(self) -> Path:
+        return self.weights_dir or self.data_dir / "weights"
 
     @property
     def cache_dir(self) -> Path:

@@ -7,17 +7,20 @@ commits the `ModelVersion` together with the round's `completed` status.
 """
 
 import hashlib
+import http.client
 import json
 import logging
 import math
 import random
 import re
 import shutil
+import statistics
 import threading
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -61,6 +64,11 @@ ARCHITECTURES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
 # `full` trains every layer; `head` freezes a pretrained backbone, computes its
 # features once per image and trains only the classifier (a quick retrain).
 TRAINING_MODES = ("full", "head")
+# `image_size` "auto": chosen from the snapshot's pictures (`choose_image_size`).
+AUTO = "auto"
+# What "auto" may choose: a multiple of 32 between these (224 is what the
+# architectures were designed for; more costs compute and adds no information).
+AUTO_IMAGE_SIZE_RANGE = (32, 224)
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,9 @@ class TrainingConfig:
     learning_rate: float = 0.001
     use_existing_model: bool = True
     architecture: str = "mobilenet_v3_small"
-    image_size: int = 224
+    # "auto": the pictures' median short side (`choose_image_size`), resolved
+    # to a number when the round is queued; a number always wins.
+    image_size: int | str = AUTO
     val_split: float = 0.2
     seed: int = 42
     # `full` by default: it works on a fresh install (no pretrained backbone
@@ -141,6 +151,8 @@ def _check_param(name: str, value, label: str | None = None):
         if value not in ARCHITECTURES:
             raise UserError(f"{label} must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
         return value
+    if name == "image_size" and value == AUTO:
+        return value
     if name == "training_mode":
         if value not in TRAINING_MODES:
             raise UserError(f"{label} must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
@@ -148,7 +160,8 @@ def _check_param(name: str, value, label: str | None = None):
     kind, low, high = param_range(name)
     top = f"MAX_TRAINING_PROCESSES={high:g}" if name == "processes" else f"{high:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{label} must be a number between {low:g} and {top} (got {value!r})")
+        also = f" or {AUTO!r}" if name == "image_size" else ""
+        raise UserError(f"{label} must be a number between {low:g} and {top}{also} (got {value!r})")
     if kind is int and (isinstance(value, float) and not value.is_integer()):
         raise UserError(f"{label} must be a whole number between {low:g} and {top} (got {value!r})")
     if not math.isfinite(value) or not low <= value <= high:
@@ -194,6 +207,9 @@ class Preflight:
     per_category: dict[str, int]
     problems: list[str]
     notices: list[str]
+    # What image_size "auto" picks from today's validated images (None: a
+    # number was given, or there are no images).
+    image_size: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -234,6 +250,10 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
             f"(one to train on, one to validate with): {listed}. Add images or reject them."
         )
     notices = []
+    image_size = None
+    if config is not None and config.image_size == AUTO and rows:
+        image_size, why = choose_image_size([(img.width, img.height) for img, _ in rows])
+        notices.append(why)
     if config is not None and config.training_mode == "head":
         backbone = find_backbone(config, session=session)
         if backbone is None:
@@ -242,7 +262,23 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
             notices.append(f"Head mode: {backbone.describe()} is frozen; only the classifier is trained.")
     elif config is not None and config.use_existing_model:
         notices.extend(_existing_model_notice(config, sorted(per_category), session=session))
-    return Preflight(len(rows), per_category, problems, notices)
+    return Preflight(len(rows), per_category, problems, notices, image_size)
+
+
+def choose_image_size(sizes: list[tuple[int, int]]) -> tuple[int, str]:
+    """The input size for image_size "auto", and why, from (width, height) of
+    the pictures: their median short side rounded to the nearest multiple of
+    32, within AUTO_IMAGE_SIZE_RANGE. Scaling 64-px pictures up to 224 costs
+    about 12x the compute and adds no information; the median ignores a few
+    odd large or small pictures."""
+    low, high = AUTO_IMAGE_SIZE_RANGE
+    median = statistics.median(min(w, h) for w, h in sizes)
+    size = min(high, max(low, 32 * math.floor(median / 32 + 0.5)))
+    why = (
+        f"image_size auto: {size} px, from the median short side ({median:g} px) of the {len(sizes)} validated "
+        f"images, rounded to a multiple of 32 between {low} and {high}; give image_size to choose another."
+    )
+    return size, why
 
 
 def _existing_model_notice(config: TrainingConfig, classes: list[str], *, session: Session) -> list[str]:
@@ -280,6 +316,8 @@ def start_training(
     check = preflight(config, session=session)
     if not check.ok:
         raise UserError(" ".join(check.problems))
+    if config.image_size == AUTO:
+        config = replace(config, image_size=check.image_size)
     assign_splits(session=session)  # images stored before split keys existed
     rows = validated_images(session=session)
     snapshot = [{"id": img.id, "sha256": img.sha256, "label": label, "split_key": img.split_key} for img, label in rows]
@@ -525,15 +563,84 @@ def _head(model: nn.Module) -> nn.Linear:
     return model.fc if hasattr(model, "fc") else model.classifier[-1]
 
 
+def pretrained_weights_url(architecture: str) -> str:
+    """Where torchvision publishes the ImageNet weights of `architecture`, or
+    the same file on the WEIGHTS_URL mirror. The file name carries the first
+    hex digits of the file's SHA-256 (torch.hub's convention)."""
+    url = torchvision.models.get_model_weights(architecture).DEFAULT.url
+    mirror = get_settings().weights_url
+    return f"{mirror.rstrip('/')}/{url.rsplit('/', 1)[-1]}" if mirror else url
+
+
 def find_pretrained_weights(architecture: str) -> Path | None:
     """torchvision's ImageNet weight file for `architecture` if it is on disk
-    (WEIGHTS_DIR or the torch hub cache). Never downloads."""
-    weights = torchvision.models.get_model_weights(architecture).DEFAULT
-    filename = weights.url.rsplit("/", 1)[-1]
-    folders = [get_settings().weights_dir, Path(torch.hub.get_dir()) / "checkpoints"]
-    for folder in folders:
-        if folder is not None and (folder / filename).is_file():
+    (the weights folder or the torch hub cache). Never downloads."""
+    filename = pretrained_weights_url(architecture).rsplit("/", 1)[-1]
+    for folder in (get_settings().weights_folder, Path(torch.hub.get_dir()) / "checkpoints"):
+        if (folder / filename).is_file():
             return folder / filename
+    return None
+
+
+def download_pretrained_weights(architecture: str, progress: Callable[[str], None]) -> Path:
+    """Download torchvision's ImageNet weights for `architecture` into the
+    weights folder and return the file; `progress` hears how far it got.
+
+    The file is kept only when its SHA-256 starts with the digits its published
+    name carries, as torch.hub's `check_hash` does; otherwise ValueError and
+    nothing is left behind. An unreachable server raises OSError. Written here
+    rather than calling `torch.hub.download_url_to_file`, which checks the hash
+    the same way but shows progress only on a terminal, not on the round."""
+    settings = get_settings()
+    url = pretrained_weights_url(architecture)
+    filename = url.rsplit("/", 1)[-1]
+    published = torch.hub.HASH_REGEX.search(filename)
+    if published is None:
+        raise ValueError(f"{filename} carries no hash in its name, so the download could not be verified")
+    target = settings.weights_folder / filename
+    tmp = temp_path_for(target)
+    digest = hashlib.sha256()
+    try:
+        progress(f"downloading ImageNet weights for {architecture} from {url}")
+        with urllib.request.urlopen(url, timeout=settings.weights_timeout) as response, open(tmp, "wb") as out:
+            total, done, told = int(response.headers.get("Content-Length") or 0), 0, 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if total and 4 * done // total > told:
+                    told = 4 * done // total
+                    progress(f"downloaded {done / 1e6:.1f} of {total / 1e6:.1f} MB of {filename}")
+        if not digest.hexdigest().startswith(published.group(1)):
+            raise ValueError(
+                f"{filename} from {url} has SHA-256 {digest.hexdigest()[:16]}..., not the published "
+                f"{published.group(1)}...: refused (a damaged or substituted file)"
+            )
+        commit_temp(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    progress(f"verified {filename} (SHA-256 starts with {published.group(1)}) and kept it in {target.parent}")
+    return target
+
+
+def _fetch_pretrained_weights(architecture: str, reporter: RoundReporter) -> Path | None:
+    """The weights file, downloaded now if need be; None (and a warning on the
+    round saying how to add the file) when that is off or fails."""
+    settings = get_settings()
+    if not settings.weights_download:
+        why = "downloading them is off (WEIGHTS_DOWNLOAD=false)"
+    else:
+        try:
+            return download_pretrained_weights(architecture, reporter.note)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            why = f"the download failed ({exc})"
+    url = torchvision.models.get_model_weights(architecture).DEFAULT.url
+    reporter.note(
+        f"No ImageNet weights for {architecture} on this machine and {why}: the model trains from random "
+        f"initialisation, so it needs more epochs and data. To start from them, put {url.rsplit('/', 1)[-1]} "
+        f"(from {url}) into {settings.weights_folder}, or set WEIGHTS_URL to a mirror that has it.",
+        warning=True,
+    )
     return None
 
 
@@ -544,7 +651,8 @@ def initial_model(
     *,
     session: Session,
 ) -> nn.Module:
-    """The production model to fine-tune, else ImageNet weights, else random."""
+    """The production model to fine-tune, else ImageNet weights (downloaded
+    once where allowed), else random."""
     model = build_model(config.architecture, len(classes))
     if config.use_existing_model:
         notice = _existing_model_notice(config, classes, session=session)
@@ -553,13 +661,10 @@ def initial_model(
             model.load_state_dict(registry.load_checkpoint(production)["state_dict"])
             reporter.note(f"fine-tuning production model {production.version}")
             return model
-    weights_file = find_pretrained_weights(config.architecture)
+    weights_file = find_pretrained_weights(config.architecture) or _fetch_pretrained_weights(
+        config.architecture, reporter
+    )
     if weights_file is None:
-        reporter.note(
-            f"No ImageNet weights for {config.architecture} found on this machine (put them in WEIGHTS_DIR or "
-            f"the torch hub cache): the model starts from random initialisation, so it needs more epochs and data.",
-            warning=True,
-        )
         return model
     _load_keeping_head(model, torch.load(weights_file, map_location="cpu", weights_only=True))
     reporter.note(f"starting from ImageNet weights ({weights_file.name})")
@@ -641,7 +746,8 @@ def _no_backbone_reason(config: TrainingConfig, *, session: Session) -> str:
         other = "use_existing_model is off, so the production model may not be used"
     return (
         f"training_mode 'head' trains only the classifier on top of a pretrained backbone, but there is none: "
-        f"no ImageNet weights for {config.architecture} are on this machine (WEIGHTS_DIR or the torch hub cache) "
+        f"no ImageNet weights for {config.architecture} are on this machine (the weights folder or the torch hub "
+        "cache; a full-mode round downloads them where WEIGHTS_DOWNLOAD allows) "
         f"and {other}. Train with training_mode 'full' first, or add the weights."
     )
 

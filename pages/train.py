@@ -9,7 +9,7 @@ from core.automation import SETTING_RANGES
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import RoundStatus
-from core.training import ARCHITECTURES, TRAINING_MODES, TrainingConfig, param_range
+from core.training import ARCHITECTURES, AUTO, TRAINING_MODES, TrainingConfig, param_range
 from jobs import cancel_training, submit_training
 from pages._common import frame_of, md, require_page
 
@@ -35,7 +35,8 @@ def load_parameters(parameters: dict) -> None:
     """Put `parameters` into the form (a callback: widgets take state before they are drawn)."""
     for name in LABELS:
         if name in parameters:
-            st.session_state[name] = parameters[name]
+            # An empty image size is "auto" (the widget holds numbers only).
+            st.session_state[name] = None if parameters[name] == AUTO else parameters[name]
 
 
 # The form starts from the operator's last job (Streamlit forgets widgets on
@@ -45,7 +46,8 @@ with read_session() as session:
     remembered = training.last_parameters(actor.name, session=session) or {}
 for name, value in {**TrainingConfig().to_dict(), **remembered}.items():
     if name in LABELS:
-        st.session_state.setdefault(name, value)
+        # An empty image size is "auto" (the widget holds numbers only).
+        st.session_state.setdefault(name, None if value == AUTO else value)
 
 st.title("Train")
 form, check = st.columns([3, 2], gap="large")
@@ -66,7 +68,15 @@ with form:
     with st.expander("Advanced"):
         a1, a2 = st.columns(2)
         architecture = a1.selectbox(LABELS["architecture"], ARCHITECTURES, key="architecture")
-        image_size = a2.number_input(LABELS["image_size"], value=None, step=32, key="image_size")
+        image_size = a2.number_input(
+            LABELS["image_size"],
+            value=None,
+            step=32,
+            placeholder="auto",
+            key="image_size",
+            help="Empty: auto, the validated images' median short side rounded to a multiple of 32 (32 to 224); "
+            "the preflight says what it picks.",
+        )
         val_split = a1.number_input(LABELS["val_split"], value=None, step=0.05, key="val_split")
         seed = a2.number_input(LABELS["seed"], value=None, step=1, key="seed")
         training_mode = a1.radio(
@@ -93,7 +103,7 @@ params = {
     "learning_rate": learning_rate,
     "use_existing_model": use_existing,
     "architecture": architecture,
-    "image_size": image_size,
+    "image_size": AUTO if image_size is None else image_size,
     "val_split": val_split,
     "seed": seed,
     "training_mode": training_mode,

@@ -42,6 +42,8 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     monkeypatch.setenv("DATA_DIR", str(folder))
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    # No test reaches for torchvision's server; test_weights serves its own.
+    monkeypatch.setenv("WEIGHTS_DOWNLOAD", "false")
     _clear_caches()
     yield folder
     _clear_caches(bind_queue=False)

@@ -33,11 +33,13 @@ def png_with_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def add_images(session: Session, per_category: dict[str, int], status=ImageStatus.validated) -> list[int]:
-    """Store distinct images per category; returns their ids."""
+def add_images(
+    session: Session, per_category: dict[str, int], status=ImageStatus.validated, size=(16, 16)
+) -> list[int]:
+    """Store distinct images (`size`: width, height) per category; returns their ids."""
     ids, offset = [], 0
     for category, n in per_category.items():
-        for data in distinct_images(n + offset)[offset:]:
+        for data in distinct_images(n + offset, size)[offset:]:
             ids.append(ingest_bytes(data, "x.png", session=session, category=category, status=status).image_id)
         offset += n
     session.commit()

@@ -232,6 +232,8 @@ def test_training_without_enough_validated_images_gives_the_counts(client, sessi
         ({"epochs": 2.5}, 422, "epochs: Input should be a valid integer"),
         ({"learning_rate": "fast"}, 422, "learning_rate: Input should be a valid number"),
         ({"momentum": 0.9}, 400, "Unknown parameter(s) momentum; allowed:"),
+        ({"image_size": 8}, 400, "image_size must be between 32 and 512 (got 8)"),
+        ({"image_size": "big"}, 422, "image_size: Input should be a whole number of pixels or 'auto'"),
         ([20, 32], 422, "request body: Input should be a valid dictionary"),
     ],
 )
@@ -338,6 +340,16 @@ def test_stop_asks_a_running_job_to_keep_its_best_epoch_and_answers_like_cancel(
     with read_session() as reader:
         stopped = reader.get(TrainingRound, running.id)
     assert stopped.stop_requested and not stopped.cancel_requested
+
+
+def test_image_size_is_chosen_from_the_images_unless_given(client, session, tokens):
+    add_images(session, {"cat": 25, "dog": 25}, size=(100, 60))
+    for body, size in (({}, 64), ({"image_size": "auto"}, 64), ({"image_size": 96}, 96)):
+        response = client.post("/models/train/", json=body, headers=tokens["operator"])
+        assert response.status_code == 202
+        assert response.json()["parameters"]["image_size"] == size
+        chosen = [w for w in response.json()["warnings"] if w.startswith("image_size auto: 64 px")]
+        assert len(chosen) == (size == 64)
 
 
 def test_defaults_are_the_original_ones_when_the_body_is_empty(client, session, tokens):

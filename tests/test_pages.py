@@ -341,11 +341,25 @@ def test_train_shows_the_original_defaults_and_the_advanced_section(session):
     at = ok(app("pages/train.py"))
     values = {w.key: w.value for w in at.number_input}
     assert (values["epochs"], values["batch_size"], values["learning_rate"]) == (20, 32, 0.001)
-    assert (values["image_size"], values["val_split"], values["seed"]) == (224, 0.2, 42)
+    assert (values["image_size"], values["val_split"], values["seed"]) == (None, 0.2, 42)  # image size: auto
     assert at.toggle(key="use_existing_model").value is True
     assert at.selectbox(key="architecture").value == "mobilenet_v3_small"
     assert at.radio(key="training_mode").value == "full"
     assert at.expander[0].label == "Advanced"
+
+
+def test_train_with_image_size_left_on_auto_shows_and_records_the_choice(session, monkeypatch):
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=40)
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    assert at.number_input(key="image_size").value is None
+    shown = "image_size auto: 32 px, from the median short side (40 px) of the 20 validated images"
+    assert any(shown in info.value for info in at.info)
+    ok(at.button(key="train").click())
+    with read_session() as reader:
+        job = reader.exec(select(TrainingRound)).one()
+    assert job.parameters["image_size"] == 32 and any(shown in w for w in job.warnings)
 
 
 def test_head_mode_without_a_backbone_disables_train_and_says_why(session, monkeypatch):
