@@ -61,7 +61,7 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
             if action == "relabel":
                 target = st.session_state.get("relabel_to")
                 n = review.relabel_images(ids, target or "", session=session, actor=actor)
-                done = f"moved to '{md(target)}'"
+                done = f"moved to '{target}'"
             else:
                 status = ImageStatus.validated if action == "validate" else ImageStatus.rejected
                 n = review.set_status(ids, status, session=session, actor=actor)
