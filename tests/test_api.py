@@ -350,10 +350,19 @@ def test_latest_describes_the_production_model_and_links_its_files(client, sessi
     assert manifest["classes"] == ["zebra", "apple"] and manifest["num_classes"] == 2
     assert manifest["input"]["shape"] == [1, 3, 32, 32]
     assert manifest["input"]["mean"] == [0.485, 0.456, 0.406] and manifest["input"]["std"] == [0.229, 0.224, 0.225]
-    assert manifest["metrics"] == {
+    assert manifest["metrics"] == {  # a version without counts: none are made up
         "train_accuracy": 98.2,
         "val_accuracy": 95.5,
+        "val_images": 0,
+        "val_correct": None,
+        "val_accuracy_ci95_low": None,
+        "val_accuracy_ci95_high": None,
         "test_accuracy": None,
+        "test_images": 0,
+        "test_correct": None,
+        "test_accuracy_ci95_low": None,
+        "test_accuracy_ci95_high": None,
+        "near_chance": None,
         "model_size_mb": 8.1,
     }
     assert [a["format"] for a in manifest["artifacts"]] == ["ptl", "pte"]
