@@ -208,4 +208,14 @@ def compare_on_test(a: ModelVersion, b: ModelVersion, *, session: Session) -> di
     common = sorted(truth)
     acc_a, per_a = accuracy_on(pa, truth, common)
     acc_b, per_b = accuracy_on(pb, truth, common)
-    return {"images": len(common), "a": acc_a, "b": acc_b, "per_class_a": per_a, "per_class_b": per_b}
+    per_class_images: dict[str, int] = {}
+    for i in common:
+        per_class_images[truth[i]] = per_class_images.get(truth[i], 0) + 1
+    return {
+        "images": len(common),
+        "a": acc_a,
+        "b": acc_b,
+        "per_class_a": per_a,
+        "per_class_b": per_b,
+        "per_class_images": per_class_images,
+    }
