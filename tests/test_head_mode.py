@@ -14,6 +14,16 @@ from tests.factories import add_demo
 TINY = {"epochs": 1, "batch_size": 16, "image_size": 32}
 
 
+@pytest.fixture(autouse=True)
+def first_model_in_production(monkeypatch):
+    """Head mode retrains production's head; one epoch on 50 pictures is no
+    evidence the gate would accept for a first version (tests/test_gate.py)."""
+    from core.config import get_settings
+
+    monkeypatch.setenv("AUTO_PROMOTE", "always")
+    get_settings.cache_clear()
+
+
 def train(session, **params):
     round_ = training.start_training({**TINY, **params}, session=session)
     session.commit()
@@ -38,12 +48,7 @@ def test_head_mode_without_any_pretrained_backbone_is_refused_saying_why(session
     assert training.list_rounds(session=session) == []
 
 
-def test_head_mode_retrains_only_the_head_of_production_and_exports_with_parity(session, data_dir, monkeypatch):
-    from core.config import get_settings
-
-    # Two epochs on 50 pictures is no evidence the gate would accept; this test needs a production model.
-    monkeypatch.setenv("AUTO_PROMOTE", "always")
-    get_settings.cache_clear()
+def test_head_mode_retrains_only_the_head_of_production_and_exports_with_parity(session, data_dir):
     add_demo(session, per_category=10, size=32)
     _, first = train(session)
     assert first.is_production
