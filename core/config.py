@@ -57,10 +57,10 @@ class Settings(BaseSettings):
     # heartbeat is older than the timeout lost its worker and is re-enqueued.
     heartbeat_interval: float = Field(5.0, gt=0)
     heartbeat_timeout: float = Field(60.0, gt=0)
-    # Whether a finished model becomes production by itself: when nothing is in
-    # production yet or it passes the promotion gate (`gate`, see core/gate.py),
-    # only when nothing is in production yet (`first`), every time (`always`) or
-    # never (`never`).
+    # Whether a finished model becomes production by itself: a first version
+    # clearly better than chance, then versions that pass the promotion gate
+    # (`gate`, see core/gate.py), only such a first version (`first`), every
+    # time (`always`) or never (`never`).
     auto_promote: Literal["gate", "first", "always", "never"] = "gate"
     # Folder for torchvision's ImageNet weight files (default DATA_DIR/weights;
     # the torch hub cache is searched too). Missing files are downloaded into it

@@ -93,7 +93,10 @@ def _first_version(new: Mapping[int, str], truth: Mapping[int, str], min_test_im
     n, k, majority = summary["test_images"], summary["test_correct"], summary["test_majority"]
     decision = {"production": None, "compared_on": n, **rules}
     if n < min_test_images:
-        reason = f"nothing is in production, but not enough test images to judge this version (n = {n}, need {min_test_images})"
+        reason = (
+            f"not enough test images (n = {n}, need {min_test_images}) to show that this first version "
+            "is better than chance"
+        )
         return {**decision, "passed": False, "reasons": [reason]}
     passed, p = above_chance(k, n, majority)
     share = f"{100 * k / n:.1f}% right on {n} test images against {100 * majority / n:.1f}% by always answering the commonest category"
@@ -208,4 +211,14 @@ def compare_on_test(a: ModelVersion, b: ModelVersion, *, session: Session) -> di
     common = sorted(truth)
     acc_a, per_a = accuracy_on(pa, truth, common)
     acc_b, per_b = accuracy_on(pb, truth, common)
-    return {"images": len(common), "a": acc_a, "b": acc_b, "per_class_a": per_a, "per_class_b": per_b}
+    per_class_images: dict[str, int] = {}
+    for i in common:
+        per_class_images[truth[i]] = per_class_images.get(truth[i], 0) + 1
+    return {
+        "images": len(common),
+        "a": acc_a,
+        "b": acc_b,
+        "per_class_a": per_a,
+        "per_class_b": per_b,
+        "per_class_images": per_class_images,
+    }

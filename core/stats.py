@@ -483,8 +483,10 @@ def compare_versions(old: ModelVersion, new: ModelVersion, *, session: Session |
     ):
         a, b = old.metrics.get(key), new.metrics.get(key)
         summary.append({"metric": label, old.version: a, new.version: b, "delta": delta(a, b)})
+    counts: dict[str, int] = {}
     if on_test is not None and on_test["images"]:
         per_class_old, per_class_new, basis = on_test["per_class_a"], on_test["per_class_b"], "test (both scored)"
+        counts = on_test["per_class_images"]
     else:
         per_class_old = old.metrics.get("per_class_accuracy", {})
         per_class_new = new.metrics.get("per_class_accuracy", {})
@@ -492,7 +494,8 @@ def compare_versions(old: ModelVersion, new: ModelVersion, *, session: Session |
     per_category = []
     for name in sorted(set(per_class_old) | set(per_class_new)):
         a, b = per_class_old.get(name), per_class_new.get(name)
-        per_category.append({"category": name, old.version: a, new.version: b, "delta": delta(a, b)})
+        row = {"category": name, old.version: a, new.version: b, "delta": delta(a, b)}
+        per_category.append(row | ({"images": counts.get(name, 0)} if counts else {}))
     return {
         "summary": summary,
         "per_category": per_category,

@@ -276,6 +276,50 @@ def test_duplicates_tab_shows_a_cluster_and_reject_all_rejects_its_images(sessio
     assert "No near-duplicates" in at.tabs[2].info[0].value
 
 
+def add_copies(session, n: int) -> list[int]:
+    """`picture()` stored `n` times, each a genuine copy (re-encoded, resized)."""
+    files = [
+        encoded(picture(), 40 + 8 * i) if i % 2 else encoded(picture(), fmt="JPEG", quality=60 + i) for i in range(n)
+    ]
+    ids = [ingest_bytes(data, f"c{i}.png", session=session, category="star").image_id for i, data in enumerate(files)]
+    session.commit()
+    return ids
+
+
+def test_acting_on_a_cluster_of_more_than_a_handful_asks_first_stating_the_count(session):
+    ids = add_copies(session, 7)
+    assert duplicates.clusters(session=session) == [ids]
+    session.rollback()  # the page writes (signing in): end this read
+    at = open_tab("Duplicates")
+    assert any("**7 look-alikes** · star" in m.value for m in at.tabs[2].markdown)
+
+    ok(at.button(key=f"cluster_reject_{min(ids)}").click())
+    assert any("Reject all 7 images?" in w.value for w in at.warning)
+    with read_session() as reader:  # nothing changes before the confirmation
+        assert {reader.get(TrainingImage, i).status for i in ids} == {ImageStatus.pending}
+    ok(at.button(key="cluster_confirm_no").click())
+    assert not any("Reject all 7 images?" in w.value for w in at.warning)
+    ok(at.button(key=f"cluster_reject_{min(ids)}").click())
+    ok(at.button(key="cluster_confirm_yes").click())
+    with read_session() as reader:
+        assert {reader.get(TrainingImage, i).status for i in ids} == {ImageStatus.rejected}
+    assert "7 image(s) rejected." in at.success[0].value
+
+
+def test_cli_acts_on_a_cluster_only_when_its_count_is_confirmed(session, capsys, monkeypatch):
+    ids = add_copies(session, 7)
+    monkeypatch.setattr("builtins.input", lambda prompt: print(prompt) or "6")
+    assert main(["duplicates", "--validate", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "Validate all 7 images?" in out and "Nothing changed (cluster 1 has 7 images" in out
+    assert main(["duplicates", "--validate", "1", "--yes", "7"]) == 0
+    assert "7 image(s) of cluster 1 validated." in capsys.readouterr().out
+    with read_session() as reader:
+        assert {reader.get(TrainingImage, i).status for i in ids} == {ImageStatus.validated}
+    assert main(["duplicates", "--reject", "2", "--yes", "7"]) == 2
+    assert "There is no cluster 2" in capsys.readouterr().err
+
+
 # --- the command line ---------------------------------------------------------------
 
 

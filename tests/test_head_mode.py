@@ -14,6 +14,16 @@ from tests.factories import add_demo
 TINY = {"epochs": 1, "batch_size": 16, "image_size": 32}
 
 
+@pytest.fixture(autouse=True)
+def first_model_in_production(monkeypatch):
+    """Head mode retrains production's head; one epoch on 50 pictures is no
+    evidence the gate would accept for a first version (tests/test_gate.py)."""
+    from core.config import get_settings
+
+    monkeypatch.setenv("AUTO_PROMOTE", "always")
+    get_settings.cache_clear()
+
+
 def train(session, **params):
     round_ = training.start_training({**TINY, **params}, session=session)
     session.commit()

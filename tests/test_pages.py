@@ -645,6 +645,8 @@ def test_models_page_promotes_after_confirmation_and_rolls_back(trained):
     assert listed["production"].tolist() == [False, True]
     assert listed["test_images"].tolist() == [first.metrics["test_images"]] * 2
     assert listed["test_95_ci"].str.endswith("%").all() and listed["near_chance"].notna().all()
+    why = table(at, "why").set_index("version")["why"]  # the first version stayed a candidate, saying why
+    assert why["1.0.0"].startswith(f"not enough test images (n = {first.metrics['test_images']}, need 30)")
     assert {b.key for b in at.download_button} == {"download_ptl", "download_pte"}
     assert any("parity check passed" in m.value for m in at.markdown)
 

@@ -8,7 +8,7 @@ from PIL import Image
 from sqlmodel import col, select
 from torch.jit.mobile import _load_for_lite_interpreter
 
-from core import review
+from core import registry, review
 from core.db import read_session
 from core.demo import DEMO_CATEGORIES, generate_demo_folder
 from core.models import ImageStatus, TrainingImage
@@ -63,6 +63,11 @@ def test_phone_uploads_operator_trains_phone_downloads_and_classifies(data_dir, 
     assert status["queue_status"] == "SUCCESS" and status["model_version"] == "1.0.0"
     assert [m["epoch"] for m in status["epoch_metrics"]] == [1]
     assert status["progress"] == 1.0 and status["accuracy"] == status["metrics"]["val_accuracy"]
+    assert status["metrics"]["test_images"] > 0 and status["metrics"]["test_accuracy_ci95_low"] is not None
+    # One epoch on 50 pictures is no evidence for the gate: the version stays a
+    # candidate until the operator promotes it, with a reason (the Models page).
+    registry.promote("1.0.0", session=session, actor=as_actor("ops", "operator"), reason="tried on a phone first")
+    session.commit()
 
     # 4. The phone reads the manifest and downloads the lite-interpreter file.
     manifest = client.get("/models/latest/", headers=phone).json()

@@ -27,7 +27,13 @@ def test_two_trainings_through_the_queue_give_1_0_0_then_1_1_0(data_dir, worker_
     worker = worker_factory()
     first = cli("train", "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--wait")
     assert "queued with 60 images" in first.stdout
-    assert "in_progress" in first.stdout and "Model 1.0.0" in first.stdout
+    assert "in_progress" in first.stdout and "Model 1.0.0: test accuracy " in first.stdout
+    assert "(n = " in first.stdout and "95% CI" in first.stdout
+    # 60 pictures hold about 9 test images: too few for the gate to put even a
+    # first version in production by itself; an operator does, with a reason.
+    held = cli("promote", "1.0.0", check=False)
+    assert held.returncode == 2 and "not enough test images (n = " in held.stderr
+    assert "now in production" in cli("promote", "1.0.0", "--reason", "first model, checked by hand").stdout
     second = cli("train", "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--wait")
     assert "Model 1.1.0" in second.stdout
     assert "fine-tuning" not in second.stdout  # progress lines only; the history says it (below)
@@ -43,12 +49,13 @@ def test_two_trainings_through_the_queue_give_1_0_0_then_1_1_0(data_dir, worker_
         assert epochs == [[1, 2], [1]]
         versions = list(session.exec(select(ModelVersion).order_by(ModelVersion.id)))
     assert [v.version for v in versions] == ["1.0.0", "1.1.0"]
-    # The first goes to production (nothing was there); the second only if the
-    # promotion gate passed it, having scored both on the same test images.
-    assert versions[0].is_production and versions[0].gate["passed"]
+    # The first went to production by hand; the second was judged against it
+    # on the same test images, too few to let it through.
+    assert not versions[0].gate["passed"] and versions[0].gate["production"] is None
     gate = versions[1].gate
     assert gate["production"] == "1.0.0" and gate["compared_on"] == versions[1].metrics["test_images"] > 0
-    assert versions[1].is_production == gate["passed"]
+    assert not gate["passed"] and "not enough test images" in gate["reasons"][0]
+    assert versions[0].is_production and not versions[1].is_production
 
     example = torch.zeros(1, 3, 32, 32)
     for version in versions:
