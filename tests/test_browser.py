@@ -183,13 +183,14 @@ def test_sign_in_with_the_printed_password_load_demo_train_and_see_the_new_model
     fill_number(page, "Batch size", "16")
     page.get_by_text("Advanced").click()
     fill_number(page, "Image size (px)", "32")
-    page.get_by_text("The dataset meets the rules").wait_for()
+    page.get_by_text("The parameters and the dataset meet the rules").wait_for()
     page.get_by_role("button", name="Train", exact=True).click()
-    queued = page.get_by_text(re.compile(r"Training job \S+ queued"))
+    queued = page.get_by_text(re.compile(r"Round \d+ \(job \S+\) is"))
     queued.wait_for()
-    job_id = re.search(r"Training job (\S+) queued", queued.inner_text()).group(1)
-    # The worker picks it up: the sidebar shows it running.
-    page.get_by_text(re.compile(rf"Job {job_id[:8]}: epoch")).wait_for(timeout=120_000)
+    job_id = re.search(r"\(job (\S+)\)", queued.inner_text()).group(1)
+    assert "epochs 1, batch size 16" in queued.inner_text()  # the banner lists what was queued
+    # The worker picks it up: the sidebar shows it running, by phase.
+    page.get_by_text(re.compile(rf"Job {job_id[:8]}: (preparing|training|exporting)")).wait_for(timeout=120_000)
     shoot(page, "train")
 
     go(page, "Live metrics")
