@@ -53,10 +53,10 @@ def test_a_markdown_link_as_category_name_is_shown_as_typed_not_as_a_link(sessio
     assert "moved to '" + md(EVIL) + "'" in at.success[0].value
     assert_inert(at)
 
-    # Adding it again: the error quotes it too.
+    # Adding it again: the naming rule refuses it, quoting it.
     at.text_input(key="new_category").input(EVIL)
     at.get("form_submit_button")[0].click().run()
-    assert "already exists" in at.error[0].value
+    assert "must be printable text" in at.error[0].value and md(EVIL) in at.error[0].value
     assert_inert(at)
 
 

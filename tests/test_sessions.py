@@ -335,14 +335,16 @@ def test_an_error_while_signing_in_shows_a_short_message_and_logs_the_rest(sessi
 
 
 def test_an_unexpected_error_reaches_the_browser_without_its_traceback(web, session, tmp_path):
-    from core.models import RoundStatus, TrainingRound
+    from tests.factories import add_fake_version
 
     add_user(session, "ana", "curator")
-    # A running round that lost its parameters breaks the sidebar's progress line.
-    session.add(TrainingRound(parameters={}, status=RoundStatus.in_progress))
+    # A production version whose metrics are damaged (a list, not a mapping) breaks the sidebar.
+    version = add_fake_version(session, "1.0.0")
+    version.metrics = ["damaged"]
+    session.add(version)
     session.commit()
     _, shown = run_page(web, cookie=cookie_for(web, "ana"))
     assert b"This app has encountered an error" in shown
-    assert b"KeyError" not in shown and b'File "' not in shown and b", line " not in shown
+    assert b"AttributeError" not in shown and b'File "' not in shown and b", line " not in shown
     log = re.sub(r"\x1b\[[0-9;]*m", "", (tmp_path / "web.log").read_text())  # without the colours
-    assert "KeyError: 'epochs'" in log  # the server's log has it all
+    assert "AttributeError: 'list' object has no attribute 'get'" in log  # the server's log has it all

@@ -15,9 +15,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("traininground", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("stop_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch_op.add_column(sa.Column("phases", sa.JSON(), nullable=False, server_default="[]"))
+    # Plain ADD COLUMN (SQLite has it): a batch operation would copy and drop
+    # the table, which versions and epoch rows point at.
+    op.add_column("traininground", sa.Column("stop_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("traininground", sa.Column("phases", sa.JSON(), nullable=False, server_default="[]"))
 
 
 def downgrade() -> None:
