@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # Creates data.db, starts a queue consumer and the web server; Ctrl-C stops both.
 run: install
-	PORT=$(PORT) HOST=$(HOST) $(PY) -m core serve
+	PORT=$(PORT) HOST=$(HOST) $(PY) -m cli serve
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 /api and the session-cookie routes at /session (api/browser.py); `/media/*`
 answers signed-in browsers only.
 
-`python -m core serve` (what `make run` does) runs `streamlit run server.py`;
+`python -m cli serve` (what `make run` does) runs `streamlit run server.py`;
 `uvicorn server:app` serves it too.
 """
 

@@ -19,7 +19,7 @@ DESCRIPTION = """
 The training dashboard's API for mobile apps and scripts.
 
 Send `Authorization: Bearer <token>` on every call except `/health/`.
-Tokens come from `python -m core token create --role device|viewer|operator|admin --label NAME`.
+Tokens come from `python -m cli token create --role device|viewer|operator|admin --label NAME`.
 Errors are JSON `{"detail": "..."}` saying what to fix.
 """
 

@@ -17,7 +17,7 @@ CALLER_STATE = "caller"
 
 bearer = HTTPBearer(
     auto_error=False,
-    description="An API token from `python -m core token create --role device|viewer|operator|admin --label NAME`",
+    description="An API token from `python -m cli token create --role device|viewer|operator|admin --label NAME`",
 )
 
 

@@ -246,7 +246,7 @@ def health() -> Health | JSONResponse:
             report["queue"] = "missing jobs"
             problems.append(
                 f"{report['missing_from_queue']} queued job(s) are missing from the queue; "
-                "a running worker enqueues them (python -m core worker)"
+                "a running worker enqueues them (python -m cli worker)"
             )
     report["free_disk_bytes"] = free_bytes(settings.images_dir)
     if report["free_disk_bytes"] < settings.min_free_disk_bytes:

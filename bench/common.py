@@ -27,10 +27,10 @@ def fresh_data_dir(prefix: str) -> Path:
 
 
 def start_worker(data_dir: Path, log_name: str = "worker.log") -> subprocess.Popen:
-    """`python -m core worker` on `data_dir`, as `make run` starts it."""
+    """`python -m cli worker` on `data_dir`, as `make run` starts it."""
     env = {**os.environ, "DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
     with open(data_dir / log_name, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "core", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        return subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log)
 
 
 def stop(proc: subprocess.Popen) -> None:

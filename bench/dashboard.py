@@ -8,7 +8,7 @@
    query and thumbnail path alone.
 2. `GET /api/models/latest/` and `/api/models/training-status/{job_id}/`
    under concurrent clients (one keep-alive connection each), against the
-   server started as `python -m core serve`.
+   server started as `python -m cli serve`.
 """
 
 import argparse
@@ -169,7 +169,7 @@ def main() -> None:
 
     env = {**os.environ, "DATA_DIR": str(data_dir), "PORT": str(args.port)}
     with open(data_dir / "serve.log", "ab") as log:
-        server = subprocess.Popen([sys.executable, "-m", "core", "serve", "--port", str(args.port)], cwd=ROOT,
+        server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(args.port)], cwd=ROOT,
                                   env=env, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
     base = f"http://127.0.0.1:{args.port}"
 

@@ -1,6 +1,6 @@
 """Automatic retraining triggers and the promotion gate's settings (one row).
 
-Operators set two triggers on the Train page (or `python -m core automation`):
+Operators set two triggers on the Train page (or `python -m cli automation`):
 retrain when enough new validated images arrived since the last round, and/or
 every so many hours. The queue runs `check_triggers` every minute (a Huey
 periodic task in `jobs/queue.py`); when a trigger fires, the caller creates
@@ -236,7 +236,7 @@ def check_triggers(*, session: Session, now: datetime | None = None) -> TriggerD
 
 @dataclass(frozen=True)
 class AutomationState:
-    """What the Train page and `python -m core automation` show."""
+    """What the Train page and `python -m cli automation` show."""
 
     settings: Automation
     new_images: int
@@ -280,7 +280,7 @@ def state(*, session: Session, now: datetime | None = None) -> AutomationState:
     if (settings.new_images_enabled or settings.schedule_enabled) and now - quiet_since > STALE_CHECK:
         warning = (
             "no check ran in the last few minutes: checks wait while the worker trains, "
-            "and need a running worker (`python -m core worker`)"
+            "and need a running worker (`python -m cli worker`)"
         )
     next_check = next_check_at(now, last)
     return AutomationState(settings, new, new_text, schedule_text, last_text, next_check, warning)

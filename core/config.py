@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     # Reverse proxies whose X-Forwarded-For is believed (comma-separated
     # addresses or networks, `*` for any): sign-in throttling then counts the
     # visitor's address, not the proxy's. The same variable uvicorn reads;
-    # `python -m core serve` hands it to the web server.
+    # `python -m cli serve` hands it to the web server.
     forwarded_allow_ips: str = "127.0.0.1,::1"
     # A dashboard sign-in lasts this long (hours), then the browser asks again.
     session_hours: float = Field(12.0, gt=0, le=24 * 30)

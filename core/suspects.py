@@ -135,7 +135,7 @@ def resolve(image_id: int, action: str, *, session: Session, actor: Actor) -> Su
             raise NotFoundError(f"No image with id {image_id}")
         raise NotFoundError(
             f"Image {image_id} is not an open suspect (never suspected, already decided, relabelled or "
-            "no longer validated); `python -m core suspects` lists the open ones"
+            "no longer validated); `python -m cli suspects` lists the open ones"
         )
     if action == "accept":
         review.relabel_images([image_id], found.suggested_label, session=session, actor=actor)

@@ -66,7 +66,7 @@ def verify_token(secret: str, *, session: Session) -> ApiToken:
     """The live token whose secret this is; AuthenticationError otherwise."""
     token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret.strip()))).first()
     if token is None:
-        raise AuthenticationError("Unknown API token: check it, or create one with `python -m core token create`")
+        raise AuthenticationError("Unknown API token: check it, or create one with `python -m cli token create`")
     state = token_state(token)
     if state != "active":
         # Whoever holds a dead token learns nothing about whose it was.
@@ -93,7 +93,7 @@ def revoke_token(token_id: int, *, session: Session, actor: Actor) -> ApiToken:
     require(actor, Permission.manage_users)
     token = session.get(ApiToken, token_id)
     if token is None:
-        raise NotFoundError(f"No API token with id {token_id}; `python -m core token list` shows them")
+        raise NotFoundError(f"No API token with id {token_id}; `python -m cli token list` shows them")
     if token.revoked_at is None:
         before = token_state(token)
         token.revoked_at = utcnow()

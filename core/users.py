@@ -70,7 +70,7 @@ def _check_password(password: str) -> str:
 def get_user(name: str, *, session: Session) -> User:
     user = session.exec(select(User).where(User.name == name.strip())).first()
     if user is None:
-        raise NotFoundError(f"No user called '{name.strip()}'; `python -m core user list` shows them")
+        raise NotFoundError(f"No user called '{name.strip()}'; `python -m cli user list` shows them")
     return user
 
 

@@ -1,4 +1,4 @@
-"""Running a consumer with this product's settings (`python -m core worker`)."""
+"""Running a consumer with this product's settings (`python -m cli worker`)."""
 
 import logging
 import threading

@@ -68,7 +68,7 @@ def immediate_huey(data_dir):
 
 
 class Worker:
-    """A real consumer process (`python -m core worker`) on the test's data folder."""
+    """A real consumer process (`python -m cli worker`) on the test's data folder."""
 
     def __init__(self, data_dir: Path, log_path: Path, **env):
         self.log_path = log_path
@@ -78,7 +78,7 @@ class Worker:
     def start(self) -> "Worker":
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "core", "worker"], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
         )
         return self
 

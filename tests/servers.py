@@ -53,7 +53,7 @@ class Server:
 
 
 class AppServer(Server):
-    """`python -m core serve`: the web server and its worker, in their own process group."""
+    """`python -m cli serve`: the web server and its worker, in their own process group."""
 
     def stop(self) -> None:
         try:
@@ -76,7 +76,7 @@ def start_app(data_dir: Path, log_path: Path, **env: str) -> AppServer:
     port = free_port()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"],
+            [sys.executable, "-m", "cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
             cwd=root,
             env={**os.environ, "DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **env},
             stdout=log,

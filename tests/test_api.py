@@ -825,7 +825,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 def _cli(data_dir, *args: str) -> str:
     env = {**os.environ, "DATA_DIR": str(data_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "core", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -841,7 +841,7 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
     port = _free_port()
     log = open(tmp_path / "serve.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
         cwd=ROOT,
         env={**os.environ, "DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"},
         stdout=log,

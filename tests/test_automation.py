@@ -311,7 +311,7 @@ def test_a_real_consumer_runs_the_automatic_job_and_its_periodic_check(session, 
 
 
 def test_cli_shows_and_changes_the_settings_as_cli(session, capsys):
-    from core.__main__ import main
+    from cli import main
 
     assert main(["automation", "--new-images", "40", "--schedule-hours", "12", "--epochs", "3"]) == 0
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
 """End to end in a real browser: the app started as `make run` starts it
-(`python -m core serve`: the web server and a Huey consumer), driven by
+(`python -m cli serve`: the web server and a Huey consumer), driven by
 Debian's chromium through Playwright.
 
 `SCREENSHOTS=1` also refreshes docs/screenshots/<page>.png.
@@ -54,7 +54,7 @@ def healthy(url: str) -> bool:
 
 @pytest.fixture
 def server(tmp_path):
-    """`python -m core serve` on a free port and a fresh data folder; stopped
+    """`python -m cli serve` on a free port and a fresh data folder; stopped
     (web server and worker) with Ctrl-C, as a person would."""
     port = free_port()
     data = tmp_path / "data"
@@ -65,7 +65,7 @@ def server(tmp_path):
     env = {**os.environ, "DATA_DIR": str(data), "PYTHONUNBUFFERED": "1", "AUTO_PROMOTE": "always"}
     env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core", "serve", "--port", str(port), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -1,6 +1,6 @@
 """Apps written for the original pipeline keep working: its note's own request
 and response examples (`seed/000_183263191f7795ee.txt`, copied verbatim below)
-against a real server (`python -m core serve`: web server and worker).
+against a real server (`python -m cli serve`: web server and worker).
 
 Every field of an example must be in the answer with the same JSON type
 (integers stay integers), and the values the note fixes must be equal. New
@@ -121,7 +121,7 @@ def assert_iso_time(text: str) -> None:
 def _cli(data_dir, *args: str) -> str:
     env = {**os.environ, "DATA_DIR": str(data_dir)}
     done = subprocess.run(
-        [sys.executable, "-m", "core", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

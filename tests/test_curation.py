@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 from sqlmodel import select
 
+from cli import main
 from core import duplicates, review, suspects
-from core.__main__ import main
 from core.audit import find_events
 from core.config import get_settings
 from core.db import read_session

@@ -14,9 +14,7 @@ from tests.conftest import ROOT, wait_for
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "core", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result

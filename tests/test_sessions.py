@@ -134,7 +134,7 @@ def test_the_cookie_is_marked_secure_when_session_cookie_secure_is_set(session, 
 
 @pytest.fixture
 def web(data_dir, tmp_path):
-    """`streamlit run server.py` (as `python -m core serve` starts it) on a free port."""
+    """`streamlit run server.py` (as `python -m cli serve` starts it) on a free port."""
     port = free_port()
     log = open(tmp_path / "web.log", "wb")
     proc = subprocess.Popen(

@@ -141,7 +141,7 @@ def test_an_explicit_image_size_always_wins(session):
 
 
 def test_cli_takes_image_size_auto_or_a_number(session, capsys):
-    from core.__main__ import main
+    from cli import main
 
     add_images(session, {"cat": 25, "dog": 25}, size=(100, 60))
     assert main(["train", "--image-size", "auto", "--epochs", "1"]) == 0

@@ -122,7 +122,7 @@ def test_only_admins_manage_users_and_the_last_admin_stays(session):
 
 def _cli(data_dir, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "core", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(data_dir), "HOME": str(data_dir)},
         input=stdin,
