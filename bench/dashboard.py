@@ -75,7 +75,8 @@ def review_page() -> float:
 
     from core import review
     from core.db import read_session
-    from core.ingest import image_path, load_rgb
+    from core.images import load_rgb
+    from core.ingest import image_path
     from core.models import Category, ImageStatus, TrainingImage
 
     started = time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from core.cache import TensorCache, get_cache, image_key
-from core.ingest import load_rgb
+from core.images import load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,9 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from sqlmodel import Session
 
-from core.ingest import IngestReport, ingest_bytes
+from core.ingest import IngestReport, NewFile, ingest_files
 from core.models import ImageSource, ImageStatus
-from core.splits import assign_splits
 
 # category -> (hue centre in 0..1, drawing function name)
 DEMO_CATEGORIES = {
@@ -128,21 +127,15 @@ def load_demo_dataset(
 ) -> IngestReport:
     """Draw the demo pictures and ingest them (validated by default)."""
     rng = random.Random(seed)
-    report = IngestReport()
-    for category in DEMO_CATEGORIES:
-        for i in range(per_category):
-            buffer = io.BytesIO()
-            draw_demo_image(category, rng, size).save(buffer, format="PNG")
-            result = ingest_bytes(
-                buffer.getvalue(),
-                f"{category}_{i:03d}.png",
-                session=session,
-                category=category,
-                status=status,
-                source=ImageSource.import_,
-                uploaded_by=uploaded_by,
-                assign_split=False,
-            )
-            report.results.append(result)
-    assign_splits(session=session)
-    return report
+    files = (
+        NewFile(_png(draw_demo_image(category, rng, size)), f"{category}_{i:03d}.png", category)
+        for category in DEMO_CATEGORIES
+        for i in range(per_category)
+    )
+    return ingest_files(files, session=session, status=status, source=ImageSource.import_, uploaded_by=uploaded_by)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

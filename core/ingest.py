@@ -6,9 +6,9 @@ import os
 import time
 import zipfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlmodel import Session, func, select
@@ -112,12 +112,6 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
     return CheckedImage(width=width, height=height, format=fmt, phash=phash)
 
 
-def load_rgb(source: Path | BinaryIO) -> Image.Image:
-    """Open an image (a file, or a stream of its bytes) upright (EXIF orientation applied) in RGB."""
-    with Image.open(source) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
-
-
 def check_category_name(name: str) -> str:
     """`name` without surrounding spaces, or UserError saying what to change:
     names are printable text of at most 100 characters, without path
@@ -152,43 +146,82 @@ def get_or_create_category(name: str, *, session: Session, create: bool = True) 
     return category
 
 
-def ingest_bytes(
-    data: bytes,
-    filename: str,
+@dataclass(frozen=True)
+class NewFile:
+    """One file for `ingest_files`: its bytes, its name and the category it goes to."""
+
+    data: bytes
+    filename: str
+    category: str
+
+
+def ingest_files(
+    files: Iterable[NewFile | IngestResult],
     *,
     session: Session,
-    category: str,
     status: ImageStatus = ImageStatus.pending,
     source: ImageSource = ImageSource.upload,
     device_id: str | None = None,
     uploaded_by: str | None = None,
     create_category: bool = True,
-    assign_split: bool = True,
-) -> IngestResult:
-    """Check and store one file. Bad files are refused, not raised.
+) -> IngestReport:
+    """Check and store each file (bad ones are refused, not raised), then give
+    the new images their splits, once for the batch (`assign_splits`). A result
+    decided before (an archive entry refused) goes into the report as it is."""
+    report = IngestReport()
+    for item in files:
+        if isinstance(item, NewFile):
+            item = _store(
+                item,
+                session=session,
+                status=status,
+                source=source,
+                device_id=device_id,
+                uploaded_by=uploaded_by,
+                create_category=create_category,
+            )
+        report.results.append(item)
+    assign_splits(session=session)
+    return report
 
-    Bulk imports pass `assign_split=False` and call `assign_splits` once at the end."""
-    name = safe_filename(filename)
+
+def ingest_bytes(data: bytes, filename: str, *, session: Session, category: str, **options) -> IngestResult:
+    """Check and store one file (`ingest_files`' options apply). Bad files are refused, not raised."""
+    return ingest_files([NewFile(data, filename, category)], session=session, **options).results[0]
+
+
+def _store(
+    file: NewFile,
+    *,
+    session: Session,
+    status: ImageStatus,
+    source: ImageSource,
+    device_id: str | None,
+    uploaded_by: str | None,
+    create_category: bool,
+) -> IngestResult:
+    name = safe_filename(file.filename)
     try:
-        checked = check_image(data, name)
+        checked = check_image(file.data, name)
     except InvalidImageError as exc:
         return IngestResult(name, "refused", reason=str(exc))
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(file.data).hexdigest()
     existing = session.exec(select(TrainingImage).where(TrainingImage.sha256 == digest)).first()
     if existing is not None:
         return IngestResult(name, "duplicate", image_id=existing.id)
-    cat = get_or_create_category(category, session=session, create=create_category)
-    rel = Path("images") / digest[:2] / f"{digest}{_FORMAT_SUFFIX[checked.format]}"
-    target = get_settings().data_dir / rel
+    cat = get_or_create_category(file.category, session=session, create=create_category)
+    settings = get_settings()
+    target = settings.images_dir / digest[:2] / f"{digest}{_FORMAT_SUFFIX[checked.format]}"
     if target.exists():
         # A file without a row (yet) is swept once it is old: this one is in use again.
         os.utime(target)
     else:
-        write_atomic(target, data)
+        write_atomic(target, file.data)
     crash_point("ingest.file_written")
     image = TrainingImage(
         sha256=digest,
-        path=rel.as_posix(),
+        # Relative to DATA_DIR, so the data folder can move.
+        path=target.relative_to(settings.data_dir).as_posix(),
         original_filename=name,
         category_id=cat.id,
         status=status,
@@ -196,14 +229,12 @@ def ingest_bytes(
         device_id=device_id,
         width=checked.width,
         height=checked.height,
-        size_bytes=len(data),
+        size_bytes=len(file.data),
         uploaded_by=uploaded_by,
         phash=checked.phash,
     )
     session.add(image)
     session.flush()
-    if assign_split:
-        assign_splits(session=session)
     return IngestResult(name, "stored", image_id=image.id)
 
 
@@ -222,22 +253,12 @@ def import_folder(
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise UserError(f"{folder} has no sub-folders: put each category's images in a sub-folder named after it")
-    report = IngestReport()
-    for sub in subdirs:
-        for path in sorted(p for p in sub.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            result = ingest_bytes(
-                path.read_bytes(),
-                path.name,
-                session=session,
-                category=sub.name,
-                status=status,
-                source=source,
-                uploaded_by=uploaded_by,
-                assign_split=False,
-            )
-            report.results.append(result)
-    assign_splits(session=session)
-    return report
+    files = (
+        NewFile(path.read_bytes(), path.name, sub.name)
+        for sub in subdirs
+        for path in sorted(p for p in sub.rglob("*") if p.is_file() and not p.name.startswith("."))
+    )
+    return ingest_files(files, session=session, status=status, source=source, uploaded_by=uploaded_by)
 
 
 def _check_archive_size(entries: list[zipfile.ZipInfo]) -> None:
@@ -269,12 +290,20 @@ def import_zip(
     uploaded_by: str | None = None,
     default_category: str | None = None,
 ) -> IngestReport:
-    """Import a .zip of category folders; entries outside its root are refused."""
+    """Import a .zip of category folders (`zip_files`)."""
+    files = zip_files(data, default_category=default_category)
+    return ingest_files(files, session=session, status=status, source=source, uploaded_by=uploaded_by)
+
+
+def zip_files(data: bytes, *, default_category: str | None = None) -> Iterator[NewFile | IngestResult]:
+    """The files of a .zip of category folders, one at a time (loose files go to
+    `default_category`); entries outside its root, too big or damaged come as
+    refused results. Raises UserError, before the first file, for an archive
+    that is not a .zip or is over the limits."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
         raise UserError("The archive is not a valid .zip file") from None
-    report = IngestReport()
     limit = get_settings().max_upload_bytes
     with archive:
         _check_archive_size(archive.infolist())
@@ -283,29 +312,17 @@ def import_zip(
                 continue
             parts = PurePosixPath(info.filename.replace("\\", "/")).parts
             if info.filename.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
-                report.results.append(
-                    IngestResult(
-                        info.filename,
-                        "refused",
-                        reason=f"{info.filename}: path leaves the archive's root",
-                    )
-                )
+                yield IngestResult(info.filename, "refused", reason=f"{info.filename}: path leaves the archive's root")
                 continue
             if any(p.startswith(".") or p == "__MACOSX" for p in parts):
                 continue
             category = parts[-2] if len(parts) >= 2 else default_category
             if category is None:
-                report.results.append(
-                    IngestResult(
-                        info.filename,
-                        "refused",
-                        reason=f"{info.filename}: not inside a category folder",
-                    )
-                )
+                yield IngestResult(info.filename, "refused", reason=f"{info.filename}: not inside a category folder")
                 continue
             if info.file_size > limit:
                 reason = f"{info.filename}: {info.file_size / 2**20:.1f} MB is over the {limit / 2**20:.1f} MB limit"
-                report.results.append(IngestResult(info.filename, "refused", reason=reason))
+                yield IngestResult(info.filename, "refused", reason=reason)
                 continue
             try:
                 content = archive.read(info)
@@ -313,21 +330,9 @@ def import_zip(
                 # A damaged entry (bad CRC, truncated, unknown compression) is refused
                 # like a bad image; the rest of the archive still goes in.
                 reason = f"{info.filename}: damaged in the archive ({exc}); make the .zip again"
-                report.results.append(IngestResult(info.filename, "refused", reason=reason))
+                yield IngestResult(info.filename, "refused", reason=reason)
                 continue
-            result = ingest_bytes(
-                content,
-                info.filename,
-                session=session,
-                category=category,
-                status=status,
-                source=source,
-                uploaded_by=uploaded_by,
-                assign_split=False,
-            )
-            report.results.append(result)
-    assign_splits(session=session)
-    return report
+            yield NewFile(content, info.filename, category)
 
 
 def remove_orphan_images(*, session: Session, grace: float | None = None) -> list[Path]:

@@ -28,11 +28,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
 from sqlmodel import Session, col, func, select
 
 from core.config import get_settings
 from core.duplicates import Representatives, image_hash
+from core.images import load_upright
 from core.models import ImageStatus, ModelVersion, TrainingImage, TrainingRound
 
 SPLITS = ("train", "val", "test")
@@ -65,8 +65,7 @@ def split_of(key: float, val_split: float, test_split: float | None = None) -> s
 def file_hash(path: Path) -> str | None:
     """The look-alike hash of a stored image file, or None when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            return image_hash(ImageOps.exif_transpose(im))
+        return image_hash(load_upright(path))
     except OSError:
         return None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.config import get_settings
-from core.ingest import load_rgb
+from core.images import load_rgb
 from core.models import TrainingImage
 from core.storage import commit_temp, temp_path_for
 

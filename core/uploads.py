@@ -2,7 +2,7 @@
 archives, a folder on the server, the demo dataset. Each checks the actor's
 role and records every stored image in the audit trail."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -11,9 +11,8 @@ from core.access import Actor, Permission, require
 from core.audit import record_audit
 from core.demo import load_demo_dataset
 from core.errors import UserError, bounded_text
-from core.ingest import IngestReport, IngestResult, import_folder, import_zip, ingest_bytes
+from core.ingest import IngestReport, IngestResult, NewFile, import_folder, ingest_files, zip_files
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
-from core.splits import assign_splits
 
 
 def _require(actor: Actor, status: ImageStatus) -> None:
@@ -69,32 +68,28 @@ def ingest_uploads(
     is_zip = [archives and name.lower().endswith(".zip") for name, _ in files]
     if not category and not all(is_zip):
         raise UserError("Choose a category for the images (only a .zip brings its own category folders)")
-    report = IngestReport()
-    for (name, data), archive in zip(files, is_zip, strict=True):
-        if not archive:
-            report.results.append(
-                ingest_bytes(
-                    data,
-                    name,
-                    session=session,
-                    category=category,
-                    status=status,
-                    source=source,
-                    device_id=device_id,
-                    uploaded_by=actor.name,
-                    create_category=archives,
-                    assign_split=False,
-                )
-            )
-            continue
-        try:
-            found = import_zip(data, session=session, status=status, uploaded_by=actor.name, default_category=category)
-        except UserError as exc:
-            report.results.append(IngestResult(name, "refused", reason=f"{name}: {exc}"))
-        else:
-            report.results.extend(found.results)
-    assign_splits(session=session)
+    files = (
+        _unpacked(name, data, category) if archive else [NewFile(data, name, category)]
+        for (name, data), archive in zip(files, is_zip, strict=True)
+    )
+    report = ingest_files(
+        (file for group in files for file in group),
+        session=session,
+        status=status,
+        source=source,
+        device_id=device_id,
+        uploaded_by=actor.name,
+        create_category=archives,
+    )
     return _audit(report, session=session, actor=actor)
+
+
+def _unpacked(name: str, data: bytes, category: str | None) -> Iterator[NewFile | IngestResult]:
+    """The files of the archive `name`, or the archive refused with its reason."""
+    try:
+        yield from zip_files(data, default_category=category)
+    except UserError as exc:
+        yield IngestResult(name, "refused", reason=f"{name}: {exc}")
 
 
 def import_directory(

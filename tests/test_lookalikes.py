@@ -12,7 +12,7 @@ from sqlmodel import select
 from bench import datasets
 from core import duplicates
 from core.config import get_settings
-from core.ingest import get_or_create_category, ingest_bytes
+from core.ingest import NewFile, get_or_create_category, ingest_bytes, ingest_files
 from core.models import ImageStatus, TrainingImage, TrainingRound
 from core.splits import MIN_FOR_TEST, assign_splits, ensure_test_images, split_of
 from tests.factories import version_row
@@ -104,12 +104,11 @@ def test_no_chaining_a_like_b_and_b_like_c_does_not_join_a_and_c(session):
 
 def test_split_shares_on_a_thousand_low_detail_pictures_keep_their_promise(session):
     images, labels = datasets.digits(1200)
-    for n, (image, label) in enumerate(zip(images, labels, strict=True)):
-        ingest_bytes(
-            datasets.png(image), f"{n}.png", session=session, category=label,
-            status=ImageStatus.validated, assign_split=False,
-        )  # fmt: skip
-    assign_splits(session=session)
+    files = (
+        NewFile(datasets.png(image), f"{n}.png", label)
+        for n, (image, label) in enumerate(zip(images, labels, strict=True))
+    )
+    ingest_files(files, session=session, status=ImageStatus.validated)
     session.commit()
     rows = session.exec(select(TrainingImage.category_id, TrainingImage.split_key)).all()
     splits = [split_of(key, 0.2) for _, key in rows]
@@ -124,9 +123,11 @@ def test_split_shares_on_a_thousand_low_detail_pictures_keep_their_promise(sessi
 @pytest.mark.parametrize("size", [60, 150])
 def test_small_datasets_stay_within_what_chance_allows(session, size):
     images, labels = datasets.glyphs(size, seed=size)
-    for n, (image, label) in enumerate(zip(images, labels, strict=True)):
-        ingest_bytes(datasets.png(image), f"{n}.png", session=session, category=label, assign_split=False)
-    assign_splits(session=session)
+    files = (
+        NewFile(datasets.png(image), f"{n}.png", label)
+        for n, (image, label) in enumerate(zip(images, labels, strict=True))
+    )
+    ingest_files(files, session=session)
     keys = session.exec(select(TrainingImage.split_key)).all()
     tests = sum(split_of(key, 0.2) == "test" for key in keys)
     low, high = binom.interval(0.95, len(keys), get_settings().test_split)
