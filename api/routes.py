@@ -22,12 +22,13 @@ from api.schemas import (
     TrainResponse,
     UploadResponse,
 )
-from core import manifest, registry, review, stats, training, uploads
+from core import manifest, review, stats, uploads
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import InvalidImageError, RequestTooLargeError
 from core.ingest import check_size, get_or_create_category
-from core.models import EpochMetric, ImageSource, ModelVersion, RoundStatus, TrainingRound, as_utc
+from core.models import ImageSource, RoundStatus
+from core.round_details import RoundDetails, load_round_details
 from core.storage import free_bytes
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def start_training(caller: Trainer, _: JsonObject, body: TrainRequest | None = N
     )
 
 
-def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVersion | None) -> TrainingStatus:
+def _status(details: RoundDetails) -> TrainingStatus:
+    round_, version = details.round, details.version
     report = TrainingStatus(
         job_id=round_.job_id,
         training_round_id=round_.id,
@@ -72,7 +74,7 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
         current_batch=round_.current_batch,
         total_batches=round_.total_batches,
         progress=round_.progress,
-        epoch_metrics=[EpochRow.model_validate(m, from_attributes=True) for m in epochs],
+        epoch_metrics=[EpochRow.model_validate(m, from_attributes=True) for m in details.epochs],
         metrics={"total_images": round_.total_images, "category_distribution": round_.category_distribution},
         warnings=round_.warnings,
         cancel_requested=round_.cancel_requested,
@@ -84,8 +86,7 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
         report.accuracy = version.metrics.get("val_accuracy")
         report.metrics |= stats.quality_metrics(version.metrics)
         if round_.started_at and round_.finished_at:
-            seconds = (as_utc(round_.finished_at) - as_utc(round_.started_at)).total_seconds()
-            report.duration_minutes = round(seconds / 60, 2)
+            report.duration_minutes = round(round_.elapsed_seconds() / 60, 2)
     return report
 
 
@@ -93,12 +94,7 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
 def training_status(job_id: str, caller: Reader) -> TrainingStatus:
     """A job's state, progress, per-epoch metrics so far and, once completed, its model."""
     with read_session() as session:
-        round_ = training.get_round(job_id, session=session)
-        epochs = training.epoch_metrics(round_.id, session=session)
-        version = (
-            registry.get_version_by_id(round_.model_version_id, session=session) if round_.model_version_id else None
-        )
-    return _status(round_, epochs, version)
+        return _status(load_round_details(job_id, session=session))
 
 
 @router.post("/models/training/{job_id}/cancel/", tags=["training"])

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
-from core.models import as_utc
+from core.models import EpochMetricBase, as_utc
 from core.training import ARCHITECTURES, AUTO, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
 
 # Datetimes come back from SQLite without a zone; they are UTC.
@@ -81,14 +81,9 @@ class TrainResponse(BaseModel):
     warnings: list[str]
 
 
-class EpochRow(BaseModel):
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    learning_rate: float
-    seconds: float
+# An epoch's figures in a status answer: the table's fields without its keys.
+class EpochRow(EpochMetricBase):
+    pass
 
 
 # The original shapes: `metrics` holds the dataset while running, and the

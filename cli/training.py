@@ -10,6 +10,7 @@ from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import FINISHED_STATUSES, Automation, RoundStatus
+from core.round_details import load_round_details
 
 
 def _train_params(args) -> dict:
@@ -47,12 +48,8 @@ def _wait(job_id: str) -> int:
     last = None
     while True:
         with session_scope() as session:
-            round_ = training.get_round(job_id, session=session)
-            version = (
-                registry.get_version_by_id(round_.model_version_id, session=session)
-                if round_.model_version_id
-                else None
-            )
+            details = load_round_details(job_id, session=session)
+        round_ = details.round
         line = (
             f"{round_.status.value}: epoch {round_.current_epoch}/{round_.parameters['epochs']}, {round_.progress:.0%}"
         )
@@ -63,7 +60,7 @@ def _wait(job_id: str) -> int:
             break
         time.sleep(1)
     if round_.status == RoundStatus.completed:
-        print(f"Model {version.version}: {_quality(version)}")
+        print(f"Model {details.version.version}: {_quality(details.version)}")
         return 0
     print(f"Job {round_.status.value}: {round_.error or ''}", file=sys.stderr)
     return 1
@@ -78,11 +75,8 @@ def _quality(version) -> str:
 
 def cmd_status(args) -> int:
     with session_scope() as session:
-        round_ = training.get_round(args.job_id, session=session)
-        metrics = training.epoch_metrics(round_.id, session=session)
-        version = (
-            registry.get_version_by_id(round_.model_version_id, session=session) if round_.model_version_id else None
-        )
+        details = load_round_details(args.job_id, session=session)
+    round_, metrics, version = details.round, details.epochs, details.version
     print(f"Job {round_.job_id} (round {round_.id}): {round_.status.value}")
     print(f"  images {round_.total_images}, categories {round_.category_distribution}")
     print(

@@ -129,13 +129,18 @@ class TrainingRound(SQLModel, table=True):
         ),
     )
 
+    def elapsed_seconds(self, now: datetime | None = None) -> float | None:
+        """Seconds from its start to its end (to `now`, default the present, while
+        it runs); None before it starts."""
+        if self.started_at is None:
+            return None
+        end = as_utc(self.finished_at) or as_utc(now) or utcnow()
+        return max(0.0, (end - as_utc(self.started_at)).total_seconds())
+
 
 # Metrics of one epoch of one round, written while training runs.
-class EpochMetric(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("round_id", "epoch"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    round_id: int = Field(foreign_key="traininground.id", index=True)
+# One epoch's figures, as the API shows them (api.schemas.EpochRow).
+class EpochMetricBase(SQLModel):
     epoch: int
     train_loss: float
     train_accuracy: float
@@ -143,6 +148,14 @@ class EpochMetric(SQLModel, table=True):
     val_accuracy: float
     learning_rate: float
     seconds: float
+
+
+# The figures stored per round and epoch, written while training runs.
+class EpochMetric(EpochMetricBase, table=True):
+    __table_args__ = (UniqueConstraint("round_id", "epoch"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    round_id: int = Field(foreign_key="traininground.id", index=True)
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -22,6 +22,7 @@ from core.models import (
     RoundStatus,
     TrainingImage,
     TrainingRound,
+    as_utc,
     utcnow,
 )
 
@@ -149,13 +150,6 @@ def dataset_over_time(*, session: Session) -> list[dict]:
 # --- training rounds ----------------------------------------------------------
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back without their timezone; they are stored in UTC.
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
-
-
 def phase_seconds(round_: TrainingRound, now: datetime | None = None) -> dict[str, float]:
     """Seconds the round spent in each phase so far (the running one up to `now`)."""
     now = now or utcnow()
@@ -163,7 +157,7 @@ def phase_seconds(round_: TrainingRound, now: datetime | None = None) -> dict[st
     for phase in round_.phases:
         start = datetime.fromisoformat(phase["started_at"])
         end = datetime.fromisoformat(phase["ended_at"]) if phase["ended_at"] else now
-        spent[phase["name"]] = spent.get(phase["name"], 0.0) + max(0.0, (_aware(end) - _aware(start)).total_seconds())
+        spent[phase["name"]] = spent.get(phase["name"], 0.0) + max(0.0, (as_utc(end) - as_utc(start)).total_seconds())
     return spent
 
 
@@ -196,12 +190,10 @@ def round_timing(
     None where not known yet. The estimate is the training left (from its
     progress so far) plus, from `typical` (see `typical_phases`), the phases
     still to come (exporting, checking the phone files, scoring, registering)."""
-    started = _aware(round_.started_at)
-    if started is None:
+    elapsed = round_.elapsed_seconds(now)
+    if elapsed is None:
         return None, None
     now = now or utcnow()
-    end = _aware(round_.finished_at) or now
-    elapsed = max(0.0, (end - started).total_seconds())
     if round_.status in FINISHED_STATUSES:
         return elapsed, 0.0
     typical = typical or {}
@@ -288,7 +280,7 @@ def queue_overview(*, session: Session, recent: int = 10) -> list[dict]:
                 "position": position.get(r.id),
                 "progress": r.progress,
                 "requested_by": r.requested_by,
-                "created": _aware(r.created_at),
+                "created": as_utc(r.created_at),
                 "duration_s": round(elapsed, 1) if elapsed is not None else None,
                 "images": r.total_images,
                 "device": r.device,
@@ -411,7 +403,7 @@ def versions_table(*, session: Session) -> list[dict]:
         {
             "version": v.version,
             "production": v.is_production,
-            "created": _aware(v.created_at),
+            "created": as_utc(v.created_at),
             "test_accuracy": v.metrics.get("test_accuracy"),
             "test_images": v.metrics.get("test_images"),
             "test_95_ci": _interval_text(v.metrics),
