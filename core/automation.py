@@ -18,11 +18,11 @@ from sqlmodel import Session, col, select
 
 from core.access import Actor, Permission, require
 from core.audit import record_audit
+from core.automation_settings import AUTOMATION_ID, get_automation
 from core.errors import UserError
 from core.models import Automation, ImageStatus, RoundStatus, TrainingImage, TrainingRound, as_utc, utcnow
 from core.training import TrainingConfig, preflight
 
-AUTOMATION_ID = 1
 NEW_IMAGES = "new_images"
 SCHEDULE = "schedule"
 TRIGGERS = (NEW_IMAGES, SCHEDULE)
@@ -41,11 +41,6 @@ SETTING_RANGES: dict[str, tuple[type, float, float]] = {
 }
 SWITCHES = ("new_images_enabled", "schedule_enabled")
 SETTINGS = (*SWITCHES, *SETTING_RANGES, "parameters")
-
-
-def get_automation(*, session: Session) -> Automation:
-    """The saved settings, or the defaults (not saved) when nobody set them yet."""
-    return session.get(Automation, AUTOMATION_ID) or Automation(id=AUTOMATION_ID)
 
 
 def _locked_automation(*, session: Session) -> Automation:

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from scipy.stats import binomtest
 from sqlmodel import Session, col, delete, select
 
-from core.models import Automation, Category, ImageStatus, ModelVersion, TestPrediction, TrainingImage
+from core.automation_settings import get_automation
+from core.models import Category, ImageStatus, ModelVersion, TestPrediction, TrainingImage
 
 ALPHA = 0.05
 MIN_CATEGORY_IMAGES = 20
@@ -34,7 +35,7 @@ MIN_CATEGORY_IMAGES = 20
 
 def rules(*, session: Session) -> dict[str, float]:
     """The gate's settings (set on the Train page; core/automation.py)."""
-    settings = session.get(Automation, 1) or Automation()
+    settings = get_automation(session=session)
     return {
         "min_improvement": settings.gate_min_improvement,
         "max_category_drop": settings.gate_max_category_drop,
