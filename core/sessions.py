@@ -13,7 +13,6 @@ Tickets and tokens are random 256-bit secrets stored as SHA-256 (like API
 tokens): what the table holds cannot be replayed.
 """
 
-import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -21,8 +20,8 @@ from sqlalchemy import delete, or_
 from sqlmodel import Session, col, select, update
 
 from core.config import get_settings
+from core.hashed_secrets import hash_secret, new_secret
 from core.models import BrowserSession, User, as_utc, utcnow
-from core.tokens import hash_secret
 
 COOKIE_NAME = "dashboard_session"
 # The sign-in page hands the ticket straight to the browser: a minute is plenty.
@@ -40,7 +39,7 @@ class SessionCookie:
 def start_session(user_id: int, *, session: Session) -> str:
     """A new session for a user who just proved their password; returns its
     one-time ticket (exchange it with `claim_ticket` within a minute)."""
-    ticket = secrets.token_urlsafe(32)
+    ticket, ticket_hash = new_secret()
     now = utcnow()
     # Ended sessions are of no further use: the table keeps live ones only.
     session.exec(
@@ -51,7 +50,7 @@ def start_session(user_id: int, *, session: Session) -> str:
     session.add(
         BrowserSession(
             user_id=user_id,
-            ticket_hash=hash_secret(ticket),
+            ticket_hash=ticket_hash,
             created_at=now,
             expires_at=now + timedelta(hours=get_settings().session_hours),
         )
@@ -71,8 +70,7 @@ def claim_ticket(ticket: str, *, session: Session) -> SessionCookie | None:
     now = utcnow()
     if row.revoked_at is not None or as_utc(row.created_at) + TICKET_LIFETIME < now or _user(row, session) is None:
         return None
-    token = secrets.token_urlsafe(32)
-    row.token_hash = hash_secret(token)
+    token, row.token_hash = new_secret()
     session.flush()
     return SessionCookie(token, as_utc(row.expires_at))
 

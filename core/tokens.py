@@ -1,7 +1,5 @@
 """API tokens: random secrets shown once, stored as SHA-256, revocable."""
 
-import hashlib
-import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -10,6 +8,7 @@ from sqlmodel import Session, col, select
 from core.access import Actor, Permission, parse_role, require
 from core.audit import record_audit
 from core.errors import AuthenticationError, NotFoundError, UserError, bounded_text
+from core.hashed_secrets import hash_secret, new_secret
 from core.models import ApiToken, as_utc, utcnow
 
 PREFIX = "tdb_"
@@ -24,10 +23,6 @@ class CreatedToken:
     secret: str
 
 
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def create_token(
     *, session: Session, actor: Actor, role: str, label: str, expires_days: float | None = None
 ) -> CreatedToken:
@@ -39,11 +34,11 @@ def create_token(
         raise UserError("A token needs a label (who or what uses it, e.g. 'pixel-7 of Ana')")
     if expires_days is not None and expires_days <= 0:
         raise UserError(f"--expires-days must be positive (got {expires_days:g})")
-    secret = PREFIX + secrets.token_urlsafe(32)
+    secret, digest = new_secret(PREFIX)
     token = ApiToken(
         label=label,
         role=role.value,
-        token_hash=hash_secret(secret),
+        token_hash=digest,
         expires_at=utcnow() + timedelta(days=expires_days) if expires_days else None,
     )
     session.add(token)
