@@ -175,11 +175,6 @@ def look_alikes(image: TrainingImage, *, session: Session) -> list[tuple[Trainin
     return sorted(scored, key=lambda row: (row[2], row[0].id))
 
 
-def near_duplicates(image: TrainingImage, *, session: Session) -> list[TrainingImage]:
-    """Other images that look like `image`, nearest first (rejected ones included)."""
-    return [img for img, _, _ in look_alikes(image, session=session)]
-
-
 def look_alike_counts(images: Sequence[TrainingImage], *, session: Session) -> dict[int, int]:
     """How many other images share each image's cluster (rejected ones
     included), in one query: cheap enough for every page of the review grid."""

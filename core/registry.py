@@ -76,14 +76,6 @@ def next_version(classes: list[str], *, session: Session) -> str:
     return format_version(latest.major + 1, 0, 0)
 
 
-def next_patch(version: ModelVersion, *, session: Session) -> str:
-    """The next free PATCH of `version`'s MAJOR.MINOR (for a re-export)."""
-    patches = session.exec(
-        select(ModelVersion.patch).where(ModelVersion.major == version.major, ModelVersion.minor == version.minor)
-    ).all()
-    return format_version(version.major, version.minor, max(patches) + 1)
-
-
 def _set_production(
     target: ModelVersion | None,
     *,

@@ -62,11 +62,6 @@ def set_status(ids: Sequence[int], status: ImageStatus | str, *, session: Sessio
     return len(images)
 
 
-def validate_images(ids: Sequence[int], *, session: Session, actor: Actor) -> int:
-    """Mark images fit for training."""
-    return set_status(ids, ImageStatus.validated, session=session, actor=actor)
-
-
 def reject_images(ids: Sequence[int], *, session: Session, actor: Actor) -> int:
     """Keep images out of training (they stay stored, for the record)."""
     return set_status(ids, ImageStatus.rejected, session=session, actor=actor)

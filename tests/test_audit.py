@@ -20,7 +20,7 @@ def _events(session) -> list[tuple]:
 def test_review_actions_record_before_and_after_per_image(session):
     ids = add_images(session, {"cat": 2, "dog": 1}, status=ImageStatus.pending)
     ana = as_actor("ana", "curator")
-    review.validate_images(ids[:1], session=session, actor=ana)
+    review.set_status(ids[:1], ImageStatus.validated, session=session, actor=ana)
     review.reject_images(ids[1:2], session=session, actor=ana)
     review.relabel_images(ids[:1], "dog", session=session, actor=ana)
     review.add_category("owl", session=session, actor=ana)
@@ -110,7 +110,7 @@ def test_user_and_token_changes_are_recorded_without_secrets(session):
 
 def test_find_events_filters_by_person_action_and_day(session):
     ids = add_images(session, {"cat": 2}, status=ImageStatus.pending)
-    review.validate_images(ids, session=session, actor=as_actor("ana", "curator"))
+    review.set_status(ids, ImageStatus.validated, session=session, actor=as_actor("ana", "curator"))
     review.reject_images(ids[:1], session=session, actor=as_actor("bo", "curator"))
     assert len(audit.find_events(session=session, actor="ana")) == 2
     assert [e.actor for e in audit.find_events(session=session, action="image.reject")] == ["bo"]
@@ -123,7 +123,7 @@ def test_find_events_filters_by_person_action_and_day(session):
 @pytest.mark.parametrize(
     ("role", "call"),
     [
-        ("viewer", lambda s, a, ids: review.validate_images(ids, session=s, actor=a)),
+        ("viewer", lambda s, a, ids: review.set_status(ids, ImageStatus.validated, session=s, actor=a)),
         ("viewer", lambda s, a, ids: review.relabel_images(ids, "cat", session=s, actor=a)),
         ("viewer", lambda s, a, ids: review.add_category("owl", session=s, actor=a)),
         ("viewer", lambda s, a, ids: ingest_uploads([("a.png", image_bytes())], session=s, actor=a, category="cat")),

@@ -235,9 +235,9 @@ def test_review_ticks_survive_a_filter_change_with_a_note_and_act(session):
 def test_review_history_finds_any_image_by_id(session):
     ids = add_images(session, {"cats": 50}, status=ImageStatus.pending)
     oldest = ids[0]  # newest first: not on the first page
-    from core.review import validate_images
+    from core.review import set_status
 
-    validate_images([oldest], session=session, actor=as_actor("Ana", "curator"))
+    set_status([oldest], ImageStatus.validated, session=session, actor=as_actor("Ana", "curator"))
     session.commit()
     at = ok(app("pages/review.py", "curator", "Ana"))
     assert f"pick_{oldest}" not in [c.key for c in at.checkbox]
@@ -947,10 +947,10 @@ def test_admin_creates_a_token_sees_its_secret_once_and_revokes_it(session):
 
 def test_audit_page_filters_by_person_and_action(session):
     from core.access import Actor
-    from core.review import validate_images
+    from core.review import set_status
 
     ids = add_images(session, {"cats": 3}, status=ImageStatus.pending)
-    validate_images(ids[:2], session=session, actor=Actor("ana", "curator"))
+    set_status(ids[:2], ImageStatus.validated, session=session, actor=Actor("ana", "curator"))
     add_category("dogs", session=session, actor=Actor("bo", "admin"))
     session.commit()
     at = ok(app("pages/audit.py", "operator"))

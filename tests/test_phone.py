@@ -44,7 +44,7 @@ def test_phone_uploads_operator_trains_phone_downloads_and_classifies(data_dir, 
     with read_session() as reader:
         stored = reader.exec(select(TrainingImage).where(col(TrainingImage.id).in_(uploaded))).all()
     assert len(stored) == 50 and {img.status for img in stored} == {ImageStatus.pending}
-    review.validate_images(uploaded, session=session, actor=as_actor("curator", "curator"))
+    review.set_status(uploaded, ImageStatus.validated, session=session, actor=as_actor("curator", "curator"))
     session.commit()
 
     # 3. An operator starts a (tiny) training; a real consumer runs it.

@@ -24,13 +24,6 @@ def test_retrain_on_same_classes_bumps_minor_and_new_classes_bump_major(session)
     assert registry.next_version(["cat", "dog", "bird"], session=session) == "2.0.0"
 
 
-def test_reexport_bumps_patch(session):
-    base = add_version(session, "1.1.0")
-    assert registry.next_patch(base, session=session) == "1.1.1"
-    add_version(session, "1.1.1")
-    assert registry.next_patch(base, session=session) == "1.1.2"
-
-
 def test_versions_sort_numerically_not_as_text(session):
     for v in ("1.2.0", "1.10.0", "1.9.0"):
         add_version(session, v)

@@ -8,7 +8,7 @@ from tests.factories import add_images, as_actor
 
 def test_validate_reject_and_relabel_record_who_and_when(session):
     ids = add_images(session, {"cat": 3, "dog": 1}, status=ImageStatus.pending)
-    assert review.validate_images(ids[:2], session=session, actor=as_actor("ana")) == 2
+    assert review.set_status(ids[:2], ImageStatus.validated, session=session, actor=as_actor("ana")) == 2
     assert review.reject_images([ids[2]], session=session, actor=as_actor("bo")) == 1
     assert review.relabel_images([ids[0]], "dog", session=session, actor=as_actor("cy")) == 1
     session.commit()
@@ -23,7 +23,7 @@ def test_validate_reject_and_relabel_record_who_and_when(session):
 def test_unknown_image_ids_change_nothing(session):
     ids = add_images(session, {"cat": 1}, status=ImageStatus.pending)
     with pytest.raises(NotFoundError, match="No image with id 999"):
-        review.validate_images([ids[0], 999], session=session, actor=as_actor("ana"))
+        review.set_status([ids[0], 999], ImageStatus.validated, session=session, actor=as_actor("ana"))
     assert session.get(TrainingImage, ids[0]).status == ImageStatus.pending
 
 
