@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -53,32 +54,46 @@ class Server:
 
 
 class AppServer(Server):
-    """`python -m cli serve`: the web server and its worker, in their own process group."""
+    """A server in its own process group (`python -m cli serve`: the web server and its worker)."""
 
     def stop(self) -> None:
+        """SIGTERM the group; SIGKILL whatever of it is left after 20 s."""
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
         except ProcessLookupError:
             return
+        deadline = time.monotonic() + 20
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            self.proc.wait(timeout=20)
+            while self.group_alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        except subprocess.TimeoutExpired:
             pass
+        if self.group_alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
-def start_app(data_dir: Path, log_path: Path, **env: str) -> AppServer:
-    """The product on a free loopback port, answering /api/health/ (the caller stops it)."""
-    root = Path(__file__).resolve().parent.parent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _start(command: list[str], health: str, log_path: Path, env: dict[str, str | None], *, answers=(200,)) -> AppServer:
+    """`command` (+ the port, appended) in its own process group, once `health` answers with one of
+    `answers`; its output goes to `log_path`. An env value of None removes that variable."""
     port = free_port()
+    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
-            cwd=root,
-            env={**os.environ, "DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **env},
+            [*command, str(port)],
+            cwd=ROOT,
+            env={k: v for k, v in merged.items() if v is not None},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -89,13 +104,37 @@ def start_app(data_dir: Path, log_path: Path, **env: str) -> AppServer:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}: {log_path.read_text()}")
         try:
-            with urllib.request.urlopen(f"{server.url}/api/health/", timeout=2) as answer:
-                if answer.status == 200:
-                    return server
+            with urllib.request.urlopen(f"{server.url}{health}", timeout=2) as answer:
+                status = answer.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
         except OSError:
-            time.sleep(0.3)
+            status = None
+        if status in answers:
+            return server
+        time.sleep(0.3)
     server.stop()
-    raise RuntimeError(f"the server did not answer /api/health/ in 120 s: {log_path.read_text()}")
+    raise RuntimeError(f"the server did not answer {health} in 120 s: {log_path.read_text()}")
+
+
+def start_app(data_dir: Path, log_path: Path, **env: str | None) -> AppServer:
+    """The product as `make run` starts it (web server, API and worker) on a free
+    loopback port, answering /api/health/ (the caller stops it)."""
+    command = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port"]
+    return _start(command, "/api/health/", log_path, {"DATA_DIR": str(data_dir), **env})
+
+
+def start_api(data_dir: Path, log_path: Path, **env: str | None) -> AppServer:
+    """The HTTP API alone (`uvicorn api.app:app`) on a free loopback port, once it answers."""
+    command = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port"]
+    return _start(command, "/health/", log_path, {"DATA_DIR": str(data_dir), **env}, answers=(200, 503))
+
+
+def start_web(log_path: Path, **env: str | None) -> AppServer:
+    """`streamlit run server.py` (as `python -m cli serve` starts it, without a worker) on a free port."""
+    command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "server.py"), "--server.address", "127.0.0.1",
+               "--server.headless", "true", "--server.port"]  # fmt: skip
+    return _start(command, "/_stcore/health", log_path, env)
 
 
 def postgres_bin() -> Path | None:

@@ -4,8 +4,6 @@ import hashlib
 import json
 import os
 import re
-import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from core.db import read_session
 from core.models import ImageSource, ImageStatus, RoundStatus, TrainingImage, TrainingRound, utcnow
 from tests.conftest import ROOT, wait_for
 from tests.factories import add_demo, add_fake_version, add_images, add_token, as_actor, distinct_images, image_bytes
+from tests.servers import start_api, start_app
 
 
 @pytest.fixture
@@ -796,32 +795,6 @@ def test_combined_app_serves_the_dashboard_and_the_api_under_api(data_dir, sessi
 # --- the server as `make run` starts it ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (server, worker, streamlit); SIGKILL what is left after 20 s."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-        wait_for(lambda: not _group_alive(proc.pid), timeout=20, message="the worker and web server to stop")
-    except (subprocess.TimeoutExpired, AssertionError):
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _cli(data_dir, *args: str) -> str:
     env = {**os.environ, "DATA_DIR": str(data_dir)}
     result = subprocess.run(
@@ -838,27 +811,10 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
     assert secret.startswith("tdb_")
     assert "ci phone" in _cli(data_dir, "token", "list") and secret not in _cli(data_dir, "token", "list")
 
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
-        cwd=ROOT,
-        env={**os.environ, "DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        # Its own process group, so the server, its worker and streamlit stop together.
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = start_app(data_dir, tmp_path / "serve.log")
+    base = server.url
+    port = base.rpartition(":")[2]
     try:
-
-        def healthy():
-            try:
-                return httpx.get(f"{base}/api/health/", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, timeout=120, interval=0.5, message="the server to answer /api/health/")
         assert httpx.get(f"{base}/api/health/").json()["database"] == "ok"
         auth = {"Authorization": f"Bearer {secret}"}
         response = httpx.get(f"{base}/api/categories/", headers=auth)
@@ -886,8 +842,7 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
         _cli(data_dir, "token", "revoke", "1")
         assert httpx.get(f"{base}/api/categories/", headers=auth).status_code == 401
     finally:
-        _stop_group(server)
-        log.close()
+        server.stop()
     output = (tmp_path / "serve.log").read_text()
     assert f"Training dashboard: open http://localhost:{port} in your browser" in output
     assert "worker consuming" in output
@@ -909,32 +864,11 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
 @pytest.fixture
 def api_server(data_dir, tmp_path, monkeypatch):
     """`uvicorn api.app:app` on a free loopback port, with MAX_REQUEST_BYTES of 1 MB."""
-    port = _free_port()
-    log = open(tmp_path / "api.log", "wb")
-    env = {**os.environ, "DATA_DIR": str(data_dir), "MAX_REQUEST_BYTES": str(2**20), "MAX_UPLOAD_FILES": "3"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(f"{base}/health/", timeout=5).status_code in (200, 503)
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
+    server = start_api(data_dir, tmp_path / "api.log", MAX_REQUEST_BYTES=str(2**20), MAX_UPLOAD_FILES="3")
     try:
-        wait_for(up, timeout=120, interval=0.3, message="the API server")
-        assert proc.poll() is None, (tmp_path / "api.log").read_text()
-        yield base
+        yield server.url
     finally:
-        proc.kill()
-        proc.wait()
-        log.close()
+        server.stop()
 
 
 class Endless:

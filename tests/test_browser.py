@@ -8,16 +8,14 @@ Debian's chromium through Playwright.
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT
+from tests.servers import start_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "docs" / "screenshots"
@@ -38,44 +36,17 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def server(tmp_path):
     """`python -m cli serve` on a free port and a fresh data folder; stopped
     (web server and worker) with Ctrl-C, as a person would."""
-    port = free_port()
     data = tmp_path / "data"
     data.mkdir()
-    log = open(tmp_path / "serve.log", "wb")
     # A one-epoch first model may be too close to chance for the gate to put
     # it in production by itself (tests/test_gate.py); the walk-through needs one there.
-    env = {**os.environ, "DATA_DIR": str(data), "PYTHONUNBUFFERED": "1", "AUTO_PROMOTE": "always"}
-    env.pop("DATABASE_URL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--port", str(port), "--host", "127.0.0.1"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = start_app(data, tmp_path / "serve.log", AUTO_PROMOTE="always", DATABASE_URL=None)
+    proc, url = server.proc, server.url
     try:
-        wait_for(lambda: healthy(url) or proc.poll() is not None, timeout=120, message="the web server")
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
         # What a newcomer reads on the console: where the first admin's password is.
         printed = re.search(r"sign in as 'admin' with the password in (\S+)", (tmp_path / "serve.log").read_text())
         assert printed, (tmp_path / "serve.log").read_text()
@@ -88,7 +59,6 @@ def server(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        log.close()
         # Nothing the server started may outlive it.
         try:
             os.killpg(proc.pid, 0)

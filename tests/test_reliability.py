@@ -339,33 +339,17 @@ def test_server_killed_mid_upload_leaves_files_that_the_worker_sweeps_after_the_
 
     from core.models import TrainingImage
     from tests.factories import add_images, add_token, distinct_images
-    from tests.servers import free_port
+    from tests.servers import start_api
 
     add_images(session, {"cat": 1})
     kept = session.exec(select(TrainingImage)).one()
     kept_file = data_dir / kept.path
     headers = add_token(session, "device")
-    port = free_port()
-    with open(tmp_path / "api.log", "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, "DATA_DIR": str(data_dir), "CRASH_AT": "ingest.file_written"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health/", timeout=5).status_code
-            except httpx.HTTPError:
-                return server.poll() is not None
-
-        wait_for(up, timeout=120, message="the API server")
-        files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(distinct_images(5))]
-        with pytest.raises(httpx.HTTPError):
-            httpx.post(f"http://127.0.0.1:{port}/images/", data={"category": "cat"}, files=files, headers=headers)
-        assert server.wait(timeout=30) == -signal.SIGKILL
+    server = start_api(data_dir, tmp_path / "api.log", CRASH_AT="ingest.file_written")
+    files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(distinct_images(5))]
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"{server.url}/images/", data={"category": "cat"}, files=files, headers=headers)
+    assert server.proc.wait(timeout=30) == -signal.SIGKILL
     session.expire_all()
     assert session.exec(select(TrainingImage)).all() == [kept]  # the upload's rows never committed
     session.rollback()  # a session holds SQLite's write lock until its transaction ends

@@ -4,8 +4,6 @@ in core and against the real web server (`streamlit run server.py`) over
 HTTP and Streamlit's own websocket protocol."""
 
 import re
-import subprocess
-import sys
 from datetime import timedelta
 
 import httpx
@@ -19,9 +17,9 @@ from core import sessions, users
 from core.config import get_settings
 from core.db import session_scope
 from core.models import BrowserSession, utcnow
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT
 from tests.factories import add_images, add_user, as_actor
-from tests.servers import free_port
+from tests.servers import start_web
 
 
 def signed_in_token(session, user) -> str:
@@ -135,29 +133,11 @@ def test_the_cookie_is_marked_secure_when_session_cookie_secure_is_set(session, 
 @pytest.fixture
 def web(data_dir, tmp_path):
     """`streamlit run server.py` (as `python -m cli serve` starts it) on a free port."""
-    port = free_port()
-    log = open(tmp_path / "web.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "server.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
+    server = start_web(tmp_path / "web.log")
     try:
-        wait_for(healthy, timeout=120, message="the web server")
-        assert proc.poll() is None, (tmp_path / "web.log").read_text()
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+        server.stop()
 
 
 def cookie_for(url: str, name: str) -> str:

@@ -4,7 +4,6 @@ refused when not, and a plain notice when the server cannot be reached."""
 
 import hashlib
 import http.server
-import socket
 import threading
 
 import pytest
@@ -17,6 +16,7 @@ from core.db import read_session
 from core.models import RoundStatus, TrainingRound
 from jobs import submit_training
 from tests.factories import add_demo, as_actor
+from tests.servers import free_port
 
 JOB = {"epochs": 1, "batch_size": 16, "image_size": 32, "use_existing_model": False}
 PUBLISHED = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.value
@@ -127,10 +127,7 @@ def test_a_file_whose_hash_differs_from_its_name_is_refused_and_nothing_is_kept(
 def test_without_weights_the_round_says_it_trains_from_random_initialisation_and_how_to_add_them(
     download_from, monkeypatch, why
 ):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    download_from(f"http://127.0.0.1:{port}/models")  # nothing listens there any more
+    download_from(f"http://127.0.0.1:{free_port()}/models")  # nothing listens there any more
     if why == "downloads off":
         monkeypatch.setenv("WEIGHTS_DOWNLOAD", "false")
         get_settings.cache_clear()
