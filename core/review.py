@@ -1,6 +1,6 @@
 """Curators' decisions on images: validate, reject, relabel."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlmodel import Session, func, select, update
 
@@ -41,25 +41,14 @@ def set_status(ids: Sequence[int], status: ImageStatus | str, *, session: Sessio
         status = ImageStatus(status)
     except ValueError:
         raise UserError(f"Unknown status '{status}': use pending, validated or rejected") from None
-    images = _load(ids, session)
-    now = utcnow()
     action = {ImageStatus.validated: "image.validate", ImageStatus.rejected: "image.reject"}.get(status, "image.status")
-    for image in images:
+
+    def change(image: TrainingImage) -> tuple[dict, dict]:
         before = image.status.value
         image.status = status
-        image.reviewed_by = actor.name
-        image.reviewed_at = now
-        session.add(image)
-        record_audit(
-            action,
-            session=session,
-            actor=actor,
-            target=f"image:{image.id}",
-            before={"status": before},
-            after={"status": status.value},
-        )
-    session.flush()
-    return len(images)
+        return {"status": before}, {"status": status.value}
+
+    return _review(_load(ids, session), action, change, session=session, actor=actor)
 
 
 def reject_images(ids: Sequence[int], *, session: Session, actor: Actor) -> int:
@@ -71,23 +60,33 @@ def relabel_images(ids: Sequence[int], category: str, *, session: Session, actor
     """Move images to another (existing) category."""
     require(actor, Permission.review_images)
     target = get_or_create_category(category, session=session, create=False)
-    images = _load(ids, session)
     names = dict(session.exec(select(Category.id, Category.name)).all())
-    now = utcnow()
-    for image in images:
+
+    def change(image: TrainingImage) -> tuple[dict, dict]:
         before = names.get(image.category_id)
         image.category_id = target.id
+        return {"category": before}, {"category": target.name}
+
+    return _review(_load(ids, session), "image.relabel", change, session=session, actor=actor)
+
+
+def _review(
+    images: list[TrainingImage],
+    action: str,
+    change: Callable[[TrainingImage], tuple[dict, dict]],
+    *,
+    session: Session,
+    actor: Actor,
+) -> int:
+    """Apply `change` to each image (it returns what the audit records as before
+    and after), mark the image reviewed by `actor` now, and audit it as `action`."""
+    now = utcnow()
+    for image in images:
+        before, after = change(image)
         image.reviewed_by = actor.name
         image.reviewed_at = now
         session.add(image)
-        record_audit(
-            "image.relabel",
-            session=session,
-            actor=actor,
-            target=f"image:{image.id}",
-            before={"category": before},
-            after={"category": target.name},
-        )
+        record_audit(action, session=session, actor=actor, target=f"image:{image.id}", before=before, after=after)
     session.flush()
     return len(images)
 

@@ -1,5 +1,5 @@
-"""Real servers on loopback: the product as `make run` starts it, and
-PostgreSQL and Redis for the scale-out tests.
+"""Real processes: the command line, the product's servers on loopback as
+`make run` starts them, and PostgreSQL and Redis for the scale-out tests.
 
 PostgreSQL and Redis are started from the Debian packages when their binaries
 exist (`.ci/run` installs them); the tests that need them are skipped, with
@@ -19,6 +19,23 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(
+    *args: str, check: bool = True, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m cli ARGS` as a person runs it, in `env` (default: this
+    process's environment, where the `data_dir` fixture has set DATA_DIR);
+    with `check`, it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, input=stdin, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def free_port() -> int:
@@ -79,9 +96,6 @@ class AppServer(Server):
         except ProcessLookupError:
             return False
         return True
-
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _start(command: list[str], health: str, log_path: Path, env: dict[str, str | None], *, answers=(200,)) -> AppServer:

@@ -2,11 +2,9 @@
 
 import hashlib
 import json
-import os
 import re
 import stat
 import subprocess
-import sys
 from datetime import timedelta
 
 import httpx
@@ -16,9 +14,9 @@ from sqlmodel import select
 from core import review
 from core.db import read_session
 from core.models import ImageSource, ImageStatus, RoundStatus, TrainingImage, TrainingRound, utcnow
-from tests.conftest import ROOT, wait_for
+from tests.conftest import wait_for
 from tests.factories import add_demo, add_fake_version, add_images, add_token, as_actor, distinct_images, image_bytes
-from tests.servers import start_api, start_app
+from tests.servers import run_cli, start_api, start_app
 
 
 @pytest.fixture
@@ -795,21 +793,13 @@ def test_combined_app_serves_the_dashboard_and_the_api_under_api(data_dir, sessi
 # --- the server as `make run` starts it ---------------------------------------------
 
 
-def _cli(data_dir, *args: str) -> str:
-    env = {**os.environ, "DATA_DIR": str(data_dir)}
-    result = subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
-    created = _cli(data_dir, "token", "create", "--role", "viewer", "--label", "ci phone")
+    created = run_cli("token", "create", "--role", "viewer", "--label", "ci phone").stdout
     assert "Token 1 for 'ci phone' (role viewer)" in created
     secret = created.strip().splitlines()[-1]
     assert secret.startswith("tdb_")
-    assert "ci phone" in _cli(data_dir, "token", "list") and secret not in _cli(data_dir, "token", "list")
+    listed = run_cli("token", "list").stdout
+    assert "ci phone" in listed and secret not in listed
 
     server = start_app(data_dir, tmp_path / "serve.log")
     base = server.url
@@ -839,7 +829,7 @@ def test_make_run_serves_dashboard_and_api_on_one_port(data_dir, tmp_path):
             assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
             assert "img-src 'self' data: blob: https://fonts.gstatic.com;" in answer.headers["content-security-policy"]
 
-        _cli(data_dir, "token", "revoke", "1")
+        run_cli("token", "revoke", "1")
         assert httpx.get(f"{base}/api/categories/", headers=auth).status_code == 401
     finally:
         server.stop()

@@ -7,18 +7,14 @@ Every field of an example must be in the answer with the same JSON type
 fields beside them are fine; a missing or retyped one breaks a phone."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from datetime import datetime
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.servers import start_app
+from tests.servers import run_cli, start_app
 
 # --- the original note's examples, verbatim -----------------------------------------
 
@@ -118,22 +114,13 @@ def assert_iso_time(text: str) -> None:
     assert datetime.fromisoformat(text).tzinfo is not None, text
 
 
-def _cli(data_dir, *args: str) -> str:
-    env = {**os.environ, "DATA_DIR": str(data_dir)}
-    done = subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
 @pytest.fixture
 def original_app(data_dir, tmp_path):
     """A real server on a data folder with 50 validated images (the note's
     minimum) and an operator token, seen the way the old apps see it: a base
     URL and `Authorization: Bearer <token>`."""
-    _cli(data_dir, "demo", "--per-category", "10", "--size", "32")
-    secret = _cli(data_dir, "token", "create", "--role", "operator", "--label", "old app").strip().splitlines()[-1]
+    run_cli("demo", "--per-category", "10", "--size", "32")
+    secret = run_cli("token", "create", "--role", "operator", "--label", "old app").stdout.strip().splitlines()[-1]
     # One thread: the machine may be shared; ptl only: the note's format, and faster.
     server = start_app(data_dir, tmp_path / "serve.log", TORCH_THREADS="1", EXPORT_FORMATS="ptl")
     try:

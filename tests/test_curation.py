@@ -20,8 +20,8 @@ from core.ingest import ingest_bytes
 from core.models import Category, ImageStatus, SuspectScore, TrainingImage
 from core.splits import assign_splits, split_of
 from tests.factories import add_images, as_actor
+from tests.servers import run_cli
 from tests.test_pages import app, ok
-from tests.test_pipeline_e2e import cli
 
 CLASSES = ["cat", "dog"]
 
@@ -326,7 +326,7 @@ def test_cli_acts_on_a_cluster_only_when_its_count_is_confirmed(session, capsys,
 def test_cli_lists_and_resolves_suspects_and_lists_duplicate_clusters(session, capsys):
     ids = add_suspects(session)
     add_look_alikes(session)
-    listing = cli("suspects").stdout  # the real command, once; the rest through its main()
+    listing = run_cli("suspects").stdout  # the real command, once; the rest through its main()
     lines = [line for line in listing.splitlines() if "cat -> dog" in line]
     assert [int(line.split()[0]) for line in lines] == [ids[0], ids[2], ids[1]]
     assert "0.100   0.800  1.0.0" in lines[0]

@@ -1,8 +1,5 @@
 """The whole headless loop as an operator runs it: CLI commands and a real consumer."""
 
-import subprocess
-import sys
-
 import torch
 from sqlmodel import Session, select
 
@@ -10,29 +7,23 @@ from core.db import get_engine
 from core.export import load_runner
 from core.ingest import file_sha256
 from core.models import AuditEvent, EpochMetric, ModelVersion, RoundStatus, TrainingRound
-from tests.conftest import ROOT, wait_for
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+from tests.conftest import wait_for
+from tests.servers import run_cli
 
 
 def test_two_trainings_through_the_queue_give_1_0_0_then_1_1_0(data_dir, worker_factory):
-    assert "60 stored" in cli("demo", "--per-category", "12", "--size", "32").stdout
+    assert "60 stored" in run_cli("demo", "--per-category", "12", "--size", "32").stdout
     worker = worker_factory()
-    first = cli("train", "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--wait")
+    first = run_cli("train", "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--wait")
     assert "queued with 60 images" in first.stdout
     assert "in_progress" in first.stdout and "Model 1.0.0: test accuracy " in first.stdout
     assert "(n = " in first.stdout and "95% CI" in first.stdout
     # 60 pictures hold about 9 test images: too few for the gate to put even a
     # first version in production by itself; an operator does, with a reason.
-    held = cli("promote", "1.0.0", check=False)
+    held = run_cli("promote", "1.0.0", check=False)
     assert held.returncode == 2 and "not enough test images (n = " in held.stderr
-    assert "now in production" in cli("promote", "1.0.0", "--reason", "first model, checked by hand").stdout
-    second = cli("train", "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--wait")
+    assert "now in production" in run_cli("promote", "1.0.0", "--reason", "first model, checked by hand").stdout
+    second = run_cli("train", "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--wait")
     assert "Model 1.1.0" in second.stdout
     assert "fine-tuning" not in second.stdout  # progress lines only; the history says it (below)
 
@@ -71,13 +62,13 @@ def test_two_trainings_through_the_queue_give_1_0_0_then_1_1_0(data_dir, worker_
         "model_1.1.0.pte",
         "model_1.1.0.ptl",
     ]
-    listing = cli("versions").stdout
+    listing = run_cli("versions").stdout
     assert "1.1.0" in listing and "1.0.0" in listing
     if not versions[1].is_production:  # held back by the gate: a person overrides it with a reason
-        held = cli("promote", "1.1.0", check=False)
+        held = run_cli("promote", "1.1.0", check=False)
         assert held.returncode == 2 and "did not pass the promotion gate" in held.stderr
-        assert "now in production" in cli("promote", "1.1.0", "--reason", "looks right to us").stdout
-    assert "model 1.0.0 is in production again" in cli("rollback").stdout
+        assert "now in production" in run_cli("promote", "1.1.0", "--reason", "looks right to us").stdout
+    assert "model 1.0.0 is in production again" in run_cli("rollback").stdout
     worker.stop()
 
 
@@ -114,17 +105,17 @@ def test_failing_job_is_retried_twice_then_failed_without_leftovers(data_dir, wo
 
 
 def test_cli_reports_bad_input_with_non_zero_exit(data_dir):
-    result = cli("train", "--epochs", "0", check=False)
+    result = run_cli("train", "--epochs", "0", check=False)
     assert result.returncode == 2
     assert "epochs must be between 1 and 500 (got 0)" in result.stderr
-    result = cli("status", "no-such-job", check=False)
+    result = run_cli("status", "no-such-job", check=False)
     assert result.returncode == 2 and "No training job with id 'no-such-job'" in result.stderr
 
 
 def test_stop_keeping_the_best_registers_the_best_epoch_so_far_through_the_gate(data_dir, worker_factory):
-    cli("demo", "--per-category", "12", "--size", "32")
+    run_cli("demo", "--per-category", "12", "--size", "32")
     worker_factory()
-    queued = cli("train", "--epochs", "500", "--batch-size", "16", "--image-size", "32").stdout
+    queued = run_cli("train", "--epochs", "500", "--batch-size", "16", "--image-size", "32").stdout
     job_id = queued.split("Training job ")[1].split()[0]
 
     def epochs_done() -> int:
@@ -133,7 +124,7 @@ def test_stop_keeping_the_best_registers_the_best_epoch_so_far_through_the_gate(
             return len(list(session.exec(select(EpochMetric).where(EpochMetric.round_id == round_.id))))
 
     wait_for(lambda: epochs_done() >= 2, message="two epochs")
-    assert "stop requested" in cli("cancel", job_id, "--keep-best").stdout
+    assert "stop requested" in run_cli("cancel", job_id, "--keep-best").stdout
 
     def finished():
         with Session(get_engine()) as session:

@@ -1,7 +1,6 @@
 """Dashboard users (core/users.py): password hashing, sign-in and its slow-down, the first admin, the CLI."""
 
 import subprocess
-import sys
 from datetime import timedelta
 
 import pytest
@@ -10,8 +9,8 @@ from sqlmodel import select
 from core import users
 from core.errors import ConflictError, PermissionDeniedError, UserError
 from core.models import SignInThrottle, User, utcnow
-from tests.conftest import ROOT
 from tests.factories import add_user, as_actor
+from tests.servers import run_cli
 
 
 def test_passwords_are_stored_as_salted_scrypt_hashes():
@@ -121,15 +120,9 @@ def test_only_admins_manage_users_and_the_last_admin_stays(session):
 
 
 def _cli(data_dir, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(data_dir), "HOME": str(data_dir)},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # A bare environment: what the command needs comes from DATA_DIR alone.
+    env = {"PATH": "/usr/bin:/bin", "DATA_DIR": str(data_dir), "HOME": str(data_dir)}
+    return run_cli(*args, check=False, stdin=stdin, env=env, timeout=120)
 
 
 def test_cli_creates_users_resets_passwords_and_lists_them(data_dir, session):
