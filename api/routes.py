@@ -22,13 +22,14 @@ from api.schemas import (
     TrainResponse,
     UploadResponse,
 )
-from core import manifest, registry, review, stats, training, uploads
+from core import manifest, registry, review, stats, uploads
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import InvalidImageError, RequestTooLargeError
 from core.ingest import check_size, get_or_create_category
 from core.models import EpochMetric, ImageSource, ModelVersion, RoundStatus, TrainingRound, as_utc
 from core.storage import free_bytes
+from core.training.rounds import epoch_metrics, get_round
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -93,8 +94,8 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
 def training_status(job_id: str, caller: Reader) -> TrainingStatus:
     """A job's state, progress, per-epoch metrics so far and, once completed, its model."""
     with read_session() as session:
-        round_ = training.get_round(job_id, session=session)
-        epochs = training.epoch_metrics(round_.id, session=session)
+        round_ = get_round(job_id, session=session)
+        epochs = epoch_metrics(round_.id, session=session)
         version = (
             registry.get_version_by_id(round_.model_version_id, session=session) if round_.model_version_id else None
         )

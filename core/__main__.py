@@ -13,12 +13,14 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
-from core import automation, duplicates, registry, review, stats, suspects, training, uploads, users
+from core import automation, duplicates, registry, review, stats, suspects, uploads, users
 from core.access import CLI_ACTOR, USER_ROLES, Role
 from core.config import REPO_ROOT, get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import FINISHED_STATUSES, Automation, Category, ImageStatus, RoundStatus, TrainingImage
+from core.training.config import ARCHITECTURES, AUTO, TRAINING_MODES, TrainingConfig
+from core.training.rounds import epoch_metrics, get_round
 
 # The command line runs where the database is: it acts as a local admin, recorded as "cli".
 WHO = CLI_ACTOR
@@ -183,7 +185,7 @@ def _wait(job_id: str) -> int:
     last = None
     while True:
         with session_scope() as session:
-            round_ = training.get_round(job_id, session=session)
+            round_ = get_round(job_id, session=session)
             version = (
                 registry.get_version_by_id(round_.model_version_id, session=session)
                 if round_.model_version_id
@@ -214,8 +216,8 @@ def _quality(version) -> str:
 
 def cmd_status(args) -> int:
     with session_scope() as session:
-        round_ = training.get_round(args.job_id, session=session)
-        metrics = training.epoch_metrics(round_.id, session=session)
+        round_ = get_round(args.job_id, session=session)
+        metrics = epoch_metrics(round_.id, session=session)
         version = (
             registry.get_version_by_id(round_.model_version_id, session=session) if round_.model_version_id else None
         )
@@ -460,18 +462,18 @@ def cmd_serve(args) -> int:
 
 
 def _image_size(text: str) -> int | str:
-    if text == training.AUTO or text.isdigit():
-        return text if text == training.AUTO else int(text)
-    raise argparse.ArgumentTypeError(f"must be a whole number of pixels or {training.AUTO!r} (got {text!r})")
+    if text == AUTO or text.isdigit():
+        return text if text == AUTO else int(text)
+    raise argparse.ArgumentTypeError(f"must be a whole number of pixels or {AUTO!r} (got {text!r})")
 
 
 def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The training parameters as options (read back by `_train_params`)."""
-    defaults = training.TrainingConfig()
+    defaults = TrainingConfig()
     p.add_argument("--epochs", type=int, help=f"{prefix}default {defaults.epochs}")
     p.add_argument("--batch-size", type=int, help=f"{prefix}default {defaults.batch_size}")
     p.add_argument("--learning-rate", type=float, help=f"{prefix}default {defaults.learning_rate}")
-    p.add_argument("--architecture", choices=training.ARCHITECTURES, help=f"{prefix}default {defaults.architecture}")
+    p.add_argument("--architecture", choices=ARCHITECTURES, help=f"{prefix}default {defaults.architecture}")
     p.add_argument(
         "--image-size",
         type=_image_size,
@@ -481,7 +483,7 @@ def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--seed", type=int, help=f"{prefix}default {defaults.seed}")
     p.add_argument(
         "--training-mode",
-        choices=training.TRAINING_MODES,
+        choices=TRAINING_MODES,
         help=f"{prefix}default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
     )
     p.add_argument(
