@@ -138,7 +138,9 @@ def test_an_explicit_image_size_always_wins(session):
     round_ = start_training({"image_size": 160}, session=session)
     assert round_.parameters["image_size"] == 160
     assert not any("image_size auto" in w for w in round_.warnings)
-    with pytest.raises(UserError, match="image_size must be a whole number between 32 and 512 or 'auto' \\(got 'big'\\)"):
+    with pytest.raises(
+        UserError, match="image_size must be a whole number between 32 and 512 or 'auto' \\(got 'big'\\)"
+    ):
         start_training({"image_size": "big"}, session=session)
 
 
