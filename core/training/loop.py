@@ -122,9 +122,20 @@ def set_up(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     batches = Batches.for_rank(len(data.y_train), config, placement)
     run = Run(
-        round_.id, config, classes, data, trainer, net, optimizer, scheduler, placement.grad_scaler(), batches,
-        placement, reporter, checkpoint,
-    )  # fmt: skip
+        round_id=round_.id,
+        config=config,
+        classes=classes,
+        data=data,
+        trainer=trainer,
+        net=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=placement.grad_scaler(),
+        batches=batches,
+        placement=placement,
+        reporter=reporter,
+        checkpoint=checkpoint,
+    )
     state = TrainState()
     if resume:
         state = resume_from(checkpoint, trainer.trainable, optimizer, scheduler)
