@@ -1,5 +1,5 @@
 """Request and response bodies. Ranges are not repeated here: the training
-parameters are checked by `core.training.TrainingConfig.from_params`."""
+parameters are checked by `core.training.config.TrainingConfig.from_params`."""
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from core.models import EpochMetricBase, as_utc
-from core.training import ARCHITECTURES, AUTO, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
+from core.training.config import ARCHITECTURES, AUTO, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
 
 # Datetimes come back from SQLite without a zone; they are UTC.
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]

@@ -15,17 +15,17 @@ from bench.common import fresh_data_dir, load_average
 
 def run_job(params: dict) -> dict:
     """Train one round to a version in this process (the queue worker's call); its figures."""
-    from core import training
     from core.db import session_scope
+    from core.training.rounds import epoch_metrics, get_round, run_training_round, start_training
 
     started = time.perf_counter()
     with session_scope() as session:
-        round_ = training.start_training(params, session=session)
+        round_ = start_training(params, session=session)
     with session_scope() as session:
-        version = training.run_training_round(round_.id, session=session)
-        done = training.get_round(round_.id, session=session)
+        version = run_training_round(round_.id, session=session)
+        done = get_round(round_.id, session=session)
         assert version is not None, done.error
-        epochs = training.epoch_metrics(round_.id, session=session)
+        epochs = epoch_metrics(round_.id, session=session)
         return {
             "device": done.device,
             "val_accuracy": version.metrics["val_accuracy"],

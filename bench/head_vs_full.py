@@ -18,20 +18,20 @@ from bench.common import fresh_data_dir, load_average
 def run(params: dict) -> tuple[float, dict, list[float], float]:
     from sqlmodel import select
 
-    from core import training
     from core.db import session_scope
-    from core.models import EpochMetric
+    from core.models import EpochMetric, TrainingRound
+    from core.training.rounds import run_training_round, start_training
 
     started = time.perf_counter()
     with session_scope() as session:
-        round_ = training.start_training(params, session=session)
+        round_ = start_training(params, session=session)
     with session_scope() as session:
-        version = training.run_training_round(round_.id, session=session)
-        assert version is not None, session.get(training.TrainingRound, round_.id).error
+        version = run_training_round(round_.id, session=session)
+        assert version is not None, session.get(TrainingRound, round_.id).error
         epochs = session.exec(select(EpochMetric).where(EpochMetric.round_id == round_.id)).all()
         metrics = dict(version.metrics)
         last_epoch_at = max(e.created_at for e in epochs)
-        finished = session.get(training.TrainingRound, round_.id).finished_at
+        finished = session.get(TrainingRound, round_.id).finished_at
     wall = time.perf_counter() - started
     return wall, metrics, [e.seconds for e in epochs], (finished - last_epoch_at).total_seconds()
 

@@ -26,9 +26,9 @@ def main() -> None:
     os.environ["WEIGHTS_DOWNLOAD"] = "false"  # from scratch, as on a machine without the weights
     fresh_data_dir("image-size")
 
-    from core import training
     from core.db import session_scope
     from core.demo import load_demo_dataset
+    from core.training.rounds import run_training_round, start_training
 
     with session_scope() as session:
         load_demo_dataset(session=session, per_category=args.per_category, size=args.size)
@@ -36,10 +36,10 @@ def main() -> None:
     for image_size in ("auto", 224):
         params = {"epochs": args.epochs, "image_size": image_size, "use_existing_model": False}
         with session_scope() as session:
-            round_id = training.start_training(params, session=session).id
+            round_id = start_training(params, session=session).id
         started = time.perf_counter()
         with session_scope() as session:
-            version = training.run_training_round(round_id, session=session)
+            version = run_training_round(round_id, session=session)
             seconds = time.perf_counter() - started
             print(
                 f"image_size {image_size!s:>4} -> {version.image_size:>3} px: {seconds:6.1f} s to model "

@@ -121,12 +121,12 @@ def main() -> None:
         stop(worker)
 
     # The same images and split, decoded once into memory for the loops.
-    from core import training
     from core.dataset import load_images, normalize
     from core.splits import split_snapshot
+    from core.training.preflight import validated_images
 
     with session_scope() as session:
-        rows = training.validated_images(session=session)
+        rows = validated_images(session=session)
         from core.ingest import image_path
 
         paths = [image_path(img) for img, _ in rows]

@@ -4,13 +4,14 @@ import argparse
 import sys
 import time
 
-from core import automation, registry, stats, training
+from core import automation, registry, stats
 from core.access import CLI_ACTOR as WHO
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import FINISHED_STATUSES, Automation, RoundStatus
 from core.round_details import load_round_details
+from core.training.config import ARCHITECTURES, AUTO, TRAINING_MODES, TrainingConfig
 
 
 def _train_params(args) -> dict:
@@ -181,18 +182,18 @@ def cmd_rollback(args) -> int:
 
 
 def _image_size(text: str) -> int | str:
-    if text == training.AUTO or text.isdigit():
-        return text if text == training.AUTO else int(text)
-    raise argparse.ArgumentTypeError(f"must be a whole number of pixels or {training.AUTO!r} (got {text!r})")
+    if text == AUTO or text.isdigit():
+        return text if text == AUTO else int(text)
+    raise argparse.ArgumentTypeError(f"must be a whole number of pixels or {AUTO!r} (got {text!r})")
 
 
 def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The training parameters as options (read back by `_train_params`)."""
-    defaults = training.TrainingConfig()
+    defaults = TrainingConfig()
     p.add_argument("--epochs", type=int, help=f"{prefix}default {defaults.epochs}")
     p.add_argument("--batch-size", type=int, help=f"{prefix}default {defaults.batch_size}")
     p.add_argument("--learning-rate", type=float, help=f"{prefix}default {defaults.learning_rate}")
-    p.add_argument("--architecture", choices=training.ARCHITECTURES, help=f"{prefix}default {defaults.architecture}")
+    p.add_argument("--architecture", choices=ARCHITECTURES, help=f"{prefix}default {defaults.architecture}")
     p.add_argument(
         "--image-size",
         type=_image_size,
@@ -202,7 +203,7 @@ def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--seed", type=int, help=f"{prefix}default {defaults.seed}")
     p.add_argument(
         "--training-mode",
-        choices=training.TRAINING_MODES,
+        choices=TRAINING_MODES,
         help=f"{prefix}default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
     )
     p.add_argument(

@@ -19,9 +19,10 @@ from sqlmodel import Session, col, select
 from core.access import Actor, Permission, require
 from core.audit import record_audit
 from core.automation_settings import AUTOMATION_ID, get_automation
-from core.errors import UserError
+from core.errors import UserError, check_number
 from core.models import Automation, ImageStatus, RoundStatus, TrainingImage, TrainingRound, as_utc, utcnow
-from core.training import TrainingConfig, preflight
+from core.training.config import TrainingConfig
+from core.training.preflight import preflight
 
 NEW_IMAGES = "new_images"
 SCHEDULE = "schedule"
@@ -73,20 +74,7 @@ def _check_setting(name: str, value):
         config = TrainingConfig.from_params(value).to_dict()
         return {key: config[key] for key, given in value.items() if given is not None}
     kind, low, high = SETTING_RANGES[name]
-    between = f"between {_number(low)} and {_number(high)}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        wanted = "a whole number" if kind is int else "a number"
-        raise UserError(f"{name} must be {wanted} {between} (got {value!r})")
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise UserError(f"{name} must be a whole number {between} (got {value!r})")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise UserError(f"{name} must be {between} (got {value!r})")
-    return kind(value)
-
-
-def _number(value: float) -> str:
-    """1000000 -> "1,000,000", 0.25 -> "0.25" (":g" would say "1e+06")."""
-    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+    return check_number(name, value, kind, low, high)
 
 
 def update_automation(changes: Mapping, *, session: Session, actor: Actor) -> Automation:

@@ -1,4 +1,7 @@
-"""Exceptions a user can cause, translated once at each edge (CLI, UI, API)."""
+"""Exceptions a user can cause, translated once at each edge (CLI, UI, API),
+and the checks that raise them for free text and numbers."""
+
+import math
 
 
 class UserError(Exception):
@@ -67,3 +70,25 @@ class PermissionDeniedError(UserError):
     """A valid credential whose role does not allow the action."""
 
     status_code = 403
+
+
+def check_number(label: str, value, kind: type, low: float, high: float, *, top: str | None = None, also: str = ""):
+    """`value` as `kind` (int or float) when it lies in [low, high], else a
+    UserError naming `label` and the range: the one wording of every numeric
+    setting (training parameters, automation settings). `top` replaces the
+    maximum's number in the message (e.g. the setting that fixes it); `also`
+    names another accepted value. Booleans are not numbers here."""
+    between = f"between {_number(low)} and {top or _number(high)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        wanted = "a whole number" if kind is int else "a number"
+        raise UserError(f"{label} must be {wanted} {between}{also} (got {value!r})")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise UserError(f"{label} must be a whole number {between} (got {value!r})")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise UserError(f"{label} must be {between} (got {value!r})")
+    return kind(value)
+
+
+def _number(value: float) -> str:
+    """1000000 -> "1,000,000", 0.25 -> "0.25" (":g" would say "1e+06")."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"

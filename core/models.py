@@ -109,7 +109,7 @@ class TrainingRound(SQLModel, table=True):
     warnings: list = _json(list)
     # Timestamped lines: attempts, resumes, fallbacks, the outcome.
     history: list = _json(list)
-    # The steps of the job as they happen (core.training.PHASES):
+    # The steps of the job as they happen (PHASES above):
     # [{"name", "started_at", "ended_at"}, ...], ISO times, ended_at None while running.
     phases: list = _json(list)
     # What started it automatically (`new_images`, `schedule`); None: a person.

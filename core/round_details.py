@@ -8,7 +8,7 @@ from sqlmodel import Session
 
 from core.models import EpochMetric, ModelVersion, TrainingRound
 from core.registry import get_version_by_id
-from core.training import epoch_metrics, get_round
+from core.training.rounds import epoch_metrics, get_round
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,22 @@ from huey.api import Task
 from huey.storage import RedisStorage, SqliteStorage
 from sqlmodel import Session
 
-from core import automation, training
+from core import automation
 from core.access import SYSTEM_ACTOR, Actor, Permission, require
 from core.audit import record_audit
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.models import TrainingRound
+from core.training.rounds import (
+    get_round,
+    missing_from_queue,
+    recover_stale_rounds,
+    replace_queue_task,
+    request_cancel,
+    request_stop,
+    run_training_round,
+    start_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +60,7 @@ def run_training_job(round_id: int, task: Task | None = None) -> None:
     the attempts (crash recovery re-enqueues too) and fails the last one. A
     task the sweeper replaced does nothing (its id is no longer the round's)."""
     with session_scope() as session:
-        training.run_training_round(round_id, session=session, task_id=task.id if task else None)
+        run_training_round(round_id, session=session, task_id=task.id if task else None)
 
 
 def queued_task_ids() -> set[str]:
@@ -62,16 +72,16 @@ def enqueue_missing_rounds() -> list[int]:
     """The outbox sweep: a round is recorded (`queued`) before its task is put
     on the queue, so a queue that was unwritable at that moment, or lost
     since, leaves rounds no consumer will ever see. Give each such round a new
-    task, once (core.training.replace_queue_task), and enqueue it; returns
+    task, once (core.training.rounds.replace_queue_task), and enqueue it; returns
     their ids. Runs on every worker start and then periodically."""
     present = queued_task_ids()
     with session_scope() as session:
-        missing = [(r.id, r.queue_task_id) for r in training.missing_from_queue(present, session=session)]
+        missing = [(r.id, r.queue_task_id) for r in missing_from_queue(present, session=session)]
     enqueued = []
     for round_id, old in missing:
         task = run_training_job.s(round_id)
         with session_scope() as session:
-            claimed = training.replace_queue_task(round_id, old, task.id, session=session)
+            claimed = replace_queue_task(round_id, old, task.id, session=session)
         if claimed:
             huey.enqueue(task)
             enqueued.append(round_id)
@@ -87,14 +97,14 @@ def queue_health() -> dict:
     huey.storage.pop_data(probe)
     present = queued_task_ids()
     with read_session() as session:
-        missing = training.missing_from_queue(present, session=session)
+        missing = missing_from_queue(present, session=session)
     return {"queued_jobs": len(present), "missing_from_queue": len(missing)}
 
 
 def requeue_stale_rounds() -> list[int]:
     """Re-enqueue (or fail) rounds with a stale heartbeat; returns the re-enqueued ids."""
     with session_scope() as session:
-        round_ids = training.recover_stale_rounds(session=session)
+        round_ids = recover_stale_rounds(session=session)
         tasks = {round_id: run_training_job.s(round_id) for round_id in round_ids}
         for round_id, task in tasks.items():
             round_ = session.get(TrainingRound, round_id)
@@ -125,7 +135,7 @@ def submit_training(params: Mapping | None, *, actor: Actor) -> TrainingRound:
     """Validate, snapshot and enqueue a training round; returns it (queued)."""
     require(actor, Permission.train)
     with session_scope() as session:
-        round_ = training.start_training(params, session=session, requested_by=actor.name)
+        round_ = start_training(params, session=session, requested_by=actor.name)
         task = _queue_task(round_, session=session, actor=actor)
     _enqueue_recorded(task, round_)
     return round_
@@ -151,7 +161,7 @@ def run_automatic_check() -> TrainingRound | None:
         decision = automation.check_triggers(session=session)
         if decision.trigger is None:
             return None
-        round_ = training.start_training(
+        round_ = start_training(
             automation.get_automation(session=session).parameters,
             session=session,
             requested_by=SYSTEM_ACTOR.name,
@@ -174,14 +184,14 @@ def check_automatic_training() -> None:
 def cancel_training(job_id: str, *, actor: Actor, keep_best: bool = False) -> TrainingRound:
     """Cancel a queued job (it will never start) or ask a running one to stop;
     with `keep_best`, a running one stops keeping its best epoch so far as a
-    version (see `core.training.request_stop`)."""
+    version (see `core.training.rounds.request_stop`)."""
     require(actor, Permission.train)
     with session_scope() as session:
-        before = training.get_round(job_id, session=session).status.value
+        before = get_round(job_id, session=session).status.value
         if keep_best:
-            round_ = training.request_stop(job_id, session=session, by=actor.name)
+            round_ = request_stop(job_id, session=session, by=actor.name)
         else:
-            round_ = training.request_cancel(job_id, session=session, by=actor.name)
+            round_ = request_cancel(job_id, session=session, by=actor.name)
         after = {"status": round_.status.value, "cancel_requested": round_.cancel_requested}
         if round_.stop_requested:
             after["stop_requested"] = True

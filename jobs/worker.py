@@ -4,10 +4,11 @@ import logging
 import threading
 import time
 
-from core import registry, training
+from core import registry
 from core.config import get_settings
 from core.db import session_scope
 from core.ingest import remove_orphan_images
+from core.training.rounds import active_rounds
 from jobs.queue import enqueue_missing_rounds, huey, requeue_stale_rounds
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ def run_worker(workers: int = 1) -> None:
     _recover()
     with session_scope() as session:
         # Files of a job that is exporting right now look like orphans too.
-        busy = training.active_rounds(session=session) > 0
+        busy = active_rounds(session=session) > 0
         removed = [] if busy else registry.cleanup_orphan_files(session=session)
     for path in removed:
         log.warning("removed %s: no model version refers to it (left by an interrupted job)", path)

@@ -5,9 +5,10 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import registry, stats, training
+from core import registry, stats
 from core.db import read_session
 from core.models import FINISHED_STATUSES
+from core.training.rounds import epoch_metrics, get_round, list_rounds
 from pages._common import current_user, format_seconds, linked, md, show_thumbnail
 
 REFRESH_SECONDS = 2
@@ -17,7 +18,7 @@ current_user()
 st.title("Live metrics")
 
 with read_session() as session:
-    rounds = training.list_rounds(session=session, limit=100)
+    rounds = list_rounds(session=session, limit=100)
     running = stats.current_round(session=session)
 
 if not rounds:
@@ -66,8 +67,8 @@ def curves(metrics) -> None:
 
 def live(round_id: int) -> None:
     with read_session() as session:
-        round_ = training.get_round(round_id, session=session)
-        metrics = training.epoch_metrics(round_id, session=session)
+        round_ = get_round(round_id, session=session)
+        metrics = epoch_metrics(round_id, session=session)
     epochs = round_.parameters.get("epochs", 0)
     if round_.status in FINISHED_STATUSES:
         # It ended while we watched: rerun the page to show the results.
@@ -111,7 +112,7 @@ def live(round_id: int) -> None:
 
 
 with read_session() as session:
-    selected = training.get_round(round_id, session=session)
+    selected = get_round(round_id, session=session)
 active = selected.status not in FINISHED_STATUSES
 st.fragment(run_every=REFRESH_SECONDS if active else None)(live)(round_id)
 

@@ -4,10 +4,11 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import registry, review, stats, training
+from core import registry, review, stats
 from core.access import Permission
 from core.db import read_session, session_scope
 from core.errors import UserError
+from core.training.rounds import list_rounds
 from core.uploads import load_demo
 from pages._common import can, current_user, md
 
@@ -20,7 +21,7 @@ with read_session() as session:
     counts = review.status_counts(session=session)
     growth = stats.dataset_over_time(session=session)
     distribution = review.validated_counts(session=session)
-    rounds = training.list_rounds(session=session, limit=1)
+    rounds = list_rounds(session=session, limit=1)
     changes = registry.promotion_history(session=session)
 
 if not sum(counts.values()):

@@ -3,13 +3,23 @@
 import pandas as pd
 import streamlit as st
 
-from core import automation, stats, training
+from core import automation, stats
 from core.access import Permission
 from core.automation import SETTING_RANGES
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import RoundStatus
-from core.training import ARCHITECTURES, AUTO, TRAINING_MODES, TrainingConfig, param_range
+from core.training import preflight as training_checks
+from core.training.config import (
+    ARCHITECTURES,
+    AUTO,
+    TRAINING_MODES,
+    TrainingConfig,
+    last_parameters,
+    param_problems,
+    param_range,
+)
+from core.training.rounds import get_round, list_rounds
 from jobs import cancel_training, submit_training
 from pages._common import frame_of, md, require_page
 
@@ -43,7 +53,7 @@ def load_parameters(parameters: dict) -> None:
 # another page); widgets take their values from the session state only, so
 # the fields have no limits of their own: what is typed is what gets checked.
 with read_session() as session:
-    remembered = training.last_parameters(actor.name, session=session) or {}
+    remembered = last_parameters(actor.name, session=session) or {}
 for name, value in {**TrainingConfig().to_dict(), **remembered}.items():
     if name in LABELS:
         # An empty image size is "auto" (the widget holds numbers only).
@@ -109,12 +119,14 @@ params = {
     "training_mode": training_mode,
     "processes": processes,
 }
-field_problems = list(training.param_problems(params, LABELS).values())
+field_problems = list(param_problems(params, LABELS).values())
 
 with check:
     st.subheader("Preflight")
     with read_session() as session:
-        preflight = training.preflight(None if field_problems else TrainingConfig.from_params(params), session=session)
+        preflight = training_checks.preflight(
+            None if field_problems else TrainingConfig.from_params(params), session=session
+        )
     problems = field_problems + preflight.problems
     st.metric("Validated images", preflight.total, border=True)
     if preflight.per_category:
@@ -152,7 +164,7 @@ with form:
             st.rerun()
     if job_id := st.session_state.get("last_job_id"):
         with read_session() as session:
-            asked = training.get_round(job_id, session=session)
+            asked = get_round(job_id, session=session)
         queued_with = ", ".join(f"{LABELS[k].lower()} {v}" for k, v in asked.parameters.items() if k in LABELS)
         state = asked.status.value.replace("_", " ")
         banner = st.error if asked.status == RoundStatus.failed else st.success
@@ -162,9 +174,7 @@ with form:
             icon=":material/info:",
         )
     with read_session() as session:
-        earlier = {
-            r.id: (r.status.value.replace("_", " "), r.parameters) for r in training.list_rounds(session=session)
-        }
+        earlier = {r.id: (r.status.value.replace("_", " "), r.parameters) for r in list_rounds(session=session)}
     if earlier:
         again_from, again = st.columns([3, 1], vertical_alignment="bottom")
         chosen = again_from.selectbox(

@@ -75,13 +75,13 @@ def test_health_is_unavailable_when_the_queue_cannot_be_written(client, monkeypa
 
 
 def test_health_is_degraded_while_queued_jobs_are_missing_from_the_queue(client, session, monkeypatch):
-    from core import training
     from core.config import get_settings
+    from core.training.rounds import start_training
 
     monkeypatch.setenv("HEARTBEAT_TIMEOUT", "0.1")  # the sweep's grace
     get_settings.cache_clear()
     add_demo(session, per_category=10)
-    training.start_training({"epochs": 1}, session=session)  # recorded, never enqueued
+    start_training({"epochs": 1}, session=session)  # recorded, never enqueued
     session.commit()
     wait_for(lambda: client.get("/health/").json()["missing_from_queue"] == 1, timeout=5)
     body = client.get("/health/").json()
@@ -221,7 +221,7 @@ def test_training_without_enough_validated_images_gives_the_counts(client, sessi
     ("body", "status", "detail"),
     [
         ({"epochs": 0}, 400, "epochs must be between 1 and 500 (got 0)"),
-        ({"batch_size": 5000}, 400, "batch_size must be between 2 and 1024 (got 5000)"),
+        ({"batch_size": 5000}, 400, "batch_size must be between 2 and 1,024 (got 5000)"),
         ({"learning_rate": 2}, 400, "learning_rate must be between 1e-06 and 1 (got 2.0)"),
         ({"architecture": "vgg"}, 400, "architecture must be one of mobilenet_v3_small, resnet18, efficientnet_b0"),
         ({"processes": 5}, 400, "processes must be between 1 and MAX_TRAINING_PROCESSES=4 (got 5)"),
@@ -318,10 +318,10 @@ def test_a_queued_job_has_the_original_shapes_and_can_be_cancelled(client, sessi
 
 
 def test_stop_asks_a_running_job_to_keep_its_best_epoch_and_answers_like_cancel(client, session, tokens):
-    from core import training
+    from core.training.rounds import start_training
 
     add_demo(session, per_category=10, size=16)
-    running = training.start_training({"epochs": 3}, session=session, requested_by="x")
+    running = start_training({"epochs": 3}, session=session, requested_by="x")
     running.status = RoundStatus.in_progress
     session.add(running)
     session.commit()

@@ -354,9 +354,10 @@ def stand_in_export(model, version, images, on_step=None):
 
 @pytest.mark.slow
 def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_one_round(session, monkeypatch):
-    from core import training
+    from core.training import register
+    from core.training.rounds import run_training_round, start_training
 
-    monkeypatch.setattr(training, "export_model", stand_in_export)
+    monkeypatch.setattr(register, "export_model", stand_in_export)
     # One thread: on a machine shared with other test runs, two are several times slower.
     monkeypatch.setenv("TORCH_THREADS", "1")
     get_settings.cache_clear()
@@ -369,9 +370,9 @@ def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_o
         review.relabel_images([image_id], wrong, session=session, actor=as_actor())
     session.commit()
     params = {"epochs": 8, "batch_size": 16, "learning_rate": 0.003, "image_size": 40, "use_existing_model": False}
-    round_ = training.start_training(params, session=session)
+    round_ = start_training(params, session=session)
     session.commit()
-    assert training.run_training_round(round_.id, session=session) is not None, round_.error
+    assert run_training_round(round_.id, session=session) is not None, round_.error
 
     top = {s.image.id for s in suspects.list_suspects(session=session, limit=2 * len(swapped))}
     found = [i for i in swapped if i in top]

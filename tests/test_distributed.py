@@ -6,12 +6,12 @@ import threading
 import pytest
 from sqlmodel import Session
 
-from core import training
 from core.config import get_settings
 from core.db import get_engine, read_session
 from core.errors import UserError
-from core.models import RoundStatus
-from core.training import TrainingConfig
+from core.models import RoundStatus, TrainingRound
+from core.training.config import TrainingConfig
+from core.training.rounds import epoch_metrics, get_round, request_cancel, run_training_round, start_training
 from tests.conftest import wait_for
 from tests.factories import add_demo
 
@@ -23,9 +23,9 @@ TOLERANCE = 15.0
 
 
 def run(session, **params):
-    round_ = training.start_training({**JOB, **params}, session=session)
+    round_ = start_training({**JOB, **params}, session=session)
     session.commit()
-    version = training.run_training_round(round_.id, session=session)
+    version = run_training_round(round_.id, session=session)
     session.refresh(round_)
     assert version is not None, round_.error
     return round_, version
@@ -52,25 +52,25 @@ def test_two_process_job_trains_exports_and_scores_like_one_process(session, dat
     assert all(a["parity"]["passed"] for a in ddp.artifacts)
     assert all((data_dir / a["path"]).is_file() for a in ddp.artifacts)
     # Rank 0 alone wrote: one row per epoch, one version, one completion line.
-    assert [m.epoch for m in training.epoch_metrics(ddp_round.id, session=session)] == [1, 2, 3, 4, 5]
+    assert [m.epoch for m in epoch_metrics(ddp_round.id, session=session)] == [1, 2, 3, 4, 5]
     assert sum(line.count("completed: model") for line in ddp_round.history) == 1
     assert ddp.version == "1.1.0" and ddp_round.status == RoundStatus.completed
 
 
-def current(round_id: int) -> training.TrainingRound:
+def current(round_id: int) -> TrainingRound:
     with read_session() as reader:
-        return training.get_round(round_id, session=reader)
+        return get_round(round_id, session=reader)
 
 
 def test_cancel_stops_a_two_process_job_between_batches(session):
     add_demo(session, per_category=10, size=32)
-    round_ = training.start_training({**JOB, "epochs": 200, "batch_size": 4, "processes": 2}, session=session)
+    round_ = start_training({**JOB, "epochs": 200, "batch_size": 4, "processes": 2}, session=session)
     session.commit()
-    job = threading.Thread(target=training.run_training_round, args=(round_.id,), kwargs={"session": session})
+    job = threading.Thread(target=run_training_round, args=(round_.id,), kwargs={"session": session})
     job.start()
     wait_for(lambda: current(round_.id).current_batch > 0, timeout=60, message="the first batch")
     with Session(get_engine()) as writer:
-        training.request_cancel(round_.job_id, session=writer, by="tester")
+        request_cancel(round_.job_id, session=writer, by="tester")
         writer.commit()
     job.join(timeout=60)
     assert not job.is_alive()
@@ -106,21 +106,21 @@ def test_a_rank_killed_mid_job_fails_the_attempt_and_the_retry_resumes_from_rank
     session, monkeypatch, ptl_only
 ):
     add_demo(session, per_category=10, size=32)
-    round_ = training.start_training({**JOB, "epochs": 3, "processes": 2}, session=session)
+    round_ = start_training({**JOB, "epochs": 3, "processes": 2}, session=session)
     session.commit()
     # Rank 1 is SIGKILLed as it starts epoch 3: rank 0 has checkpointed epoch 1
     # for sure (rank 1 trained epoch 2 with it), epoch 2 perhaps.
     monkeypatch.setenv("CRASH_AT", "rank1_epoch3")
     with pytest.raises(RuntimeError, match="rank 1 of 2 failed: killed by SIGKILL"):
-        training.run_training_round(round_.id, session=session)
+        run_training_round(round_.id, session=session)
     lost = current(round_.id)
     assert lost.status == RoundStatus.queued and lost.attempts == 1
-    assert [m.epoch for m in training.epoch_metrics(round_.id, session=session)] in ([1], [1, 2])
+    assert [m.epoch for m in epoch_metrics(round_.id, session=session)] in ([1], [1, 2])
 
     monkeypatch.delenv("CRASH_AT")  # the retry, as the queue would run it
-    version = training.run_training_round(round_.id, session=session)
+    version = run_training_round(round_.id, session=session)
     done = current(round_.id)
     assert version is not None and done.status == RoundStatus.completed, done.error
     assert done.attempts == 2
     assert any("resumed from the checkpoint of epoch" in line for line in done.history)
-    assert [m.epoch for m in training.epoch_metrics(round_.id, session=session)] == [1, 2, 3]
+    assert [m.epoch for m in epoch_metrics(round_.id, session=session)] == [1, 2, 3]

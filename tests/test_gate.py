@@ -10,7 +10,7 @@ from sqlmodel import select
 from core import gate, registry, stats
 from core.errors import UserError
 from core.models import ModelVersion, PromotionEvent
-from core.training import should_promote
+from core.training.register import should_promote
 from tests.factories import as_actor, version_row
 
 

@@ -5,10 +5,12 @@ import pytest
 import torch
 from sqlmodel import select
 
-from core import registry, training
+from core import registry
 from core.errors import UserError
-from core.models import Category, TrainingImage
-from core.training import TrainingConfig
+from core.models import Category, TrainingImage, TrainingRound
+from core.training.config import TrainingConfig
+from core.training.progress import RoundReporter
+from core.training.rounds import epoch_metrics, list_rounds, run_training_round, start_training
 from tests.factories import add_demo
 
 TINY = {"epochs": 1, "batch_size": 16, "image_size": 32}
@@ -25,9 +27,9 @@ def first_model_in_production(monkeypatch):
 
 
 def train(session, **params):
-    round_ = training.start_training({**TINY, **params}, session=session)
+    round_ = start_training({**TINY, **params}, session=session)
     session.commit()
-    version = training.run_training_round(round_.id, session=session)
+    version = run_training_round(round_.id, session=session)
     assert version is not None, round_.error
     return round_, version
 
@@ -40,12 +42,12 @@ def test_an_unknown_training_mode_is_refused_naming_the_choices():
 def test_head_mode_without_any_pretrained_backbone_is_refused_saying_why(session):
     add_demo(session, per_category=10, size=32)
     with pytest.raises(UserError) as info:
-        training.start_training({"training_mode": "head"}, session=session)
+        start_training({"training_mode": "head"}, session=session)
     message = str(info.value)
     assert "no ImageNet weights for mobilenet_v3_small" in message
     assert "no model is in production yet" in message
     assert "training_mode 'full'" in message
-    assert training.list_rounds(session=session) == []
+    assert list_rounds(session=session) == []
 
 
 def test_head_mode_retrains_only_the_head_of_production_and_exports_with_parity(session, data_dir):
@@ -83,9 +85,9 @@ def test_head_mode_on_a_new_class_list_starts_a_fresh_head(session, ptl_only):
 def test_head_mode_resumes_from_its_checkpoint_with_the_same_backbone(session, monkeypatch, ptl_only):
     add_demo(session, per_category=10, size=32)
     train(session)
-    round_ = training.start_training({**TINY, "training_mode": "head", "epochs": 3}, session=session)
+    round_ = start_training({**TINY, "training_mode": "head", "epochs": 3}, session=session)
     session.commit()
-    real_epoch = training.RoundReporter.epoch
+    real_epoch = RoundReporter.epoch
 
     # Lost between epoch 2's metric row and its checkpoint: the resume starts
     # from epoch 1's checkpoint and writes epoch 2's row again, once.
@@ -94,12 +96,12 @@ def test_head_mode_resumes_from_its_checkpoint_with_the_same_backbone(session, m
         if metric.epoch == 2 and self.round.attempts == 1:
             raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(training.RoundReporter, "epoch", lose_the_worker_after_epoch_2)
+    monkeypatch.setattr(RoundReporter, "epoch", lose_the_worker_after_epoch_2)
     with pytest.raises(RuntimeError, match="worker lost"):
-        training.run_training_round(round_.id, session=session)
-    version = training.run_training_round(round_.id, session=session)
+        run_training_round(round_.id, session=session)
+    version = run_training_round(round_.id, session=session)
     assert version is not None and version.version == "1.1.0"
-    done = session.get(training.TrainingRound, round_.id)
+    done = session.get(TrainingRound, round_.id)
     assert any("resumed from the checkpoint of epoch 1, at epoch 2" in line for line in done.history)
-    assert [m.epoch for m in training.epoch_metrics(round_.id, session=session)] == [1, 2, 3]
+    assert [m.epoch for m in epoch_metrics(round_.id, session=session)] == [1, 2, 3]
     assert all(a["parity"]["passed"] for a in version.artifacts)

@@ -4,12 +4,12 @@ and its exported files score exactly what the registry recorded."""
 import pytest
 import torch
 
-from core import training
 from core.dataset import load_images, normalize
 from core.export import load_runner
 from core.ingest import image_path
 from core.models import TrainingImage
 from core.splits import split_snapshot
+from core.training.rounds import run_training_round, start_training
 from tests.factories import add_demo
 
 # Small images and a handful of epochs; chance is 20% on 5 categories.
@@ -32,9 +32,9 @@ def artifact_accuracy(path, fmt, x: torch.Tensor, y: torch.Tensor) -> float:
 def test_architecture_learns_demo_data_and_exports_score_the_same(architecture, session, data_dir):
     add_demo(session, per_category=60, size=64)
     params = {**SETTINGS[architecture], "architecture": architecture, "image_size": 64, "use_existing_model": False}
-    round_ = training.start_training(params, session=session)
+    round_ = start_training(params, session=session)
     session.commit()
-    version = training.run_training_round(round_.id, session=session)
+    version = run_training_round(round_.id, session=session)
     assert version is not None, round_.error
     assert any("random initialisation" in w for w in round_.warnings)
     recorded = version.metrics["val_accuracy"]

@@ -63,8 +63,8 @@ def charts(at: AppTest) -> int:
 def trained_folder(tmp_path_factory):
     """A data folder with the demo images (12 per category, 32 px) and one
     really trained round (1 epoch at 32 px) that made model 1.0.0."""
-    from core import training
     from core.db import get_engine
+    from core.training.rounds import run_training_round, start_training
 
     folder = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
@@ -76,11 +76,11 @@ def trained_folder(tmp_path_factory):
         _clear_caches()
         with Session(get_engine(), expire_on_commit=False) as session:
             add_demo(session, per_category=12, size=32)
-            round_ = training.start_training(
+            round_ = start_training(
                 {"epochs": 1, "batch_size": 16, "image_size": 32}, session=session, requested_by="fixture"
             )
             session.commit()
-            version = training.run_training_round(round_.id, session=session)
+            version = run_training_round(round_.id, session=session)
         assert version is not None and version.version == "1.0.0"
         _clear_caches(bind_queue=False)
     return folder
@@ -411,7 +411,7 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
         ("learning_rate", 5.0, "Learning rate must be between 1e-06 and 1 (got 5.0)"),
         ("image_size", 13, "Image size (px) must be between 32 and 512 (got 13)"),
         ("val_split", 0.99, "Validation split must be between 0.05 and 0.5 (got 0.99)"),
-        ("seed", -1, "Seed must be between 0 and 2.14748e+09 (got -1)"),
+        ("seed", -1, "Seed must be between 0 and 2,147,483,647 (got -1)"),
         ("processes", 99, "Processes must be between 1 and MAX_TRAINING_PROCESSES="),
     ],
 )
@@ -450,13 +450,13 @@ def test_the_confirmation_lists_the_parameters_queued_and_follows_the_jobs_state
 
 
 def test_the_form_starts_from_the_operators_last_job_and_trains_again_from_any_round(session, monkeypatch):
-    from core import training
+    from core.training.rounds import start_training
 
     monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
     _clear_caches()
     add_demo(session, per_category=4, size=32)
-    mine = training.start_training({"epochs": 3, "image_size": 64}, session=session, requested_by="Grace")
-    other = training.start_training({"epochs": 7, "seed": 5}, session=session, requested_by="Ada")
+    mine = start_training({"epochs": 3, "image_size": 64}, session=session, requested_by="Grace")
+    other = start_training({"epochs": 7, "seed": 5}, session=session, requested_by="Ada")
     session.commit()
 
     at = ok(app("pages/train.py", "operator", "Grace"))
@@ -475,13 +475,13 @@ def test_the_form_starts_from_the_operators_last_job_and_trains_again_from_any_r
 
 
 def test_stop_and_keep_the_best_asks_a_running_job_to_stop_and_cancels_a_queued_one(session, monkeypatch):
-    from core import training
+    from core.training.rounds import start_training
 
     monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
     _clear_caches()
     add_demo(session, per_category=4, size=32)
-    running = training.start_training({"epochs": 9}, session=session, requested_by="Ada")
-    queued = training.start_training({"epochs": 9}, session=session, requested_by="Ada")
+    running = start_training({"epochs": 9}, session=session, requested_by="Ada")
+    queued = start_training({"epochs": 9}, session=session, requested_by="Ada")
     running.status = RoundStatus.in_progress
     session.add(running)
     session.commit()

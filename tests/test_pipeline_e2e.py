@@ -73,11 +73,11 @@ def test_two_trainings_through_the_queue_give_1_0_0_then_1_1_0(data_dir, worker_
 
 
 def test_failing_job_is_retried_twice_then_failed_without_leftovers(data_dir, worker_factory, session):
-    from core import training
+    from core.training.rounds import start_training
     from tests.factories import add_demo
 
     add_demo(session, per_category=10, size=32)
-    round_ = training.start_training({"epochs": 1, "image_size": 32}, session=session)
+    round_ = start_training({"epochs": 1, "image_size": 32}, session=session)
     session.commit()
     # The job cannot read its images: every attempt fails the same way.
     for image_file in (data_dir / "images").rglob("*.png"):

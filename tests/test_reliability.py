@@ -9,9 +9,9 @@ import time
 import pytest
 from sqlmodel import Session, select
 
-from core import training
 from core.db import read_session
 from core.models import EpochMetric, ModelVersion, RoundStatus, TrainingRound
+from core.training.rounds import recover_stale_rounds, replace_queue_task, run_training_round, start_training
 from jobs import cancel_training, submit_training
 from tests.conftest import ROOT, wait_for
 from tests.factories import add_demo, as_actor
@@ -114,12 +114,12 @@ def test_lost_job_without_attempts_left_is_failed_with_the_reason(data_dir, sess
     from core.models import utcnow
 
     add_demo(session, per_category=10, size=32)
-    round_ = training.start_training({"epochs": 1}, session=session)
+    round_ = start_training({"epochs": 1}, session=session)
     round_.status, round_.attempts = RoundStatus.in_progress, 3
     round_.heartbeat_at = utcnow().replace(year=2000)
     session.add(round_)
     session.commit()
-    assert training.recover_stale_rounds(session=session) == []
+    assert recover_stale_rounds(session=session) == []
     session.commit()
     failed = get_round(round_.id)
     assert failed.status == RoundStatus.failed
@@ -168,13 +168,13 @@ def test_cancel_of_finished_or_unknown_job_is_a_clear_error(data_dir, session):
 
 def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, monkeypatch, ptl_only):
     """A job that loses the race for a version number renames its files."""
-    import core.training as core_training
     from core import registry
+    from core.training import register
 
     add_demo(session, per_category=10, size=32)
-    round_ = training.start_training({"epochs": 1, "image_size": 32, "batch_size": 16}, session=session)
+    round_ = start_training({"epochs": 1, "image_size": 32, "batch_size": 16}, session=session)
     session.commit()
-    real_export = core_training.export_model
+    real_export = register.export_model
 
     def export_while_another_job_commits(model, version, images, on_step=None):
         artifacts = real_export(model, version, images)
@@ -188,8 +188,8 @@ def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, mon
             other.commit()
         return artifacts
 
-    monkeypatch.setattr(core_training, "export_model", export_while_another_job_commits)
-    version = training.run_training_round(round_.id, session=session)
+    monkeypatch.setattr(register, "export_model", export_while_another_job_commits)
+    version = run_training_round(round_.id, session=session)
     assert version.version == "2.0.0"  # the other model has another class list
     assert sorted(v.version for v in registry.list_versions(session=session)) == ["1.0.0", "2.0.0"]
     assert model_files(data_dir) == ["model_2.0.0.ptl"]
@@ -233,7 +233,7 @@ def test_several_processes_writing_at_once_lose_nothing(data_dir, session):
     from tests.factories import add_images
 
     image_ids = add_images(session, {"dog": 10})
-    round_ = training.TrainingRound(parameters={}, snapshot=[])
+    round_ = TrainingRound(parameters={}, snapshot=[])
     session.add(round_)
     session.commit()
     count = 40
@@ -298,14 +298,14 @@ def test_train_call_with_an_unwritable_queue_records_the_round_and_the_sweep_enq
 
 def test_two_sweeps_at_once_give_a_lost_round_one_task(data_dir, session):
     add_demo(session, per_category=10, size=32)
-    round_ = training.start_training({"epochs": 1, "image_size": 32}, session=session)
+    round_ = start_training({"epochs": 1, "image_size": 32}, session=session)
     round_.queue_task_id = "lost"
     session.commit()
-    assert training.replace_queue_task(round_.id, "lost", "first", session=session)
-    assert not training.replace_queue_task(round_.id, "lost", "second", session=session)
+    assert replace_queue_task(round_.id, "lost", "first", session=session)
+    assert not replace_queue_task(round_.id, "lost", "second", session=session)
     session.commit()
     # The task the sweep replaced does nothing if it turns up after all.
-    assert training.run_training_round(round_.id, session=session, task_id="lost") is None
+    assert run_training_round(round_.id, session=session, task_id="lost") is None
     again = get_round(round_.id)
     assert (again.status, again.attempts, again.queue_task_id) == (RoundStatus.queued, 0, "first")
 

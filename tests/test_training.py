@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
-from core import training
 from core.errors import UserError
 from core.models import RoundStatus
 from core.splits import stratified_split
-from core.training import TrainingConfig, preflight, start_training
+from core.training.config import TrainingConfig
+from core.training.preflight import choose_image_size, preflight
+from core.training.rounds import list_rounds, snapshot_hash, start_training
 from tests.factories import add_images
 
 
@@ -24,20 +25,21 @@ def test_defaults_are_the_original_ones():
         ({"epochs": -3}, "epochs must be between 1 and 500"),
         ({"epochs": 10**9}, "epochs must be between 1 and 500"),
         ({"epochs": 2.5}, "epochs must be a whole number"),
-        ({"epochs": "5"}, "epochs must be a number"),
-        ({"epochs": True}, "epochs must be a number"),
-        ({"batch_size": 0}, "batch_size must be between 2 and 1024"),
+        ({"epochs": "5"}, "epochs must be a whole number between 1 and 500 (got '5')"),
+        ({"epochs": True}, "epochs must be a whole number between 1 and 500 (got True)"),
+        ({"batch_size": 0}, "batch_size must be between 2 and 1,024"),
         ({"batch_size": -1}, "batch_size must be between"),
         ({"learning_rate": 0}, "learning_rate must be between"),
         ({"learning_rate": -0.1}, "learning_rate must be between"),
         ({"learning_rate": math.nan}, "learning_rate must be between"),
         ({"learning_rate": math.inf}, "learning_rate must be between"),
         ({"learning_rate": 50.0}, "learning_rate must be between"),
-        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"learning_rate": "fast"}, "learning_rate must be a number between 1e-06 and 1 (got 'fast')"),
         ({"use_existing_model": "yes"}, "use_existing_model must be true or false"),
         ({"architecture": "vgg16"}, "architecture must be one of"),
         ({"image_size": 8}, "image_size must be between 32 and 512"),
         ({"val_split": 0.9}, "val_split must be between"),
+        ({"seed": -1}, "seed must be between 0 and 2,147,483,647 (got -1)"),
         ({"colour": "red"}, "Unknown parameter(s) colour"),
     ],
 )
@@ -67,7 +69,7 @@ def test_fewer_than_minimum_validated_images_is_refused_with_the_numbers(session
     add_images(session, {"cat": 20, "dog": 20})
     with pytest.raises(UserError, match="at least 50 validated images; there are 40. Validate 10 more"):
         start_training({}, session=session)
-    assert training.list_rounds(session=session) == []
+    assert list_rounds(session=session) == []
 
 
 def test_one_category_only_is_refused(session):
@@ -98,7 +100,7 @@ def test_start_training_freezes_a_snapshot_with_its_hash(session):
     assert round_.category_distribution == {"cat": 25, "dog": 25}
     assert round_.classes == ["cat", "dog"]
     assert len(round_.snapshot_hash) == 64
-    assert round_.snapshot_hash == training.snapshot_hash(round_.snapshot)
+    assert round_.snapshot_hash == snapshot_hash(round_.snapshot)
     assert round_.parameters["epochs"] == 2
     assert any("no model is in production" in w for w in round_.warnings)
 
@@ -114,7 +116,7 @@ def test_start_training_freezes_a_snapshot_with_its_hash(session):
     ],
 )
 def test_auto_image_size_is_the_median_short_side_rounded_to_32_between_32_and_224(sizes, expected):
-    size, why = training.choose_image_size(sizes)
+    size, why = choose_image_size(sizes)
     assert size == expected
     assert why.startswith(f"image_size auto: {expected} px, from the median short side")
 
@@ -136,7 +138,9 @@ def test_an_explicit_image_size_always_wins(session):
     round_ = start_training({"image_size": 160}, session=session)
     assert round_.parameters["image_size"] == 160
     assert not any("image_size auto" in w for w in round_.warnings)
-    with pytest.raises(UserError, match="image_size must be a number between 32 and 512 or 'auto' \\(got 'big'\\)"):
+    with pytest.raises(
+        UserError, match="image_size must be a whole number between 32 and 512 or 'auto' \\(got 'big'\\)"
+    ):
         start_training({"image_size": "big"}, session=session)
 
 
@@ -149,7 +153,7 @@ def test_cli_takes_image_size_auto_or_a_number(session, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--image-size", "big"])
     assert "--image-size: must be a whole number of pixels or 'auto' (got 'big')" in capsys.readouterr().err
-    assert [r.parameters["image_size"] for r in training.list_rounds(session=session)] == [64]
+    assert [r.parameters["image_size"] for r in list_rounds(session=session)] == [64]
 
 
 def test_minimum_is_configurable(session, monkeypatch):
@@ -169,7 +173,7 @@ def test_minimum_is_configurable(session, monkeypatch):
         ({"cat": 30, "dog": 29, "bird": 1}, {}, "'bird' has 1"),
         ({"cat": 30, "dog": 30}, {"epochs": 0}, "epochs must be between"),
         ({"cat": 30, "dog": 30}, {"learning_rate": math.nan}, "learning_rate must be between"),
-        ({"cat": 30, "dog": 30}, {"batch_size": "32"}, "batch_size must be a number"),
+        ({"cat": 30, "dog": 30}, {"batch_size": "32"}, "batch_size must be a whole number between 2 and 1,024"),
     ],
 )
 def test_refused_training_requests_change_nothing(session, images, params, message):
@@ -177,7 +181,7 @@ def test_refused_training_requests_change_nothing(session, images, params, messa
     with pytest.raises(UserError, match=message):
         start_training(params, session=session)
     session.rollback()
-    assert training.list_rounds(session=session) == []
+    assert list_rounds(session=session) == []
 
 
 def test_existing_model_with_another_class_list_falls_back_to_a_fresh_model_and_says_so(session):

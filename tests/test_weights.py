@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from core import training
 from core.config import get_settings
 from core.db import read_session
 from core.models import RoundStatus, TrainingRound
+from core.training.networks import build_model, find_pretrained_weights
 from jobs import submit_training
 from tests.factories import add_demo, as_actor
 from tests.servers import free_port
@@ -86,7 +86,7 @@ def test_weights_are_downloaded_once_verified_and_trained_from(download_from, mo
     # torchvision's real file cannot be fetched here, so the test publishes its
     # own: ImageNet-shaped weights whose name carries their hash, as torchvision's do.
     path = tmp_path / "weights.pth"
-    torch.save(training.build_model("mobilenet_v3_small", 1000).state_dict(), path)
+    torch.save(build_model("mobilenet_v3_small", 1000).state_dict(), path)
     data = path.read_bytes()
     name = f"mobilenet_v3_small-{hashlib.sha256(data).hexdigest()[:8]}.pth"
     monkeypatch.setattr(PUBLISHED, "url", f"https://download.pytorch.org/models/{name}")
@@ -103,7 +103,7 @@ def test_weights_are_downloaded_once_verified_and_trained_from(download_from, mo
     assert f"verified {name}" in history and f"starting from ImageNet weights ({name})" in history
     assert not any("random initialisation" in w for w in round_.warnings)
     # Once: the next round finds the file and asks the server nothing.
-    assert training.find_pretrained_weights("mobilenet_v3_small") == kept
+    assert find_pretrained_weights("mobilenet_v3_small") == kept
     assert train().status == RoundStatus.completed
     assert server.requests == [f"/models/{name}"]
 

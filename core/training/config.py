@@ -1,0 +1,145 @@
+"""A job's parameters: `TrainingConfig`, the allowed values and ranges, and
+the checks the API, the Train page and the CLI share.
+
+Imports no torch, so the pages and the API can read the ranges cheaply."""
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+from sqlmodel import Session, col, select
+
+from core.config import get_settings
+from core.errors import UserError, check_number
+from core.models import TrainingRound
+
+ARCHITECTURES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
+# `full` trains every layer; `head` freezes a pretrained backbone, computes its
+# features once per image and trains only the classifier (a quick retrain).
+TRAINING_MODES = ("full", "head")
+# `image_size` "auto": chosen from the snapshot's pictures (`choose_image_size`).
+AUTO = "auto"
+# What "auto" may choose: a multiple of 32 between these (224 is what the
+# architectures were designed for; more costs compute and adds no information).
+AUTO_IMAGE_SIZE_RANGE = (32, 224)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A job's parameters; checkpoints carry it so a model can be rebuilt."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    use_existing_model: bool = True
+    architecture: str = "mobilenet_v3_small"
+    # "auto": the pictures' median short side (`choose_image_size`), resolved
+    # to a number when the round is queued; a number always wins.
+    image_size: int | str = AUTO
+    val_split: float = 0.2
+    seed: int = 42
+    # `full` by default: it works on a fresh install (no pretrained backbone
+    # needed) and adapts every layer to the images; `head` is the quick retrain.
+    training_mode: str = "full"
+    # Processes (DDP ranks) that train the job together; at most MAX_TRAINING_PROCESSES.
+    processes: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: Mapping | None) -> "TrainingConfig":
+        """Validate user-supplied parameters; unknown, missing-typed or
+        out-of-range values raise UserError naming the field and the range."""
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise UserError(f"Unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        values = {}
+        for name, value in params.items():
+            if value is None:
+                continue
+            values[name] = _check_param(name, value)
+        config = cls(**values)
+        if config.training_mode == "head" and config.processes > 1:
+            raise UserError(
+                "training_mode 'head' runs in one process: it trains one linear layer on cached features, "
+                f"which several processes cannot speed up. Set processes to 1 (got {config.processes}) "
+                "or use training_mode 'full'"
+            )
+        return config
+
+
+# name -> (type, minimum, maximum)
+PARAM_RANGES: dict[str, tuple[type, float, float]] = {
+    "epochs": (int, 1, 500),
+    "batch_size": (int, 2, 1024),
+    "learning_rate": (float, 1e-6, 1.0),
+    "image_size": (int, 32, 512),
+    "val_split": (float, 0.05, 0.5),
+    "seed": (int, 0, 2**31 - 1),
+    # The maximum is MAX_TRAINING_PROCESSES (see `param_range`).
+    "processes": (int, 1, 1),
+}
+
+
+def param_range(name: str) -> tuple[type, float, float]:
+    """(type, minimum, maximum) of a numeric parameter, with today's settings."""
+    kind, low, high = PARAM_RANGES[name]
+    if name == "processes":
+        high = get_settings().max_training_processes
+    return kind, low, high
+
+
+def _check_param(name: str, value, label: str | None = None):
+    """`value` as the parameter's type, or UserError naming it by `label`
+    (the field's name in the API; the dashboard passes the form's labels)."""
+    label = label or name
+    if name == "use_existing_model":
+        if not isinstance(value, bool):
+            raise UserError(f"{label} must be true or false (got {value!r})")
+        return value
+    if name == "architecture":
+        if value not in ARCHITECTURES:
+            raise UserError(f"{label} must be one of {', '.join(ARCHITECTURES)} (got {value!r})")
+        return value
+    if name == "image_size" and value == AUTO:
+        return value
+    if name == "training_mode":
+        if value not in TRAINING_MODES:
+            raise UserError(f"{label} must be one of {', '.join(TRAINING_MODES)} (got {value!r})")
+        return value
+    kind, low, high = param_range(name)
+    top = f"MAX_TRAINING_PROCESSES={high:g}" if name == "processes" else None
+    also = f" or {AUTO!r}" if name == "image_size" else ""
+    return check_number(label, value, kind, low, high, top=top, also=also)
+
+
+def param_problems(params: Mapping, labels: Mapping[str, str]) -> dict[str, str]:
+    """What is wrong with each field of a parameter form, by field name, in
+    the words of `from_params` but naming each field by its label; empty when
+    `from_params` accepts them all."""
+    problems = {}
+    for name, value in params.items():
+        try:
+            _check_param(name, value, labels.get(name))
+        except UserError as exc:
+            problems[name] = str(exc)
+    if not problems:
+        try:
+            TrainingConfig.from_params(params)
+        except UserError as exc:  # a rule across fields (head mode in one process)
+            problems["processes"] = str(exc)
+    return problems
+
+
+def last_parameters(requested_by: str, *, session: Session) -> dict | None:
+    """The parameters of the last job `requested_by` asked for (the Train
+    form starts from them), or None when they never asked for one."""
+    query = (
+        select(TrainingRound.parameters)
+        .where(TrainingRound.requested_by == requested_by, col(TrainingRound.trigger).is_(None))
+        .order_by(col(TrainingRound.id).desc())
+        .limit(1)
+    )
+    return session.exec(query).first()

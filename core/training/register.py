@@ -1,0 +1,269 @@
+"""From a trained model to a registered version: the final metrics, the
+export, production scored on the same test images, the promotion gate's
+decision, and the commit (version, gate decision, suspect scores and the
+round's completion in one transaction).
+
+The epoch loop hands over one `Trained`; `register` turns it into a
+`Candidate` (the exported files and everything the version row needs).
+"""
+
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+from torch import nn
+
+from core import gate, registry, suspects
+from core.access import SYSTEM_ACTOR
+from core.config import get_settings
+from core.dataset import normalize
+from core.export import artifact_path, export_model, remove_files
+from core.faults import crash_point
+from core.models import ModelVersion, RoundStatus, TrainingRound, as_utc, utcnow
+from core.training.config import TrainingConfig
+from core.training.evaluation import TestImages, accuracy, misclassified, predict_test_images, summarise
+from core.training.progress import RoundReporter, enter_phase, history_line, round_dir, save_checkpoint
+from core.training.trainers import Split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trained:
+    """What the epoch loop hands to `register`: the kept model (on the CPU,
+    in the default layout) and its logits on the round's images."""
+
+    config: TrainingConfig
+    classes: list[str]
+    model: nn.Module
+    data: Split
+    best_epoch: int
+    epochs_trained: int
+    train_logits: torch.Tensor
+    val_logits: torch.Tensor
+    test_logits: torch.Tensor
+
+
+@dataclass
+class Scores:
+    """The kept model's probabilities for every image of the snapshot."""
+
+    image_ids: list[int]
+    labels: list[str]
+    probabilities: torch.Tensor
+
+
+@dataclass
+class Candidate:
+    """A new version, exported and not yet committed."""
+
+    version: str
+    config: TrainingConfig
+    classes: list[str]
+    metrics: dict
+    artifacts: list[dict]
+    checkpoint: Path
+    scores: Scores
+    test: TestImages
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the version owns (removed again when the commit fails)."""
+        data_dir = get_settings().data_dir
+        return [data_dir / a["path"] for a in self.artifacts] + [self.checkpoint]
+
+
+@dataclass(frozen=True)
+class ProductionScores:
+    """The production version as scored on the test images before the commit."""
+
+    version: str | None = None
+    # Its prediction for each test image; None when there is no production
+    # version or it could not be scored.
+    predictions: dict[int, str] | None = None
+    # Why it could not be scored.
+    failure: str | None = None
+
+
+def final_metrics(trained: Trained) -> tuple[dict, Scores, TestImages]:
+    """The version's metrics, every image's scores (suspected mislabels) and
+    its test predictions (the promotion gate)."""
+    data, classes = trained.data, trained.classes
+    test_labels = [classes[i] for i in data.y_test.tolist()]
+    predicted = {i: classes[p] for i, p in zip(data.ids_test, trained.test_logits.argmax(1).tolist(), strict=True)}
+    test_truth = dict(zip(data.ids_test, test_labels, strict=True))
+    test_accuracy, test_per_class = gate.accuracy_on(predicted, test_truth, data.ids_test)
+    metrics = {
+        "train_accuracy": round(accuracy(trained.train_logits, data.y_train), 2),
+        "val_accuracy": round(accuracy(trained.val_logits, data.y_val), 2),
+        "best_epoch": trained.best_epoch,
+        "epochs_trained": trained.epochs_trained,
+        "train_images": len(data.y_train),
+        "val_images": len(data.y_val),
+        **summarise(trained.val_logits, data.y_val, classes),
+        "misclassified": misclassified(trained.val_logits, data.y_val, data.ids_val, classes),
+        "test_accuracy": test_accuracy,
+        "test_per_class_accuracy": test_per_class,
+        **gate.test_summary(predicted, test_truth),
+    }
+    labels = torch.cat([data.y_train, data.y_val, data.y_test]).tolist()
+    scores = Scores(
+        image_ids=[*data.ids_train, *data.ids_val, *data.ids_test],
+        labels=[classes[i] for i in labels],
+        probabilities=torch.cat([trained.train_logits, trained.val_logits, trained.test_logits]).float().softmax(1),
+    )
+    test = TestImages(
+        ids=data.ids_test, labels=test_labels, paths=data.paths_test, shas=data.sha_test, predicted=predicted
+    )
+    return metrics, scores, test
+
+
+def register(round_: TrainingRound, trained: Trained, reporter: RoundReporter, *, session: Session) -> ModelVersion:
+    """Export `trained`, score production for the gate and commit the version
+    with the round's completion; a version number taken meanwhile by another
+    job is replaced by the next one (files renamed). On any failure the
+    version's files are removed."""
+    metrics, scores, test = final_metrics(trained)
+    config, classes, model = trained.config, trained.classes, trained.model
+    version = registry.next_version(classes, session=session)
+    session.rollback()  # release the read transaction while exporting
+    reporter.note(f"exporting model {version}")
+    artifacts = export_model(model, version, normalize(trained.data.x_val), on_step=reporter.phase)
+    ckpt = registry.checkpoint_path(version)
+    save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
+    duration = (utcnow() - as_utc(round_.started_at)).total_seconds() if round_.started_at else 0.0
+    metrics = {
+        **metrics,
+        "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),
+        "training_duration_seconds": round(duration, 1),
+    }
+    candidate = Candidate(version, config, classes, metrics, artifacts, ckpt, scores, test)
+    reporter.phase("scoring")
+    reporter.note("scoring production on the test images for the promotion gate")
+    production = score_production(test, reporter, session=session)
+    reporter.phase("registering")
+    try:
+        reporter.check_cancel()
+        crash_point("before_commit")
+        for _ in range(5):
+            try:
+                mv = _commit_version(round_, candidate, production, session=session)
+                break
+            except IntegrityError:
+                # Another job took this version number between our export and commit.
+                session.rollback()
+                candidate = _rename_version(candidate, registry.next_version(classes, session=session))
+        else:
+            raise RuntimeError("could not allocate a unique version number")
+    except BaseException:
+        remove_files(candidate.files)
+        raise
+    shutil.rmtree(round_dir(round_), ignore_errors=True)
+    return mv
+
+
+def score_production(test: TestImages, reporter: RoundReporter, *, session: Session) -> ProductionScores:
+    """The production version's predictions on the test images, for the gate."""
+    production = registry.production_version(session=session)
+    session.rollback()
+    if production is None:
+        return ProductionScores()
+    try:
+        return ProductionScores(production.version, predict_test_images(production, test))
+    except Exception as exc:  # a missing or unreadable checkpoint must not lose the new model
+        log.exception("could not score production %s on the test images", production.version)
+        reporter.note(f"production {production.version} could not be scored on the test images: {exc}")
+        return ProductionScores(
+            production.version, failure=f"production {production.version} could not be scored: {exc}"
+        )
+
+
+def _commit_version(
+    round_: TrainingRound, candidate: Candidate, production: ProductionScores, *, session: Session
+) -> ModelVersion:
+    """The version row, its gate decision, the suspect scores and the round's
+    completion, in one transaction."""
+    settings = get_settings()
+    version = candidate.version
+    major, minor, patch = registry.parse_version(version)
+    current = registry.production_version(session=session)
+    decision = _gate_decision(candidate.test, production, current, session=session)
+    mv = ModelVersion(
+        version=version,
+        major=major,
+        minor=minor,
+        patch=patch,
+        round_id=round_.id,
+        classes=candidate.classes,
+        architecture=candidate.config.architecture,
+        image_size=candidate.config.image_size,
+        checkpoint_path=candidate.checkpoint.relative_to(settings.data_dir).as_posix(),
+        metrics=candidate.metrics,
+        artifacts=candidate.artifacts,
+        gate=decision,
+    )
+    session.add(mv)
+    session.flush()
+    gate.record_predictions(mv, candidate.test.predicted, session=session)
+    scores = candidate.scores
+    n_suspects = suspects.record_scores(
+        version, scores.image_ids, scores.labels, scores.probabilities, candidate.classes, session=session
+    )
+    promote = should_promote(settings.auto_promote, current is not None, decision)
+    if promote:
+        registry.promote(version, session=session, actor=SYSTEM_ACTOR, action="auto")
+    round_.status = RoundStatus.completed
+    round_.phases = enter_phase(round_.phases, None)
+    round_.model_version_id = mv.id
+    round_.progress = 1.0
+    round_.finished_at = utcnow()
+    outcome_text = "in production" if promote else "a candidate: " + "; ".join(decision["reasons"])
+    round_.history = [
+        *round_.history,
+        history_line(f"{n_suspects} suspected mislabels among {len(scores.image_ids)} images"),
+        history_line(f"completed: model {version} ({outcome_text})"),
+    ]
+    session.add(round_)
+    session.commit()
+    return mv
+
+
+def should_promote(mode: str, in_production: bool, decision: dict) -> bool:
+    """Whether a new version goes to production by itself (AUTO_PROMOTE): the
+    first one only when clearly better than chance (core/gate.py)."""
+    if mode == "always":
+        return True
+    if not in_production:
+        return mode in ("first", "gate") and decision["passed"]
+    return mode == "gate" and decision["passed"]
+
+
+def _gate_decision(
+    test: TestImages, production: ProductionScores, current: ModelVersion | None, *, session: Session
+) -> dict:
+    """`production` as scored before the commit; `current`: production now."""
+    rules = gate.rules(session=session)
+    if current is not None and current.version != production.version:
+        reason = f"production changed to {current.version} while this version was made; compare them by hand"
+        return {"passed": False, "production": current.version, "reasons": [reason], **rules}
+    if production.failure:
+        return {"passed": False, "production": production.version, "reasons": [production.failure], **rules}
+    truth = dict(zip(test.ids, test.labels, strict=True))
+    return gate.decide(test.predicted, production.predictions, truth, production_version=production.version, **rules)
+
+
+def _rename_version(candidate: Candidate, new: str) -> Candidate:
+    """`candidate` as version `new`, its files renamed to match."""
+    data_dir = get_settings().data_dir
+    artifacts = []
+    for record in candidate.artifacts:
+        target = artifact_path(new, record["format"])
+        (data_dir / record["path"]).replace(target)
+        artifacts.append({**record, "path": target.relative_to(data_dir).as_posix()})
+    checkpoint = registry.checkpoint_path(new)
+    candidate.checkpoint.replace(checkpoint)
+    return replace(candidate, version=new, artifacts=artifacts, checkpoint=checkpoint)
