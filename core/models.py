@@ -138,7 +138,6 @@ class TrainingRound(SQLModel, table=True):
         return max(0.0, (end - as_utc(self.started_at)).total_seconds())
 
 
-# Metrics of one epoch of one round, written while training runs.
 # One epoch's figures, as the API shows them (api.schemas.EpochRow).
 class EpochMetricBase(SQLModel):
     epoch: int

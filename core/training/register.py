@@ -23,7 +23,7 @@ from core.config import get_settings
 from core.dataset import normalize
 from core.export import artifact_path, export_model, remove_files
 from core.faults import crash_point
-from core.models import ModelVersion, RoundStatus, TrainingRound, as_utc, utcnow
+from core.models import ModelVersion, RoundStatus, TrainingRound, utcnow
 from core.training.config import TrainingConfig
 from core.training.evaluation import TestImages, accuracy, misclassified, predict_test_images, summarise
 from core.training.progress import RoundReporter, enter_phase, history_line, round_dir, save_checkpoint
@@ -135,7 +135,7 @@ def register(round_: TrainingRound, trained: Trained, reporter: RoundReporter, *
     artifacts = export_model(model, version, normalize(trained.data.x_val), on_step=reporter.phase)
     ckpt = registry.checkpoint_path(version)
     save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
-    duration = (utcnow() - as_utc(round_.started_at)).total_seconds() if round_.started_at else 0.0
+    duration = round_.elapsed_seconds() or 0.0
     metrics = {
         **metrics,
         "model_size_mb": round(artifacts[0]["size_bytes"] / 1e6, 3),
