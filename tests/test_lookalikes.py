@@ -13,18 +13,18 @@ from bench import datasets
 from core import duplicates
 from core.config import get_settings
 from core.ingest import get_or_create_category, ingest_bytes
-from core.models import ImageStatus, TrainingImage, TrainingRound
+from core.models import ImageStatus, LookAlikeThumb, TrainingImage, TrainingRound
 from core.splits import MIN_FOR_TEST, assign_splits, ensure_test_images, split_of
 from tests.factories import version_row
 
 
-def hashes(images) -> list[str]:
-    return [duplicates.image_hash(image) for image in images]
+def fingerprints(images) -> list[tuple[str, bytes]]:
+    return [(duplicates.image_hash(image), duplicates.image_thumb(image)) for image in images]
 
 
 def false_matches(images) -> int:
     """How many of `images` (all different pictures) joined another's cluster."""
-    groups = duplicates.group(hashes(images))
+    groups = duplicates.group(fingerprints(images))
     return sum(rep != i for i, rep in enumerate(groups))
 
 
@@ -61,7 +61,7 @@ def test_planted_copies_are_found(kind):
         ImageOps.exif_transpose(Image.open(io.BytesIO(datasets.copy_bytes(images[i], kind_, rng))))
         for i, kind_ in zip(picked, datasets.COPIES * 10, strict=False)
     ]
-    everything = hashes(images) + hashes(copies)
+    everything = fingerprints(images) + fingerprints(copies)
     groups = duplicates.group(everything)
     found = sum(groups[len(images) + n] == groups[i] for n, i in enumerate(picked))
     # Measured on these 60 copies with RATIO 0.45: digits 33, glyphs 55, documents 51, photos 57. Below
@@ -73,6 +73,18 @@ def a_hash(bits: np.ndarray) -> str:
     return f"{int(''.join(map(str, bits.astype(int))), 2):064x}"
 
 
+def add_image(session, category, n: int, phash: str, thumb: bytes | None) -> int:
+    image = TrainingImage(
+        sha256=f"{n:064x}", path=f"images/{n}.png", category_id=category.id, width=8, height=8, size_bytes=1,
+        phash=phash,
+    )  # fmt: skip
+    session.add(image)
+    session.flush()
+    if thumb is not None:
+        session.add(LookAlikeThumb(image_id=image.id, pixels=thumb))
+    return image.id
+
+
 def test_no_chaining_a_like_b_and_b_like_c_does_not_join_a_and_c(session):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 2, 256)
@@ -82,24 +94,43 @@ def test_no_chaining_a_like_b_and_b_like_c_does_not_join_a_and_c(session):
     c[40:80] ^= 1  # 40 bits from b, 80 from a
     hex_a, hex_b, hex_c = a_hash(a), a_hash(b), a_hash(c)
     assert duplicates.distances(hex_a, duplicates.as_array([hex_b, hex_c])).tolist() == [40, 80]
-    assert duplicates.MAX_DISTANCE >= 40
+    assert 40 <= duplicates.MAX_DISTANCE < 80
+    # One picture for all three, so that only the hashes tell them apart.
+    thumb = duplicates.image_thumb(datasets.glyphs(1)[0][0])
 
     category = get_or_create_category("letters", session=session)
-    ids = []
-    for n, phash in enumerate([hex_a, hex_b, hex_c]):
-        image = TrainingImage(
-            sha256=f"{n:064x}", path=f"images/{n}.png", category_id=category.id, width=8, height=8, size_bytes=1,
-            phash=phash,
-        )  # fmt: skip
-        session.add(image)
-        session.flush()
-        ids.append(image.id)
+    ids = [add_image(session, category, n, phash, thumb) for n, phash in enumerate([hex_a, hex_b, hex_c])]
     assign_splits(session=session)
     session.commit()
     a_row, b_row, c_row = (session.get(TrainingImage, i) for i in ids)
     assert b_row.representative_id == a_row.id and b_row.split_key == a_row.split_key
     assert c_row.representative_id == c_row.id and c_row.split_key != a_row.split_key
     assert duplicates.clusters(session=session) == [[a_row.id, b_row.id]]
+
+
+def test_close_hashes_of_different_pictures_do_not_match(session):
+    """The second check: the hash only proposes a match, the pictures confirm it."""
+    (first, second), _ = datasets.digits(2)
+    assert duplicates.similarity(duplicates.image_thumb(first), duplicates.image_thumb(second)) < 0.9
+    phash = duplicates.image_hash(first)
+    category = get_or_create_category("digits", session=session)
+    ids = [
+        add_image(session, category, n, phash, duplicates.image_thumb(picture))
+        for n, picture in enumerate([first, second, first])
+    ]
+    assign_splits(session=session)
+    assert duplicates.clusters(session=session) == [[ids[0], ids[2]]]
+
+
+def test_images_stored_before_thumbnails_get_theirs_from_their_file(session):
+    image, _ = datasets.photos()
+    original = ingest_bytes(datasets.png(image[0]), "a.png", session=session, category="photo").image_id
+    session.delete(session.get(LookAlikeThumb, original))  # as an install upgraded to migration 0011 has it
+    session.flush()
+    rng = random.Random(0)
+    copy = ingest_bytes(datasets.copy_bytes(image[0], "crop", rng), "b.png", session=session, category="photo").image_id
+    assert session.get(TrainingImage, copy).representative_id == original
+    assert session.get(LookAlikeThumb, original) is not None  # kept for next time
 
 
 def test_split_shares_on_a_thousand_low_detail_pictures_keep_their_promise(session):
