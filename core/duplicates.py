@@ -217,8 +217,8 @@ def similarity(a: bytes, b: bytes) -> float:
 
 @dataclass
 class Representatives:
-    """Representatives' ids and hashes, growing as new representatives are
-    found; their thumbnails are fetched (`thumbs_of`) only when a candidate
+    """Representatives' ids and hashes (the first `len(ids)` rows of
+    `hashes`), growing as new representatives are found; their thumbnails are fetched (`thumbs_of`) only when a candidate
     needs confirming, and kept."""
 
     ids: list[int]
@@ -243,8 +243,9 @@ class Representatives:
         """The id of the representative the picture with `phash` and `thumb` is a copy of, or None."""
         if phash is None or thumb is None or featureless(phash) or not self.ids:
             return None
-        found = distances(phash, self.hashes)
-        near = [int(i) for i in np.argsort(found, kind="stable")[:CANDIDATES] if found[i] <= MAX_DISTANCE]
+        found = distances(phash, self.hashes[: len(self.ids)])
+        nearest = np.argpartition(found, min(CANDIDATES, len(found)) - 1)[:CANDIDATES]
+        near = [int(i) for i in nearest if found[i] <= MAX_DISTANCE]
         missing = [self.ids[i] for i in near if self.ids[i] not in self.thumbs]
         if missing:
             self.thumbs |= self.thumbs_of(missing)
@@ -256,8 +257,10 @@ class Representatives:
 
     def add(self, image_id: int, phash: str | None, thumb: bytes | None) -> None:
         if phash is not None and not featureless(phash):
+            if len(self.ids) == len(self.hashes):  # room doubled, not copied on every add
+                self.hashes = np.concatenate([self.hashes, np.zeros((max(64, len(self.hashes)), WORDS), np.uint64)])
+            self.hashes[len(self.ids)] = as_array([phash])[0]
             self.ids.append(image_id)
-            self.hashes = np.concatenate([self.hashes, as_array([phash])])
             self.thumbs[image_id] = thumb
 
 

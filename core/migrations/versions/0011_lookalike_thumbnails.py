@@ -24,7 +24,7 @@ def upgrade() -> None:
         "lookalikethumb",
         sa.Column("image_id", sa.Integer(), nullable=False),
         sa.Column("pixels", sa.LargeBinary(), nullable=False),
-        sa.ForeignKeyConstraint(["image_id"], ["trainingimage.id"]),
+        sa.ForeignKeyConstraint(["image_id"], ["trainingimage.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("image_id"),
     )
 
