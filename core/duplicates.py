@@ -9,10 +9,11 @@ an exact one that confirms them.
    bit saying whether a coefficient is above their median), compared by
    Hamming distance. The `CANDIDATES` nearest representatives within
    `MAX_DISTANCE` bits are candidates. The threshold is loose on purpose
-   (every planted copy of four kinds of pictures was within 64 bits): on
-   its own it cannot tell copies from different low-detail pictures (at 54
-   bits the digits had 2,428 false pairs), so it only decides which pairs
-   are worth the second check, which keeps the scan cheap.
+   (all planted copies of glyphs, documents and photos were within 64
+   bits, and 98 % of those of digits): on its own it cannot tell copies
+   from different low-detail pictures (within 54 bits the digits had 2,428
+   false pairs), so it only decides which pairs are worth the second
+   check, which keeps the scan cheap.
 2. Confirmation: the pictures themselves, as 64 x 64 grey thumbnails
    (`image_thumb`, stored in `LookAlikeThumb`), compared by normalised
    correlation at 16 x 16 after aligning them (`similarity`): one thumbnail
@@ -63,9 +64,11 @@ from core.models import Category, ImageStatus, LookAlikeThumb, TrainingImage
 
 HASH_SIZE = 16
 WORDS = HASH_SIZE * HASH_SIZE // 64
-# Every planted copy of four kinds of pictures was within 64 of 256 bits.
+# All planted copies of glyphs, documents and photos, and 98 % of those of
+# digits, were within 64 of 256 bits (BENCHMARKS.md, section 7).
 MAX_DISTANCE = 64
-# Confirming the 3 nearest candidates found as many copies as 10 (BENCHMARKS.md, section 7).
+# Confirming the 10 nearest found 1-2 % more copies of digits than the 3
+# nearest, for three times the work (BENCHMARKS.md, section 7).
 CANDIDATES = 3
 # Stored thumbnail side, and the side the thumbnails are compared at.
 THUMB = 64
