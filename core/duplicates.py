@@ -1,35 +1,45 @@
 """Look-alikes: genuine copies of one picture, grouped around one representative.
 
 The method, chosen by measurement (`python -m bench.lookalikes`, BENCHMARKS.md,
-"Look-alikes"): a 256-bit perceptual hash (imagehash's `phash` at hash size
-16: the low 16 x 16 frequencies of the picture's cosine transform, each bit
-saying whether a coefficient is above their median), compared by Hamming
-distance, with two rules on top.
+"Look-alikes"): two independent checks, a cheap one that finds candidates and
+an exact one that confirms them.
 
-- Why this hash: on four kinds of real-looking pictures (handwritten digits,
-  letters in many fonts, scanned-document crops, photo crops) with planted
-  copies (re-encoded, resized, brighter, darker, cropped 1-3 % a side,
-  EXIF-rotated), 64-bit hashes could not keep copies in and different
-  pictures out: at 95 % recall of copies the old 64-bit dHash had 38,382
-  false pairs among 1,200 digits and 938 among 1,200 letters. Of dHash and
-  pHash at 64 and 256 bits and plain correlation of 8- and 16-pixel
-  thumbnails, the 256-bit pHash kept the fewest different pictures together
-  on three of the four kinds (2 false pairs among the letters, none among
-  documents and photos); no single threshold served the digits (8 x 8 scans,
-  enlarged), whose different pictures are closer to each other than a
-  cropped copy is to its original.
-- No chaining: an image joins the cluster of its nearest *representative*
-  (an earlier image that matched none), never of another member, so every
-  member is within `MAX_DISTANCE` of the one representative and a chain
-  A~B~C cannot pull in A and C.
-- Relative distance: a match must also be much nearer than the other
-  representatives around it (at most `RATIO` times the median distance to
-  its `NEIGHBOURS` next-nearest representatives). Where pictures are all
-  alike (digits, glyphs) being within `MAX_DISTANCE` is not enough evidence;
-  a copy stands out from its surroundings, a different digit does not.
-  It raised pair precision on the digits from 13 % to 93 % and on the
-  letters from 59 % to 94 %, at a cost in the digits' recall (84 % to 57 %)
-  and 3-4 points on documents and photos (BENCHMARKS.md, section 7).
+1. Candidates: a 256-bit perceptual hash (imagehash's `phash` at hash size
+   16: the low 16 x 16 frequencies of the picture's cosine transform, each
+   bit saying whether a coefficient is above their median), compared by
+   Hamming distance. The `CANDIDATES` nearest representatives within
+   `MAX_DISTANCE` bits are candidates. The threshold is loose on purpose
+   (all planted copies of glyphs, documents and photos were within 64
+   bits, and 98 % of those of digits): on its own it cannot tell copies
+   from different low-detail pictures (within 54 bits the digits had 2,428
+   false pairs), so it only decides which pairs are worth the second
+   check, which keeps the scan cheap.
+2. Confirmation: the pictures themselves, as 64 x 64 grey thumbnails
+   (`image_thumb`, stored in `LookAlikeThumb`), compared by normalised
+   correlation at 16 x 16 after aligning them (`similarity`): one thumbnail
+   is cropped by up to `MAX_CROP` of each side (in `CROP_STEP` steps, the
+   other way round too) and the best correlation counts. Correlation does
+   not change with brightness or contrast, the alignment absorbs a light
+   crop, and 16 x 16 averages away re-encoding noise and resampling. A
+   match needs at least `MIN_SIMILARITY`: planted copies scored 0.991 -
+   1.0 (most above 0.998; the lowest are brightened digits, whose white
+   clips), different pictures rarely above 0.99 (a handful of handwritten
+   digits that differ by a few grey levels, letters in two metric-
+   compatible fonts).
+
+Why not one measure: a cropped copy of a digit is farther in pHash bits
+from its original than many different digits are from each other, and
+plain correlation without alignment loses cropped copies of text (0.79).
+Alone, the hash at 54 bits with a relative rule reached 57 % recall on the
+digits and 93 % pair precision on digits and letters (BENCHMARKS.md,
+section 7); the two checks together find 97-100 % of the copies with
+99.4-100 % pair precision on every kind but the letters (98.4 %: two fonts
+of one design draw some letters alike, up to a scale the alignment absorbs).
+
+- No chaining: an image joins the cluster of its best-confirmed
+  *representative* (an earlier image that matched none), never of another
+  member, so every member is a close copy of the one representative and a
+  chain A~B~C cannot pull in A and C.
 
 Production-model embeddings were not used: a fresh install has none, they
 change with every version (and so would the clusters and splits), and
@@ -40,25 +50,38 @@ bit set: all such pictures hash alike whatever their colour, so they never
 match (`featureless`).
 """
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 
 import imagehash
 import numpy as np
 from PIL import Image
 from sqlmodel import Session, col, func, select
+from threadpoolctl import threadpool_limits
 
-from core.models import Category, ImageStatus, TrainingImage
+from core.config import get_settings
+from core.images import load_upright
+from core.models import Category, ImageStatus, LookAlikeThumb, TrainingImage
 
 HASH_SIZE = 16
 WORDS = HASH_SIZE * HASH_SIZE // 64
-# 95-98 % of the planted copies of glyphs, documents and photos were within
-# 54 of 256 bits; different pictures of those kinds rarely were.
-MAX_DISTANCE = 54
-# Measured from 0.4 to 0.6 (BENCHMARKS.md, section 7): lower loses copies of
-# documents and photos, higher lets different letters and digits match.
-RATIO = 0.45
-NEIGHBOURS = 10
+# All planted copies of glyphs, documents and photos, and 98 % of those of
+# digits, were within 64 of 256 bits (BENCHMARKS.md, section 7).
+MAX_DISTANCE = 64
+# Confirming the 10 nearest found 1-2 % more copies of digits than the 3
+# nearest, for three times the work (BENCHMARKS.md, section 7).
+CANDIDATES = 3
+# Stored thumbnail side, and the side the thumbnails are compared at.
+THUMB = 64
+COMPARE = 16
+# Crops tried when aligning two thumbnails, as a share of a side.
+MAX_CROP = 0.04
+CROP_STEP = 0.01
+# Measured from 0.985 to 0.994 (BENCHMARKS.md, section 7): lower lets
+# near-identical different digits match, higher loses cropped copies of text.
+MIN_SIMILARITY = 0.993
 # A hash with at most this many bits set, or unset, comes from a picture with
 # next to no detail: such pictures all hash alike.
 FEATURELESS_BITS = 16
@@ -67,6 +90,47 @@ FEATURELESS_BITS = 16
 def image_hash(image: Image.Image) -> str:
     """The 256-bit perceptual hash of `image` (already EXIF-transposed), as 64 hex digits."""
     return str(imagehash.phash(image.convert("L"), hash_size=HASH_SIZE))
+
+
+def image_thumb(image: Image.Image) -> bytes:
+    """`image` (already EXIF-transposed) as a `THUMB` x `THUMB` grey thumbnail, row by row.
+
+    Lanczos-filtered: a box filter aliases fine detail such as text, and a
+    cropped copy's thumbnail then no longer lines up with its original's."""
+    return image.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS).tobytes()
+
+
+def file_fingerprint(path: Path) -> tuple[str | None, bytes | None]:
+    """The hash and thumbnail of a stored image file, or (None, None) when it cannot be read."""
+    try:
+        upright = load_upright(path)
+    except OSError:
+        return None, None
+    return image_hash(upright), image_thumb(upright)
+
+
+def stored_thumbs(ids: Sequence[int], *, session: Session) -> dict[int, bytes | None]:
+    """The thumbnails of these images (None: unreadable). Images stored
+    before thumbnails existed get theirs from their files now, kept for next
+    time; the caller commits."""
+    found: dict[int, bytes | None] = {}
+    for start in range(0, len(ids), 500):  # under any database's limit on bound parameters
+        chunk = list(ids[start : start + 500])
+        found |= dict(
+            session.exec(
+                select(LookAlikeThumb.image_id, LookAlikeThumb.pixels).where(col(LookAlikeThumb.image_id).in_(chunk))
+            ).all()
+        )
+        missing = [i for i in chunk if i not in found]
+        if missing:
+            rows = session.exec(
+                select(TrainingImage.id, TrainingImage.path).where(col(TrainingImage.id).in_(missing))
+            ).all()
+            for image_id, path in rows:
+                found[image_id] = file_fingerprint(get_settings().data_dir / path)[1]
+                if found[image_id] is not None:
+                    session.add(LookAlikeThumb(image_id=image_id, pixels=found[image_id]))
+    return found
 
 
 def featureless(phash: str) -> bool:
@@ -86,31 +150,89 @@ def distances(target: str, hashes: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(hashes, as_array([target]))).sum(axis=1)
 
 
-def best_match(found: np.ndarray) -> int | None:
-    """Which of the representatives at distances `found` a picture is a copy of, or None.
+def _area_matrix(start: float, stop: float) -> np.ndarray:
+    """The (COMPARE, THUMB) matrix that averages the pixels from `start` to
+    `stop` (fractions of a pixel counted) into `COMPARE` cells."""
+    edges = start + (stop - start) * np.arange(COMPARE + 1) / COMPARE
+    left = np.arange(THUMB)[None, :]
+    overlap = np.clip(np.minimum(edges[1:, None], left + 1) - np.maximum(edges[:-1, None], left), 0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
 
-    The nearest, when it is within `MAX_DISTANCE` and at most `RATIO` times
-    the median distance to the `NEIGHBOURS` next-nearest representatives."""
-    if not found.size:
-        return None
-    order = np.argsort(found, kind="stable")[: NEIGHBOURS + 1]
-    nearest = found[order[0]]
-    if nearest > MAX_DISTANCE:
-        return None
-    if len(order) > NEIGHBOURS // 2 and nearest > RATIO * float(np.median(found[order[1:]])):
-        return None
-    return int(order[0])
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    """`x` flattened, centred and of unit length."""
+    x = x.ravel() - x.mean()
+    return x / max(float(np.linalg.norm(x)), 1e-9)
+
+
+@cache
+def _crop_matrices(crops: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """The area matrices of these crops of one side (start, end as shares of it), stacked: (k * COMPARE, THUMB)."""
+    return np.concatenate([_area_matrix(start * THUMB, THUMB - end * THUMB) for start, end in crops])
+
+
+def _best_crop(
+    big: np.ndarray, target: np.ndarray, rows: tuple[tuple[float, float], ...], cols: tuple[tuple[float, float], ...]
+) -> tuple[float, tuple[float, float], tuple[float, float]]:
+    """The highest correlation of `big` cropped by any of `rows` x `cols` with
+    the (normalised) `target`, and the crops that gave it."""
+    k, m = len(rows), len(cols)
+    # Every crop of rows (i) and of columns (j) at once: (i, s, j, t).
+    cropped = (_crop_matrices(rows) @ big @ _crop_matrices(cols).T).reshape(k, COMPARE, m, COMPARE)
+    # The target is centred, so its product with a crop is the crop's centred product.
+    products = np.einsum("isjt,st->ij", cropped, target.reshape(COMPARE, COMPARE))
+    spread = np.sqrt(np.maximum((cropped**2).sum(axis=(1, 3)) - cropped.sum(axis=(1, 3)) ** 2 / COMPARE**2, 1e-18))
+    scores = products / spread
+    i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    return float(scores[i, j]), rows[i], cols[j]
+
+
+def _around(crop: tuple[float, float]) -> tuple[tuple[float, float], ...]:
+    """The crops one `CROP_STEP` or less from `crop` at each end, within [0, MAX_CROP]."""
+    ends = [[round(c + d, 4) for d in (-CROP_STEP, 0.0, CROP_STEP) if 0 <= round(c + d, 4) <= MAX_CROP] for c in crop]
+    return tuple((start, end) for start in ends[0] for end in ends[1])
+
+
+# The first, coarse pass: no crop, half the most, the most, at each end.
+COARSE = tuple((start, end) for start in (0.0, MAX_CROP / 2, MAX_CROP) for end in (0.0, MAX_CROP / 2, MAX_CROP))
+
+
+def similarity(a: bytes, b: bytes) -> float:
+    """How alike two thumbnails (`image_thumb`) are: the highest correlation
+    of one, cropped by up to `MAX_CROP` a side, with the other, at `COMPARE`
+    x `COMPARE` (1.0: the same picture up to brightness and contrast).
+
+    Hand-written (scikit-image is not a dependency): a correlation over a
+    grid of crops is a few small matrix products in numpy. The crops are
+    searched coarse to fine (none, half of `MAX_CROP` or all of it at each
+    end, then one `CROP_STEP` around the best), and not at all when the
+    uncropped thumbnails already match (most copies)."""
+    whole = _area_matrix(0, THUMB)
+    pictures = [np.frombuffer(x, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float64) for x in (a, b)]
+    best = -1.0
+    for big, small in (pictures, pictures[::-1]):
+        target = _normalised(whole @ small @ whole.T)
+        best = max(best, float(_normalised(whole @ big @ whole.T) @ target))
+        if best >= MIN_SIMILARITY:
+            return best
+        _, rows, cols = _best_crop(big, target, COARSE, COARSE)
+        best = max(best, _best_crop(big, target, _around(rows), _around(cols))[0])
+    return best
 
 
 @dataclass
 class Representatives:
-    """Representatives' ids and hashes, growing as new representatives are found."""
+    """Representatives' ids and hashes (the first `len(ids)` rows of
+    `hashes`), growing as new representatives are found; their thumbnails are fetched (`thumbs_of`) only when a candidate
+    needs confirming, and kept."""
 
     ids: list[int]
     hashes: np.ndarray
+    thumbs_of: Callable[[list[int]], dict[int, bytes | None]]
+    thumbs: dict[int, bytes | None] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, *, session: Session) -> "Representatives":
+    def load(cls, *, session: Session, thumbs_of: Callable[[list[int]], dict[int, bytes | None]]) -> "Representatives":
         rows = [
             row
             for row in session.exec(
@@ -120,32 +242,53 @@ class Representatives:
             )
             if not featureless(row[1])
         ]
-        return cls([r[0] for r in rows], as_array(r[1] for r in rows))
+        return cls([r[0] for r in rows], as_array(r[1] for r in rows), thumbs_of)
 
-    def match(self, phash: str | None) -> int | None:
-        """The id of the representative `phash` is a copy of, or None."""
-        if phash is None or featureless(phash) or not self.ids:
+    def match(self, phash: str | None, thumb: bytes | None) -> int | None:
+        """The id of the representative the picture with `phash` and `thumb` is a copy of, or None."""
+        if phash is None or thumb is None or featureless(phash) or not self.ids:
             return None
-        found = best_match(distances(phash, self.hashes))
-        return None if found is None else self.ids[found]
+        found = distances(phash, self.hashes[: len(self.ids)])
+        nearest = np.argpartition(found, min(CANDIDATES, len(found)) - 1)[:CANDIDATES]
+        near = [int(i) for i in nearest if found[i] <= MAX_DISTANCE]
+        missing = [self.ids[i] for i in near if self.ids[i] not in self.thumbs]
+        if missing:
+            self.thumbs |= self.thumbs_of(missing)
+        scored = [
+            (similarity(thumb, self.thumbs[self.ids[i]]), -i) for i in near if self.thumbs.get(self.ids[i]) is not None
+        ]
+        best = max(scored, default=None)
+        return None if best is None or best[0] < MIN_SIMILARITY else self.ids[-best[1]]
 
-    def add(self, image_id: int, phash: str | None) -> None:
+    def add(self, image_id: int, phash: str | None, thumb: bytes | None) -> None:
         if phash is not None and not featureless(phash):
+            if len(self.ids) == len(self.hashes):  # room doubled, not copied on every add
+                self.hashes = np.concatenate([self.hashes, np.zeros((max(64, len(self.hashes)), WORDS), np.uint64)])
+            self.hashes[len(self.ids)] = as_array([phash])[0]
             self.ids.append(image_id)
-            self.hashes = np.concatenate([self.hashes, as_array([phash])])
+            self.thumbs[image_id] = thumb
 
 
-def group(hashes: Sequence[str | None]) -> list[int]:
-    """For each hash in order, the position of its representative (itself
-    when it matches no earlier representative): the rule applied on ingest,
-    for a list of pictures at once (the benchmark, the migration)."""
-    reps = Representatives([], np.zeros((0, WORDS), dtype=np.uint64))
+def one_blas_thread() -> threadpool_limits:
+    """A context in which numpy's matrix products use one thread: the
+    look-alike check's are so small that more threads only wait on each
+    other (6 ms a pair on one thread, 70 ms on two busy cores)."""
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def group(pictures: Sequence[tuple[str | None, bytes | None]]) -> list[int]:
+    """For each picture's (hash, thumbnail) in order, the position of its
+    representative (itself when it matches no earlier representative): the
+    rule applied on ingest, for a list of pictures at once (the benchmark,
+    the migration)."""
+    reps = Representatives([], np.zeros((0, WORDS), dtype=np.uint64), thumbs_of=dict.fromkeys)
     out = []
-    for i, phash in enumerate(hashes):
-        found = reps.match(phash)
-        out.append(i if found is None else found)
-        if found is None:
-            reps.add(i, phash)
+    with one_blas_thread():
+        for i, (phash, thumb) in enumerate(pictures):
+            found = reps.match(phash, thumb)
+            out.append(i if found is None else found)
+            if found is None:
+                reps.add(i, phash, thumb)
     return out
 
 

@@ -14,10 +14,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlmodel import Session, func, select
 
 from core.config import get_settings
-from core.duplicates import image_hash
+from core.duplicates import image_hash, image_thumb
 from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded_text
 from core.faults import crash_point
-from core.models import Category, ImageSource, ImageStatus, TrainingImage
+from core.models import Category, ImageSource, ImageStatus, LookAlikeThumb, TrainingImage
 from core.splits import assign_splits
 from core.storage import write_atomic
 
@@ -62,8 +62,9 @@ class CheckedImage:
     width: int
     height: int
     format: str
-    # The near-duplicate hash (core/duplicates.py).
+    # The look-alike hash and thumbnail (core/duplicates.py).
     phash: str
+    thumb: bytes
 
 
 def safe_filename(name: str) -> str:
@@ -99,6 +100,7 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
             oriented = ImageOps.exif_transpose(im)
             width, height = oriented.size
             phash = image_hash(oriented)
+            thumb = image_thumb(oriented)
     except InvalidImageError:
         raise
     except UnidentifiedImageError:
@@ -109,7 +111,7 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
         raise InvalidImageError(f"{filename}: the image is damaged or truncated ({exc})") from None
     if fmt not in _FORMAT_SUFFIX:
         raise InvalidImageError(f"{filename}: image format {fmt} is not supported")
-    return CheckedImage(width=width, height=height, format=fmt, phash=phash)
+    return CheckedImage(width=width, height=height, format=fmt, phash=phash, thumb=thumb)
 
 
 def check_category_name(name: str) -> str:
@@ -235,6 +237,7 @@ def _store(
     )
     session.add(image)
     session.flush()
+    session.add(LookAlikeThumb(image_id=image.id, pixels=checked.thumb))
     return IngestResult(name, "stored", image_id=image.id)
 
 

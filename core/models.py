@@ -82,6 +82,16 @@ class TrainingImage(SQLModel, table=True):
     split_key: float | None = Field(default=None, index=True)
 
 
+# An image as a 64 x 64 grey thumbnail (4,096 bytes, row by row), for the
+# look-alike check that confirms a hash match (core/duplicates.py). Its own
+# table, so that loading images does not load these; deleted with its image.
+class LookAlikeThumb(SQLModel, table=True):
+    image_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("trainingimage.id", ondelete="CASCADE"), primary_key=True)
+    )
+    pixels: bytes
+
+
 # One training job: parameters, life cycle and the exact dataset it saw.
 class TrainingRound(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)

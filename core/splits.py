@@ -26,13 +26,11 @@ images that no version has trained on or validated with (`ensure_test_images`).
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlmodel import Session, col, func, select
 
 from core.config import get_settings
-from core.duplicates import Representatives, image_hash
-from core.images import load_upright
+from core.duplicates import Representatives, file_fingerprint, one_blas_thread, stored_thumbs
 from core.models import ImageStatus, ModelVersion, TrainingImage, TrainingRound
 
 SPLITS = ("train", "val", "test")
@@ -62,14 +60,6 @@ def split_of(key: float, val_split: float, test_split: float | None = None) -> s
     return "val" if (key - test) / (1.0 - test) < val_split else "train"
 
 
-def file_hash(path: Path) -> str | None:
-    """The look-alike hash of a stored image file, or None when it cannot be read."""
-    try:
-        return image_hash(load_upright(path))
-    except OSError:
-        return None
-
-
 def assign_splits(*, session: Session) -> int:
     """Give every image without a key its representative and key (and a hash,
     for images stored before hashes existed), then `ensure_test_images`;
@@ -86,8 +76,9 @@ def assign_splits(*, session: Session) -> int:
 def _assign(todo: list[TrainingImage], *, session: Session) -> None:
     for image in todo:
         if image.phash is None:
-            image.phash = file_hash(get_settings().data_dir / image.path)
-    reps = Representatives.load(session=session)
+            image.phash = file_fingerprint(get_settings().data_dir / image.path)[0]
+    thumbs = stored_thumbs([image.id for image in todo], session=session)
+    reps = Representatives.load(session=session, thumbs_of=lambda ids: stored_thumbs(ids, session=session))
     keys = dict(
         session.exec(select(TrainingImage.id, TrainingImage.split_key).where(col(TrainingImage.id).in_(reps.ids))).all()
     )
@@ -98,17 +89,18 @@ def _assign(todo: list[TrainingImage], *, session: Session) -> None:
             .group_by(TrainingImage.category_id)
         ).all()
     )
-    for image in todo:
-        found = reps.match(image.phash)
-        if found is None:
-            position = used.get(image.category_id, 0)
-            used[image.category_id] = position + 1
-            image.representative_id, image.split_key = image.id, sequence_key(image.category_id, position)
-            reps.add(image.id, image.phash)
-        else:
-            image.representative_id, image.split_key = found, keys[found]
-        keys[image.id] = image.split_key
-        session.add(image)
+    with one_blas_thread():
+        for image in todo:
+            found = reps.match(image.phash, thumbs.get(image.id))
+            if found is None:
+                position = used.get(image.category_id, 0)
+                used[image.category_id] = position + 1
+                image.representative_id, image.split_key = image.id, sequence_key(image.category_id, position)
+                reps.add(image.id, image.phash, thumbs.get(image.id))
+            else:
+                image.representative_id, image.split_key = found, keys[found]
+            keys[image.id] = image.split_key
+            session.add(image)
     session.flush()
 
 

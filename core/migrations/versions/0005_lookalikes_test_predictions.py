@@ -91,8 +91,8 @@ def _move_test_predictions(connection) -> None:
 
 def _rekey_images(connection) -> None:
     from core.config import get_settings
-    from core.duplicates import group
-    from core.splits import file_hash, key_from_sha, split_of
+    from core.duplicates import file_fingerprint, group
+    from core.splits import key_from_sha, split_of
 
     settings = get_settings()
     images = connection.execute(sa.text("SELECT id, sha256, path, split_key FROM trainingimage ORDER BY id")).all()
@@ -107,8 +107,9 @@ def _rekey_images(connection) -> None:
     ):
         snapshot = json.loads(snapshot) if isinstance(snapshot, str) else (snapshot or [])
         trained |= {e["id"] for e in snapshot if e.get("split_key") is None or e["split_key"] >= settings.test_split}
-    hashes = [file_hash(settings.data_dir / path) for _, _, path, _ in images]
-    representatives = group(hashes)
+    fingerprints = [file_fingerprint(settings.data_dir / path) for _, _, path, _ in images]
+    hashes = [phash for phash, _ in fingerprints]
+    representatives = group(fingerprints)
     keys: list[float | None] = []
     for position, (image_id, sha256, _, old) in enumerate(images):
         rep = representatives[position]
