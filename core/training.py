@@ -55,17 +55,21 @@ from core.models import (
     as_utc,
     utcnow,
 )
-from core.splits import assign_splits, split_snapshot
+from core.splits import RoundSplit, assign_splits, split_snapshot
 from core.storage import commit_temp, temp_path_for
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
-# `full` trains every layer; `head` freezes a pretrained backbone, computes its
-# features once per image and trains only the classifier (a quick retrain).
-TRAINING_MODES = ("full", "head")
 # `image_size` "auto": chosen from the snapshot's pictures (`choose_image_size`).
 AUTO = "auto"
+# `full` trains every layer; `head` freezes a pretrained backbone, computes its
+# features once per image and trains only the classifier (a quick retrain);
+# `auto` searches architecture, learning rate and image size within
+# `budget_minutes`, then trains the winner as `full` (core/autotrain.py).
+TRAINING_MODES = ("full", "head", AUTO)
+# Auto mode's time budget when none is given.
+AUTO_BUDGET_MINUTES = 10.0
 # What "auto" may choose: a multiple of 32 between these (224 is what the
 # architectures were designed for; more costs compute and adds no information).
 AUTO_IMAGE_SIZE_RANGE = (32, 224)
@@ -90,6 +94,8 @@ class TrainingConfig:
     training_mode: str = "full"
     # Processes (DDP ranks) that train the job together; at most MAX_TRAINING_PROCESSES.
     processes: int = 1
+    # training_mode "auto" only: minutes for the search and the winner's training.
+    budget_minutes: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +115,13 @@ class TrainingConfig:
                 continue
             values[name] = _check_param(name, value)
         config = cls(**values)
+        if config.budget_minutes is not None and config.training_mode != AUTO:
+            raise UserError(
+                f"budget_minutes applies to training_mode 'auto' only (got training_mode {config.training_mode!r}): "
+                "leave it out, or set training_mode to 'auto'"
+            )
+        if config.training_mode == AUTO and config.budget_minutes is None:
+            config = replace(config, budget_minutes=AUTO_BUDGET_MINUTES)
         if config.training_mode == "head" and config.processes > 1:
             raise UserError(
                 "training_mode 'head' runs in one process: it trains one linear layer on cached features, "
@@ -128,6 +141,8 @@ PARAM_RANGES: dict[str, tuple[type, float, float]] = {
     "seed": (int, 0, 2**31 - 1),
     # The maximum is MAX_TRAINING_PROCESSES (see `param_range`).
     "processes": (int, 1, 1),
+    # Fractions allowed: a tenth of a minute lets tests run Auto mode in seconds.
+    "budget_minutes": (float, 0.1, 24 * 60),
 }
 
 
@@ -189,14 +204,24 @@ def param_problems(params: Mapping, labels: Mapping[str, str]) -> dict[str, str]
 
 def last_parameters(requested_by: str, *, session: Session) -> dict | None:
     """The parameters of the last job `requested_by` asked for (the Train
-    form starts from them), or None when they never asked for one."""
+    form starts from them) as they asked (see `asked_parameters`), or None
+    when they never asked for one."""
     query = (
-        select(TrainingRound.parameters)
+        select(TrainingRound)
         .where(TrainingRound.requested_by == requested_by, col(TrainingRound.trigger).is_(None))
         .order_by(col(TrainingRound.id).desc())
         .limit(1)
     )
-    return session.exec(query).first()
+    found = session.exec(query).first()
+    return None if found is None else asked_parameters(found)
+
+
+def asked_parameters(round_: TrainingRound) -> dict:
+    """The parameters as the operator chose them ("auto" image size, Auto
+    mode and its budget), for "train again"; `parameters` holds what the
+    round trains with (the chosen size, the search's winner). Rounds from
+    before the two were kept apart have only `parameters`."""
+    return round_.requested_parameters or round_.parameters
 
 
 @dataclass
@@ -316,6 +341,7 @@ def start_training(
     check = preflight(config, session=session)
     if not check.ok:
         raise UserError(" ".join(check.problems))
+    requested = config.to_dict()
     if config.image_size == AUTO:
         config = replace(config, image_size=check.image_size)
     assign_splits(session=session)  # images stored before split keys existed
@@ -323,6 +349,7 @@ def start_training(
     snapshot = [{"id": img.id, "sha256": img.sha256, "label": label, "split_key": img.split_key} for img, label in rows]
     round_ = TrainingRound(
         parameters=config.to_dict(),
+        requested_parameters=requested,
         requested_by=requested_by,
         trigger=trigger,
         snapshot=snapshot,
@@ -650,9 +677,11 @@ def initial_model(
     reporter: RoundReporter,
     *,
     session: Session,
+    download: bool = True,
 ) -> nn.Module:
     """The production model to fine-tune, else ImageNet weights (downloaded
-    once where allowed), else random."""
+    once where allowed; with `download` False only a file already on disk),
+    else random."""
     model = build_model(config.architecture, len(classes))
     if config.use_existing_model:
         notice = _existing_model_notice(config, classes, session=session)
@@ -661,8 +690,8 @@ def initial_model(
             model.load_state_dict(registry.load_checkpoint(production)["state_dict"])
             reporter.note(f"fine-tuning production model {production.version}")
             return model
-    weights_file = find_pretrained_weights(config.architecture) or _fetch_pretrained_weights(
-        config.architecture, reporter
+    weights_file = find_pretrained_weights(config.architecture) or (
+        _fetch_pretrained_weights(config.architecture, reporter) if download else None
     )
     if weights_file is None:
         return model
@@ -863,6 +892,13 @@ def run_training_round(round_id: int, *, session: Session, task_id: str | None =
     session.commit()
     try:
         with Heartbeat(round_.id, session.get_bind(), get_settings().heartbeat_interval):
+            if round_.parameters.get("training_mode") == AUTO:
+                # Auto mode: the search turns the round's parameters into the
+                # winner's (`full` mode), which then trains as any round does.
+                # Imported here: core.autotrain builds on this module.
+                from core import autotrain
+
+                autotrain.search(round_, RoundReporter(round_, session), session=session)
             if round_.parameters.get("processes", 1) > 1:
                 return _train_in_ranks(round_, session=session)
             reporter = RoundReporter(round_, session)
@@ -1158,22 +1194,13 @@ def _epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
 
 
-def _train_and_register(
-    round_: TrainingRound, reporter: RoundReporter, placement: Placement, *, session: Session
-) -> ModelVersion | None:
-    """Train and, on rank 0, export and register; other ranks return None after the last epoch."""
-    config = TrainingConfig(**round_.parameters)
-    classes = list(round_.classes)
-    index = {name: i for i, name in enumerate(classes)}
-    settings = get_settings()
-    torch.set_num_threads(placement.threads(settings.training_threads))
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    reporter.phase("preparing")
-    if placement.leader:  # another rank's change would be flushed: its session only reads
-        round_.device = placement.describe()
-        reporter.note(f"training on {round_.device}")
-
+def snapshot_data(
+    round_: TrainingRound, config: TrainingConfig, *, session: Session
+) -> tuple[Split, RoundSplit, list[Path], list[str]]:
+    """The round's snapshot decoded at `config.image_size` and split (the
+    fixed training, validation and test parts), with each image's file and
+    SHA-256 in snapshot order."""
+    index = {name: i for i, name in enumerate(round_.classes)}
     images = {
         img.id: img
         for img in session.exec(
@@ -1187,10 +1214,8 @@ def _train_and_register(
     shas = [s["sha256"] for s in round_.snapshot]
     labels = [index[s["label"]] for s in round_.snapshot]
     parts = split_snapshot(
-        [s.get("split_key") for s in round_.snapshot], labels, classes, config.val_split, config.seed
+        [s.get("split_key") for s in round_.snapshot], labels, list(round_.classes), config.val_split, config.seed
     )
-    for note in parts.notes:
-        reporter.note(note)
     train_idx, val_idx, test_idx = parts.train, parts.val, parts.test
     x_all = load_images(paths, config.image_size, shas)
     y_all = torch.tensor(labels, dtype=torch.long)
@@ -1205,7 +1230,28 @@ def _train_and_register(
         y_all[test_idx],
         [shas[i] for i in test_idx],
     )
-    del x_all
+    return data, parts, paths, shas
+
+
+def _train_and_register(
+    round_: TrainingRound, reporter: RoundReporter, placement: Placement, *, session: Session
+) -> ModelVersion | None:
+    """Train and, on rank 0, export and register; other ranks return None after the last epoch."""
+    config = TrainingConfig(**round_.parameters)
+    classes = list(round_.classes)
+    settings = get_settings()
+    torch.set_num_threads(placement.threads(settings.training_threads))
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    reporter.phase("preparing")
+    if placement.leader:  # another rank's change would be flushed: its session only reads
+        round_.device = placement.describe()
+        reporter.note(f"training on {round_.device}")
+
+    data, parts, paths, shas = snapshot_data(round_, config, session=session)
+    for note in parts.notes:
+        reporter.note(note)
+    train_idx, val_idx, test_idx = parts.train, parts.val, parts.test
 
     trainer = (HeadTrainer if config.training_mode == "head" else FullTrainer)(config, classes, data, placement)
     ckpt_path = round_dir(round_) / "checkpoint.pt"
