@@ -77,6 +77,7 @@ def _status(round_: TrainingRound, epochs: list[EpochMetric], version: ModelVers
         warnings=round_.warnings,
         cancel_requested=round_.cancel_requested,
         error=round_.error,
+        trials=round_.trials,
     )
     if version is not None:
         report.model_version = version.version

@@ -159,6 +159,7 @@ def _train_params(args) -> dict:
         "seed",
         "training_mode",
         "processes",
+        "budget_minutes",
     )
     params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.use_existing_model is not None:
@@ -482,7 +483,16 @@ def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(
         "--training-mode",
         choices=training.TRAINING_MODES,
-        help=f"{prefix}default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
+        help=f"{prefix}default {defaults.training_mode}; head: train only the classifier on a frozen pretrained "
+        "backbone; auto: search architecture, learning rate and image size within --budget-minutes, then train "
+        "the best to the end",
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        metavar="N",
+        help=f"{prefix}training mode auto only: minutes for the search and the final training "
+        f"(default {training.AUTO_BUDGET_MINUTES:g}; fractions allowed)",
     )
     p.add_argument(
         "--processes",
