@@ -294,6 +294,7 @@ def _train_trial(
     n_train = len(data.y_train)
     n_batches = max(1, math.ceil(n_train / config.batch_size))
     best = None
+    run.record(study, (trial.number, time.perf_counter() - started))  # on the live table from its start
     for epoch in range(1, TRIAL_EPOCHS + 1):
         crash_point(f"auto_trial{trial.number}_epoch{epoch}")  # CRASH_AT, for the resume test
         fail_point(f"auto_trial{trial.number}")  # FAIL_AT, for the failing-trial test

@@ -94,3 +94,90 @@ def test_train_again_offers_what_the_operator_chose_not_what_auto_resolved(data_
     remembered = training.last_parameters("grace", session=session)
     assert remembered["image_size"] == "auto" and remembered["training_mode"] == "auto"
     assert remembered["budget_minutes"] == TINY["budget_minutes"]
+
+
+# --- through a real consumer ----------------------------------------------------------
+
+
+def test_an_auto_round_searches_records_its_trials_and_makes_one_version_despite_a_failing_trial(
+    data_dir, session, worker_factory, ptl_only
+):
+    from fastapi.testclient import TestClient
+
+    from api.app import app
+    from tests.factories import add_token
+
+    add_demo(session, per_category=10, size=32)
+    round_ = submit_training(TINY, actor=as_actor("grace"))
+    worker_factory(FAIL_AT="auto_trial1")  # the second trial raises
+    done = wait_for(lambda: finished(round_.id), timeout=300, message="the auto round to finish")
+    assert done.status == RoundStatus.completed, done.error
+    assert versions() == ["1.0.0"] and model_files(data_dir) == ["model_1.0.0.ptl"]
+    trials = {row["number"]: row for row in done.trials}
+    assert len(trials) >= 2 and trials[0]["architecture"] == "mobilenet_v3_small"
+    assert trials[1]["state"] == "failed" and "failure injected at auto_trial1" in trials[1]["note"]
+    [chosen] = [row for row in done.trials if row["chosen"]]
+    assert chosen["state"] in ("kept", "pruned") and chosen["epochs"] >= 1 and chosen["val_accuracy"] is not None
+    # The winner trained as a `full` round: its parameters are the chosen trial's.
+    assert done.parameters["training_mode"] == "full"
+    assert (done.parameters["architecture"], done.parameters["image_size"]) == (
+        chosen["architecture"],
+        chosen["image_size"],
+    )
+    assert done.parameters["learning_rate"] == chosen["learning_rate"]
+    assert any(w.startswith(f"Auto: chose {chosen['architecture']}") for w in done.warnings)
+    assert done.requested_parameters["training_mode"] == "auto"
+    with TestClient(app) as client:
+        status = client.get(f"/models/training-status/{done.job_id}/", headers=add_token(session, "viewer"))
+    assert status.status_code == 200 and status.json()["trials"] == done.trials
+    assert not (data_dir / "rounds" / done.job_id).exists()
+
+
+def test_cancel_during_the_search_stops_it_and_the_live_page_shows_the_trials_meanwhile(
+    data_dir, session, worker_factory
+):
+    from tests.test_pages import app, ok, table
+
+    add_demo(session, per_category=10, size=32)
+    round_ = submit_training({**TINY, "budget_minutes": 5}, actor=as_actor("grace"))
+    worker_factory()
+    wait_for(lambda: get_round(round_.id).trials, timeout=120, interval=0.1, message="the first trial")
+    shown = table(ok(app("pages/metrics.py")), "architecture")
+    assert shown["architecture"].tolist()[0] == "mobilenet_v3_small"
+    asked = time.monotonic()
+    cancel_training(round_.job_id, actor=as_actor("ana"))
+    done = wait_for(lambda: finished(round_.id), timeout=60, interval=0.1, message="the cancel")
+    assert done.status == RoundStatus.cancelled and time.monotonic() - asked < 10
+    assert done.trials[-1]["note"] == "cancelled" and done.trials[-1]["state"] == "failed"
+    assert versions() == [] and model_files(data_dir) == []
+    assert not (data_dir / "rounds" / done.job_id).exists()
+
+
+@pytest.mark.usefixtures("fast_recovery")
+def test_a_worker_killed_mid_search_resumes_it_without_repeating_finished_trials(
+    data_dir, session, worker_factory, ptl_only
+):
+    add_demo(session, per_category=10, size=32)
+    round_ = submit_training({**TINY, "budget_minutes": 0.5}, actor=as_actor("grace"))
+    first = worker_factory(CRASH_AT="auto_trial2_epoch1")  # dies as the third trial starts
+    first.proc.wait(timeout=300)
+    assert first.proc.returncode == -signal.SIGKILL
+    before = {row["number"]: row for row in get_round(round_.id).trials}
+    assert [before[n]["state"] in ("kept", "pruned") for n in (0, 1)] == [True, True]
+    assert before[2]["state"] == "running"
+
+    time.sleep(float(FAST_RECOVERY["HEARTBEAT_TIMEOUT"]) + 0.5)  # the heartbeat goes stale
+    worker_factory()
+    done = wait_for(lambda: finished(round_.id), timeout=300, message="the resumed round to finish")
+    assert done.status == RoundStatus.completed, done.error
+    assert done.attempts == 2 and versions() == ["1.0.0"]
+    after = {row["number"]: row for row in done.trials}
+    for n in (0, 1):  # finished trials kept as they were, not run again
+        assert {k: v for k, v in after[n].items() if k != "chosen"} == {
+            k: v for k, v in before[n].items() if k != "chosen"
+        }
+    assert after[2]["state"] == "failed" and after[2]["note"] == "interrupted (worker lost); tried again as trial 3"
+    assert [after[3][k] for k in ("architecture", "learning_rate", "image_size")] == [
+        before[2][k] for k in ("architecture", "learning_rate", "image_size")
+    ]
+    assert any("Auto: resumed the search, keeping the 2 trial(s) that had finished" in line for line in done.history)
