@@ -133,6 +133,14 @@ def spent(rows: list[dict]) -> float:
     return sum(row["seconds"] or 0.0 for row in rows)
 
 
+def room_for_a_trial(rows: list[dict], search_s: float) -> bool:
+    """Whether the search has time left for another trial's first epoch, at
+    the quickest pace seen so far: a trial stops only between epochs, so one
+    started in the last seconds would overrun the search by a whole epoch."""
+    paces = [row["seconds"] / row["epochs"] for row in rows if row["epochs"] and row["seconds"]]
+    return spent(rows) + min(paces, default=0.0) < search_s
+
+
 def trial_rows(trials: list[FrozenTrial], running: tuple[int, float] | None = None) -> list[dict]:
     """One row per trial for the round: `running` is (number, seconds so far)
     of the trial in progress."""
@@ -205,7 +213,7 @@ def search(round_: TrainingRound, reporter: RoundReporter, *, session: Session) 
     _resume_or_start(study, run, asked.image_size)
     run.record(study)
     stopped = False
-    while not stopped and spent(run.round.trials) < run.search_s:
+    while not stopped and room_for_a_trial(run.round.trials, run.search_s):
         stopped = _run_trial(study, run)
     winner = choose(run.round.trials)
     _adopt(winner, run, stopped)

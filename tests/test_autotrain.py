@@ -81,6 +81,12 @@ def test_the_winner_is_the_best_validation_accuracy_and_of_equals_the_longest_tr
         autotrain.choose([row(3, None, 0, "failed", "boom")])
 
 
+def test_no_trial_starts_without_time_for_one_epoch_at_the_quickest_pace_seen():
+    rows = [row(0, 50.0, 2)]  # 2 s spent, 1 s an epoch
+    assert autotrain.room_for_a_trial(rows, 3.5) and not autotrain.room_for_a_trial(rows, 2.9)
+    assert autotrain.room_for_a_trial([], 0.1)
+
+
 def test_the_winner_trains_as_many_epochs_as_the_budget_left_allows():
     winner = {"seconds": 10.0, "epochs": 2}  # 5 s an epoch
     assert autotrain.final_epochs(winner, 100.0) == 16  # 80 % of 100 s
@@ -158,7 +164,7 @@ def test_a_worker_killed_mid_search_resumes_it_without_repeating_finished_trials
     data_dir, session, worker_factory, ptl_only
 ):
     add_demo(session, per_category=10, size=32)
-    round_ = submit_training({**TINY, "budget_minutes": 0.5}, actor=as_actor("grace"))
+    round_ = submit_training({**TINY, "budget_minutes": 0.75}, actor=as_actor("grace"))
     first = worker_factory(CRASH_AT="auto_trial2_epoch1")  # dies as the third trial starts
     first.proc.wait(timeout=300)
     assert first.proc.returncode == -signal.SIGKILL
