@@ -210,7 +210,7 @@ def search(round_: TrainingRound, reporter: RoundReporter, *, session: Session) 
     folder = round_dir(round_)
     folder.mkdir(parents=True, exist_ok=True)
     study = open_study(folder / STUDY_FILE, asked.seed)
-    _resume_or_start(study, run, asked.image_size)
+    _resume_or_start(study, run)
     run.record(study)
     stopped = False
     while not stopped and room_for_a_trial(run.round.trials, run.search_s):
@@ -219,15 +219,11 @@ def search(round_: TrainingRound, reporter: RoundReporter, *, session: Session) 
     _adopt(winner, run, stopped)
 
 
-def _resume_or_start(study: optuna.Study, run: Search, size: int) -> None:
-    """Queue the first trials of a new study; in a resumed one, fail the trial
-    a lost worker was running and queue it again."""
+def _resume_or_start(study: optuna.Study, run: Search) -> None:
+    """In a resumed study, fail the trial a lost worker was running and queue
+    it again (it runs next)."""
     trials = study.get_trials(deepcopy=False)
     if not trials:
-        for architecture in ARCHITECTURES:
-            study.enqueue_trial(
-                {"architecture": architecture, "learning_rate": START_LEARNING_RATE, "image_size": size}
-            )
         return
     lost = [trial for trial in trials if trial.state == TrialState.RUNNING]
     for trial in lost:
@@ -238,8 +234,26 @@ def _resume_or_start(study: optuna.Study, run: Search, size: int) -> None:
     run.reporter.note(f"Auto: resumed the search, keeping the {done} trial(s) that had finished{again}")
 
 
+def _queue_next_start(study: optuna.Study, run: Search) -> None:
+    """Until each architecture has had a trial, queue the next one at
+    START_LEARNING_RATE and the pictures' size, so that even a short budget
+    compares them. One at a time, after any trial queued again on a resume."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return
+    tried = {t.params.get("architecture") for t in trials}
+    for architecture in ARCHITECTURES:
+        if architecture not in tried:
+            size = run.round.parameters["image_size"]
+            study.enqueue_trial(
+                {"architecture": architecture, "learning_rate": START_LEARNING_RATE, "image_size": size}
+            )
+            return
+
+
 def _run_trial(study: optuna.Study, run: Search) -> bool:
     """One trial; True when the operator asked to stop (end the search)."""
+    _queue_next_start(study, run)
     trial = study.ask()
     started = time.perf_counter()
     try:
