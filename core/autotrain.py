@@ -137,8 +137,16 @@ def room_for_a_trial(rows: list[dict], search_s: float) -> bool:
     """Whether the search has time left for another trial's first epoch, at
     the quickest pace seen so far: a trial stops only between epochs, so one
     started in the last seconds would overrun the search by a whole epoch."""
-    paces = [row["seconds"] / row["epochs"] for row in rows if row["epochs"] and row["seconds"]]
+    paces = [p for p in map(pace, rows) if p]
     return spent(rows) + min(paces, default=0.0) < search_s
+
+
+def pace(row: dict) -> float | None:
+    """A trial's seconds per epoch, leaving out decoding the pictures (once
+    per image size, then cached for every later trial and the final round)."""
+    if not row["epochs"] or not row["seconds"]:
+        return None
+    return max(0.0, row["seconds"] - row.get("load_seconds", 0.0)) / row["epochs"]
 
 
 def trial_rows(trials: list[FrozenTrial], running: tuple[int, float] | None = None) -> list[dict]:
@@ -166,6 +174,7 @@ def trial_rows(trials: list[FrozenTrial], running: tuple[int, float] | None = No
                 "val_accuracy": round(max(t.intermediate_values.values()), 2) if epochs else None,
                 "state": STATES[t.state],
                 "seconds": round(seconds, 1) if seconds is not None else None,
+                "load_seconds": round(t.user_attrs.get("load_seconds", 0.0), 1),
                 "started_at": t.datetime_start.isoformat() if t.datetime_start else None,
                 "note": note,
                 "chosen": False,
@@ -301,6 +310,8 @@ def _train_trial(
     accuracy to the pruner. Returns (best accuracy or None, stop asked, note)."""
     config = replace(run.base, **params, epochs=TRIAL_EPOCHS)
     data = run.split(config.image_size)
+    # Decoding the pictures happens once per size: not part of the trial's pace.
+    trial.set_user_attr("load_seconds", time.perf_counter() - started)
     classes = list(run.round.classes)
     placement = Placement.local()
     trainer = FullTrainer(config, classes, data, placement)
@@ -363,7 +374,7 @@ def choose(rows: list[dict]) -> dict:
 def final_epochs(winner: dict, left_s: float) -> int:
     """As many epochs as FINAL_SHARE of the budget left allows at the
     winner's own pace (at least its trial's, at least one)."""
-    per_epoch = (winner["seconds"] or 1.0) / max(1, winner["epochs"])
+    per_epoch = pace(winner) or 1.0
     return max(1, winner["epochs"], min(500, math.floor(FINAL_SHARE * left_s / per_epoch)))
 
 

@@ -88,7 +88,7 @@ def test_no_trial_starts_without_time_for_one_epoch_at_the_quickest_pace_seen():
 
 
 def test_the_winner_trains_as_many_epochs_as_the_budget_left_allows():
-    winner = {"seconds": 10.0, "epochs": 2}  # 5 s an epoch
+    winner = {"seconds": 14.0, "load_seconds": 4.0, "epochs": 2}  # 5 s an epoch once the pictures are decoded
     assert autotrain.final_epochs(winner, 100.0) == 16  # 80 % of 100 s
     assert autotrain.final_epochs(winner, 0.0) == 2  # never fewer than its trial ran
 
