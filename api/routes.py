@@ -79,6 +79,7 @@ def _status(details: RoundDetails) -> TrainingStatus:
         warnings=round_.warnings,
         cancel_requested=round_.cancel_requested,
         error=round_.error,
+        trials=round_.trials,
     )
     if version is not None:
         report.model_version = version.version

@@ -8,7 +8,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from core.models import EpochMetricBase, as_utc
-from core.training.config import ARCHITECTURES, AUTO, PARAM_RANGES, TRAINING_MODES, TrainingConfig, param_range
+from core.training.config import (
+    ARCHITECTURES,
+    AUTO,
+    AUTO_BUDGET_MINUTES,
+    PARAM_RANGES,
+    TRAINING_MODES,
+    TrainingConfig,
+    param_range,
+)
 
 # Datetimes come back from SQLite without a zone; they are UTC.
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
@@ -63,12 +71,18 @@ class TrainRequest(BaseModel):
     training_mode: str = _param(
         "training_mode",
         f"One of {', '.join(TRAINING_MODES)}: `head` trains only the classifier on a frozen pretrained backbone "
-        "(ImageNet weights, else the production model's), a quick retrain",
+        "(ImageNet weights, else the production model's), a quick retrain; `auto` searches architecture, "
+        "learning rate and image size within `budget_minutes`, then trains the best to the end",
     )
     processes: int = _param(
         "processes",
         "Processes that train the job together (PyTorch DDP: gloo on the CPU, NCCL with one GPU each); "
         "at most MAX_TRAINING_PROCESSES; `full` mode only",
+    )
+    budget_minutes: float | None = _param(
+        "budget_minutes",
+        f"training_mode `auto` only: minutes for the search and the winner's training (default "
+        f"{AUTO_BUDGET_MINUTES:g}; fractions allowed)",
     )
 
 
@@ -112,6 +126,11 @@ class TrainingStatus(BaseModel):
     warnings: list[str]
     cancel_requested: bool
     error: str | None = None
+    trials: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="training_mode `auto`: the search's trials as they run (architecture, learning_rate, "
+        "image_size, epochs, val_accuracy, state running/kept/pruned/failed, seconds, note, chosen)",
+    )
     model_version: str | None = None
     model_version_id: int | None = None
     accuracy: float | None = Field(None, description="Validation accuracy in percent, as `metrics.val_accuracy`")

@@ -11,7 +11,7 @@ from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import FINISHED_STATUSES, Automation, RoundStatus
 from core.round_details import load_round_details
-from core.training.config import ARCHITECTURES, AUTO, TRAINING_MODES, TrainingConfig
+from core.training.config import ARCHITECTURES, AUTO, AUTO_BUDGET_MINUTES, TRAINING_MODES, TrainingConfig
 
 
 def _train_params(args) -> dict:
@@ -25,6 +25,7 @@ def _train_params(args) -> dict:
         "seed",
         "training_mode",
         "processes",
+        "budget_minutes",
     )
     params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.use_existing_model is not None:
@@ -204,7 +205,16 @@ def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(
         "--training-mode",
         choices=TRAINING_MODES,
-        help=f"{prefix}default {defaults.training_mode}; head: train only the classifier on a frozen pretrained backbone",
+        help=f"{prefix}default {defaults.training_mode}; head: train only the classifier on a frozen pretrained "
+        "backbone; auto: search architecture, learning rate and image size within --budget-minutes, then train "
+        "the best to the end",
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        metavar="N",
+        help=f"{prefix}training mode auto only: minutes for the search and the final training "
+        f"(default {AUTO_BUDGET_MINUTES:g}; fractions allowed)",
     )
     p.add_argument(
         "--processes",

@@ -96,7 +96,14 @@ class LookAlikeThumb(SQLModel, table=True):
 class TrainingRound(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: str = Field(default_factory=lambda: str(uuid.uuid4()), unique=True, index=True)
+    # What it trains with: image size "auto" resolved, Auto mode's winner.
     parameters: dict = _json(dict)
+    # What the operator asked for ("train again" offers these); {}: as `parameters`.
+    requested_parameters: dict = _json(dict)
+    # Auto mode's search, one row per trial as it runs (core/training/auto.py):
+    # {"number", "architecture", "learning_rate", "image_size", "epochs",
+    #  "val_accuracy", "state", "seconds", "started_at", "note", "chosen"}.
+    trials: list = _json(list)
     status: RoundStatus = Field(default=RoundStatus.queued, index=True)
     queue_task_id: str | None = None
     attempts: int = 0

@@ -108,7 +108,41 @@ def live(round_id: int) -> None:
         c3.metric("Epochs run", f"{len(metrics)}/{epochs}")
     if round_.device:
         st.caption(f"Device: {md(round_.device)}")
+    if round_.trials:
+        trials(round_.trials)
     curves(metrics)
+
+
+def trials(rows: list[dict]) -> None:
+    """Auto mode's search, trial by trial, as it runs (core/training/auto.py)."""
+    st.markdown(
+        "**Auto mode: the search.** Each trial trains a few epochs; successive halving stops (prunes) the weak "
+        "ones early, and the chosen one then trains to the end below."
+    )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        key="trials_table",
+        column_order=[
+            "number",
+            "chosen",
+            "state",
+            "architecture",
+            "learning_rate",
+            "image_size",
+            "epochs",
+            "val_accuracy",
+            "seconds",
+            "note",
+        ],
+        column_config={
+            "number": st.column_config.NumberColumn("trial"),
+            "learning_rate": st.column_config.NumberColumn("learning rate", format="%.5f"),
+            "image_size": st.column_config.NumberColumn("image size (px)"),
+            "val_accuracy": st.column_config.NumberColumn("validation accuracy (%)", format="%.1f"),
+            "seconds": st.column_config.NumberColumn("time (s)", format="%.1f"),
+        },
+    )
 
 
 with read_session() as session:

@@ -13,8 +13,9 @@ from core.training import preflight as training_checks
 from core.training.config import (
     ARCHITECTURES,
     AUTO,
-    TRAINING_MODES,
+    AUTO_BUDGET_MINUTES,
     TrainingConfig,
+    asked_parameters,
     last_parameters,
     param_problems,
     param_range,
@@ -38,15 +39,23 @@ LABELS = {
     "seed": "Seed",
     "training_mode": "Training mode",
     "processes": "Processes",
+    "budget_minutes": "Time budget (minutes)",
+}
+# Auto first: the recommended choice for operators who do not know which
+# learning rate or architecture suits their pictures.
+MODES = {
+    AUTO: "Auto (recommended): finds the architecture, learning rate and image size within a time budget",
+    "full": "Full: train every layer with the parameters below",
+    "head": "Head: train only the classifier on a frozen pretrained backbone (a quick retrain)",
 }
 
 
 def load_parameters(parameters: dict) -> None:
     """Put `parameters` into the form (a callback: widgets take state before they are drawn)."""
     for name in LABELS:
-        if name in parameters:
+        if parameters.get(name) is not None:
             # An empty image size is "auto" (the widget holds numbers only).
-            st.session_state[name] = None if parameters[name] == AUTO else parameters[name]
+            st.session_state[name] = None if name == "image_size" and parameters[name] == AUTO else parameters[name]
 
 
 # The form starts from the operator's last job (Streamlit forgets widgets on
@@ -54,17 +63,37 @@ def load_parameters(parameters: dict) -> None:
 # the fields have no limits of their own: what is typed is what gets checked.
 with read_session() as session:
     remembered = last_parameters(actor.name, session=session) or {}
-for name, value in {**TrainingConfig().to_dict(), **remembered}.items():
+# Someone who never trained starts from Auto mode.
+fresh = {**TrainingConfig().to_dict(), "training_mode": AUTO, "budget_minutes": AUTO_BUDGET_MINUTES}
+# A manual round has no budget: the default stays for a switch to Auto.
+for name, value in {**fresh, **{k: v for k, v in remembered.items() if v is not None}}.items():
     if name in LABELS:
         # An empty image size is "auto" (the widget holds numbers only).
-        st.session_state.setdefault(name, None if value == AUTO else value)
+        st.session_state.setdefault(name, None if name == "image_size" and value == AUTO else value)
 
 st.title("Train")
 form, check = st.columns([3, 2], gap="large")
 
 with form:
     st.subheader("Parameters")
-    c1, c2 = st.columns(2)
+    training_mode = st.radio(LABELS["training_mode"], list(MODES), format_func=MODES.get, key="training_mode")
+    budget_minutes = None
+    if training_mode == AUTO:
+        budget_minutes = st.number_input(
+            LABELS["budget_minutes"],
+            value=None,
+            step=1.0,
+            key="budget_minutes",
+            help="The search (architectures x learning rates x image sizes, weak trials stopped early) takes 60% "
+            "of it, training the best to the end the rest; exporting and scoring come on top. "
+            f"Between {param_range('budget_minutes')[1]:g} and {param_range('budget_minutes')[2]:g}.",
+        )
+        st.caption(
+            "Auto chooses the architecture, learning rate, image size and epochs; the batch size, validation "
+            "split, seed and use of the existing model below still apply. Live metrics shows every trial."
+        )
+    manual = st.expander("Manual parameters", expanded=training_mode != AUTO)
+    c1, c2 = manual.columns(2)
     epochs = c1.number_input(LABELS["epochs"], value=None, step=1, key="epochs")
     batch_size = c2.number_input(LABELS["batch_size"], value=None, step=1, key="batch_size")
     learning_rate = c1.number_input(
@@ -75,7 +104,7 @@ with form:
         key="use_existing_model",
         help="Fine-tune the production model when it knows the same categories and has the same architecture.",
     )
-    with st.expander("Advanced"):
+    with manual:
         a1, a2 = st.columns(2)
         architecture = a1.selectbox(LABELS["architecture"], ARCHITECTURES, key="architecture")
         image_size = a2.number_input(
@@ -89,15 +118,7 @@ with form:
         )
         val_split = a1.number_input(LABELS["val_split"], value=None, step=0.05, key="val_split")
         seed = a2.number_input(LABELS["seed"], value=None, step=1, key="seed")
-        training_mode = a1.radio(
-            LABELS["training_mode"],
-            TRAINING_MODES,
-            key="training_mode",
-            horizontal=True,
-            help="full: train every layer. head: keep a pretrained backbone (ImageNet weights, or the production "
-            "model's own) frozen and train only the classifier, in seconds; the preflight says when it cannot.",
-        )
-        processes = a2.number_input(
+        processes = a1.number_input(
             LABELS["processes"],
             value=None,
             step=1,
@@ -119,6 +140,8 @@ params = {
     "training_mode": training_mode,
     "processes": processes,
 }
+if training_mode == AUTO:
+    params["budget_minutes"] = budget_minutes
 field_problems = list(param_problems(params, LABELS).values())
 
 with check:
@@ -174,7 +197,7 @@ with form:
             icon=":material/info:",
         )
     with read_session() as session:
-        earlier = {r.id: (r.status.value.replace("_", " "), r.parameters) for r in list_rounds(session=session)}
+        earlier = {r.id: (r.status.value.replace("_", " "), asked_parameters(r)) for r in list_rounds(session=session)}
     if earlier:
         again_from, again = st.columns([3, 1], vertical_alignment="bottom")
         chosen = again_from.selectbox(

@@ -226,6 +226,13 @@ def test_training_without_enough_validated_images_gives_the_counts(client, sessi
         ({"architecture": "vgg"}, 400, "architecture must be one of mobilenet_v3_small, resnet18, efficientnet_b0"),
         ({"processes": 5}, 400, "processes must be between 1 and MAX_TRAINING_PROCESSES=4 (got 5)"),
         ({"processes": 2, "training_mode": "head"}, 400, "training_mode 'head' runs in one process"),
+        (
+            {"training_mode": "auto", "budget_minutes": 0.05},
+            400,
+            "budget_minutes must be between 0.1 and 1440 (got 0.05)",
+        ),
+        ({"budget_minutes": 5}, 400, "budget_minutes applies to training_mode 'auto' only"),
+        ({"training_mode": "auto", "budget_minutes": "ten"}, 422, "budget_minutes: Input should be a valid number"),
         ({"epochs": 2.5}, 422, "epochs: Input should be a valid integer"),
         ({"learning_rate": "fast"}, 422, "learning_rate: Input should be a valid number"),
         ({"momentum": 0.9}, 400, "Unknown parameter(s) momentum; allowed:"),

@@ -337,15 +337,39 @@ def test_train_is_disabled_with_the_reason_when_the_rules_are_not_met(session):
     assert table(at, "validated")["validated"].tolist() == [3, 1]
 
 
-def test_train_shows_the_original_defaults_and_the_advanced_section(session):
+def test_train_offers_auto_first_with_the_original_defaults_in_the_manual_section(session):
     at = ok(app("pages/train.py"))
+    assert at.radio(key="training_mode").options[0].startswith("Auto (recommended)")
+    assert at.radio(key="training_mode").value == "auto"
     values = {w.key: w.value for w in at.number_input}
+    assert values["budget_minutes"] == 10.0
     assert (values["epochs"], values["batch_size"], values["learning_rate"]) == (20, 32, 0.001)
     assert (values["image_size"], values["val_split"], values["seed"]) == (None, 0.2, 42)  # image size: auto
     assert at.toggle(key="use_existing_model").value is True
     assert at.selectbox(key="architecture").value == "mobilenet_v3_small"
-    assert at.radio(key="training_mode").value == "full"
-    assert at.expander[0].label == "Advanced"
+    assert at.expander[0].label == "Manual parameters"
+    ok(at.radio(key="training_mode").set_value("full"))
+    assert "budget_minutes" not in {w.key for w in at.number_input}
+
+
+def test_train_in_auto_mode_queues_an_auto_round_with_the_budget_and_checks_it(session, monkeypatch):
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    ok(at.number_input(key="budget_minutes").set_value(0.01))
+    assert at.button(key="train").disabled
+    assert md("Time budget (minutes) must be between 0.1 and 1440 (got 0.01)") in " ".join(e.value for e in at.error)
+    ok(at.number_input(key="budget_minutes").set_value(3.0))
+    ok(at.button(key="train").click())
+    with read_session() as reader:
+        job = reader.exec(select(TrainingRound)).one()
+    assert job.parameters["training_mode"] == "auto" and job.parameters["budget_minutes"] == 3.0
+    assert job.requested_parameters["image_size"] == "auto" and job.parameters["image_size"] == 32
+    again = ok(app("pages/train.py", "operator", "Grace"))  # a later visit starts from that choice
+    assert again.radio(key="training_mode").value == "auto"
+    assert again.number_input(key="budget_minutes").value == 3.0
+    assert again.number_input(key="image_size").value is None  # "auto", not the 32 px it chose
 
 
 def test_train_with_image_size_left_on_auto_shows_and_records_the_choice(session, monkeypatch):
@@ -378,6 +402,7 @@ def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(sessi
     _clear_caches()
     add_demo(session, per_category=4, size=32)
     at = ok(app("pages/train.py", "operator", "Grace"))
+    at.radio(key="training_mode").set_value("full")
     at.number_input(key="epochs").set_value(1)
     at.number_input(key="image_size").set_value(32)
     at.toggle(key="use_existing_model").set_value(False)
@@ -432,6 +457,7 @@ def test_the_confirmation_lists_the_parameters_queued_and_follows_the_jobs_state
     _clear_caches()
     add_demo(session, per_category=4, size=32)
     at = ok(app("pages/train.py", "operator", "Grace"))
+    at.radio(key="training_mode").set_value("full")
     at.number_input(key="epochs").set_value(3)
     ok(at.number_input(key="learning_rate").set_value(0.01))
     ok(at.button(key="train").click())
@@ -468,7 +494,7 @@ def test_the_form_starts_from_the_operators_last_job_and_trains_again_from_any_r
     ok(at.selectbox(key="again_round").select(other.id))
     ok(at.button(key="train_again").click())
     assert (at.number_input(key="epochs").value, at.number_input(key="seed").value) == (7, 5)
-    assert at.number_input(key="image_size").value == 32  # what "auto" chose for Ada's 32-px pictures
+    assert at.number_input(key="image_size").value is None  # Ada left it on "auto" (it chose 32 px)
     ok(at.selectbox(key="again_round").select(mine.id))
     ok(at.button(key="train_again").click())
     assert at.number_input(key="epochs").value == 3

@@ -4,7 +4,7 @@ the checks the API, the Train page and the CLI share.
 Imports no torch, so the pages and the API can read the ranges cheaply."""
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from sqlmodel import Session, col, select
 
@@ -13,11 +13,15 @@ from core.errors import UserError, check_number
 from core.models import TrainingRound
 
 ARCHITECTURES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
-# `full` trains every layer; `head` freezes a pretrained backbone, computes its
-# features once per image and trains only the classifier (a quick retrain).
-TRAINING_MODES = ("full", "head")
 # `image_size` "auto": chosen from the snapshot's pictures (`choose_image_size`).
 AUTO = "auto"
+# `full` trains every layer; `head` freezes a pretrained backbone, computes its
+# features once per image and trains only the classifier (a quick retrain);
+# `auto` searches architecture, learning rate and image size within
+# `budget_minutes`, then trains the winner as `full` (core/training/auto.py).
+TRAINING_MODES = ("full", "head", AUTO)
+# Auto mode's time budget when none is given.
+AUTO_BUDGET_MINUTES = 10.0
 # What "auto" may choose: a multiple of 32 between these (224 is what the
 # architectures were designed for; more costs compute and adds no information).
 AUTO_IMAGE_SIZE_RANGE = (32, 224)
@@ -42,6 +46,8 @@ class TrainingConfig:
     training_mode: str = "full"
     # Processes (DDP ranks) that train the job together; at most MAX_TRAINING_PROCESSES.
     processes: int = 1
+    # training_mode "auto" only: minutes for the search and the winner's training.
+    budget_minutes: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +67,13 @@ class TrainingConfig:
                 continue
             values[name] = _check_param(name, value)
         config = cls(**values)
+        if config.budget_minutes is not None and config.training_mode != AUTO:
+            raise UserError(
+                f"budget_minutes applies to training_mode 'auto' only (got training_mode {config.training_mode!r}): "
+                "leave it out, or set training_mode to 'auto'"
+            )
+        if config.training_mode == AUTO and config.budget_minutes is None:
+            config = replace(config, budget_minutes=AUTO_BUDGET_MINUTES)
         if config.training_mode == "head" and config.processes > 1:
             raise UserError(
                 "training_mode 'head' runs in one process: it trains one linear layer on cached features, "
@@ -80,6 +93,8 @@ PARAM_RANGES: dict[str, tuple[type, float, float]] = {
     "seed": (int, 0, 2**31 - 1),
     # The maximum is MAX_TRAINING_PROCESSES (see `param_range`).
     "processes": (int, 1, 1),
+    # Fractions allowed: a tenth of a minute lets tests run Auto mode in seconds.
+    "budget_minutes": (float, 0.1, 24 * 60),
 }
 
 
@@ -135,11 +150,21 @@ def param_problems(params: Mapping, labels: Mapping[str, str]) -> dict[str, str]
 
 def last_parameters(requested_by: str, *, session: Session) -> dict | None:
     """The parameters of the last job `requested_by` asked for (the Train
-    form starts from them), or None when they never asked for one."""
+    form starts from them) as they asked (see `asked_parameters`), or None
+    when they never asked for one."""
     query = (
-        select(TrainingRound.parameters)
+        select(TrainingRound)
         .where(TrainingRound.requested_by == requested_by, col(TrainingRound.trigger).is_(None))
         .order_by(col(TrainingRound.id).desc())
         .limit(1)
     )
-    return session.exec(query).first()
+    found = session.exec(query).first()
+    return None if found is None else asked_parameters(found)
+
+
+def asked_parameters(round_: TrainingRound) -> dict:
+    """The parameters as the operator chose them ("auto" image size, Auto
+    mode and its budget), for "train again"; `parameters` holds what the
+    round trains with (the chosen size, the search's winner). Rounds from
+    before the two were kept apart have only `parameters`."""
+    return round_.requested_parameters or round_.parameters

@@ -132,9 +132,11 @@ def initial_model(
     reporter: RoundReporter,
     *,
     session: Session,
+    download: bool = True,
 ) -> nn.Module:
     """The production model to fine-tune, else ImageNet weights (downloaded
-    once where allowed), else random."""
+    once where allowed; with `download` False only a file already on disk),
+    else random."""
     model = build_model(config.architecture, len(classes))
     if config.use_existing_model:
         notice = existing_model_notice(config, classes, session=session)
@@ -143,8 +145,8 @@ def initial_model(
             model.load_state_dict(registry.load_checkpoint(production)["state_dict"])
             reporter.note(f"fine-tuning production model {production.version}")
             return model
-    weights_file = find_pretrained_weights(config.architecture) or fetch_pretrained_weights(
-        config.architecture, reporter
+    weights_file = find_pretrained_weights(config.architecture) or (
+        fetch_pretrained_weights(config.architecture, reporter) if download else None
     )
     if weights_file is None:
         return model

@@ -19,6 +19,7 @@ from core.config import get_settings
 from core.errors import ConflictError, NotFoundError, TrainingCancelled, UserError
 from core.models import FINISHED_STATUSES, EpochMetric, ModelVersion, RoundStatus, TrainingRound, as_utc, utcnow
 from core.splits import assign_splits
+from core.training import auto
 from core.training.config import AUTO, TrainingConfig
 from core.training.loop import train_and_register
 from core.training.placement import Placement
@@ -45,6 +46,7 @@ def start_training(
     check = preflight(config, session=session)
     if not check.ok:
         raise UserError(" ".join(check.problems))
+    requested = config.to_dict()
     if config.image_size == AUTO:
         config = replace(config, image_size=check.image_size)
     assign_splits(session=session)  # images stored before split keys existed
@@ -52,6 +54,7 @@ def start_training(
     snapshot = [{"id": img.id, "sha256": img.sha256, "label": label, "split_key": img.split_key} for img, label in rows]
     round_ = TrainingRound(
         parameters=config.to_dict(),
+        requested_parameters=requested,
         requested_by=requested_by,
         trigger=trigger,
         snapshot=snapshot,
@@ -190,6 +193,10 @@ def run_training_round(round_id: int, *, session: Session, task_id: str | None =
     session.commit()
     try:
         with Heartbeat(round_.id, session.get_bind(), get_settings().heartbeat_interval):
+            if round_.parameters.get("training_mode") == AUTO:
+                # Auto mode: the search turns the round's parameters into the
+                # winner's (`full` mode), which then trains as any round does.
+                auto.search(round_, RoundReporter(round_, session), session=session)
             if round_.parameters.get("processes", 1) > 1:
                 return _train_in_ranks(round_, session=session)
             reporter = RoundReporter(round_, session)
