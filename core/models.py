@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, ForeignKey, Integer, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKey, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -56,6 +56,15 @@ class Category(SQLModel, table=True):
 
 # A content-addressed image file and its review state.
 class TrainingImage(SQLModel, table=True):
+    # For 200,000 images (migration 0010): validated counts per category, the
+    # dataset per upload day and the look-alike groups read these indexes
+    # alone, without visiting the rows.
+    __table_args__ = (
+        Index("ix_trainingimage_category_status", "category_id", "status"),
+        Index("ix_trainingimage_day_category_status", "uploaded_at", "category_id", "status"),
+        Index("ix_trainingimage_representative_status", "representative_id", "status"),
+    )
+
     id: int | None = Field(default=None, primary_key=True)
     sha256: str = Field(unique=True, index=True, max_length=64)
     # Relative to the data folder.
@@ -186,7 +195,7 @@ class TestPrediction(SQLModel, table=True):
 class PromotionEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     from_version: str | None = None
-    to_version: str | None = None
+    to_version: str | None = Field(default=None, index=True)
     action: str  # promote | rollback | auto
     by: str | None = None
     at: datetime = Field(default_factory=utcnow)
@@ -197,6 +206,9 @@ class PromotionEvent(SQLModel, table=True):
 
 # An image the newest model thinks is probably mislabelled, and what a curator decided.
 class SuspectScore(SQLModel, table=True):
+    # The open suspects, most likely first, straight from the index (migration 0010).
+    __table_args__ = (Index("ix_suspectscore_resolution_score", "resolution", "score"),)
+
     id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="trainingimage.id", unique=True, index=True)
     model_version: str

@@ -1,0 +1,32 @@
+"""Indexes for 200,000 images: counts per category and status, the dataset
+per upload day, look-alike groups, open suspects by score, rollbacks.
+
+Revision ID: 0010
+Revises: 0008
+Create Date: 2026-11-30
+"""
+
+from alembic import op
+
+revision = "0010"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+INDEXES = (
+    ("ix_trainingimage_category_status", "trainingimage", ["category_id", "status"]),
+    ("ix_trainingimage_day_category_status", "trainingimage", ["uploaded_at", "category_id", "status"]),
+    ("ix_trainingimage_representative_status", "trainingimage", ["representative_id", "status"]),
+    ("ix_suspectscore_resolution_score", "suspectscore", ["resolution", "score"]),
+    ("ix_promotionevent_to_version", "promotionevent", ["to_version"]),
+)
+
+
+def upgrade() -> None:
+    for name, table, columns in INDEXES:
+        op.create_index(name, table, columns)
+
+
+def downgrade() -> None:
+    for name, table, _ in reversed(INDEXES):
+        op.drop_index(name, table_name=table)
