@@ -316,3 +316,11 @@ class BrowserSession(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime
     revoked_at: datetime | None = None
+
+
+# How often each kind of row changed ("models", "rounds", "tokens"): bumped in
+# the transaction that changes them (core/changes.py), so a process that
+# caches answers derived from them knows, with one read, whether they still hold.
+class ChangeStamp(SQLModel, table=True):
+    kind: str = Field(primary_key=True, max_length=20)
+    counter: int = 0
