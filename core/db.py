@@ -89,8 +89,12 @@ def read_engine(url: str | None = None) -> Engine:
 
 def current_stamps(url: str | None = None) -> changes.Stamps:
     """The change stamps now (core/changes.py): one small read, no write lock."""
-    with read_engine(url).connect() as connection:
+    connection = read_engine(url).raw_connection()
+    try:
         return changes.read_stamps(connection)
+    finally:
+        # Back to the pool, which ends the (read-only) transaction PostgreSQL opened.
+        connection.close()
 
 
 def clear_engines() -> None:
