@@ -19,7 +19,7 @@ from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded
 from core.faults import crash_point
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
 from core.splits import assign_splits
-from core.storage import write_atomic
+from core.storage import sync_files, write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _FORMAT_SUFFIX = {
@@ -157,17 +157,21 @@ def ingest_bytes(
     filename: str,
     *,
     session: Session,
-    category: str,
+    category: str | Category,
     status: ImageStatus = ImageStatus.pending,
     source: ImageSource = ImageSource.upload,
     device_id: str | None = None,
     uploaded_by: str | None = None,
     create_category: bool = True,
     assign_split: bool = True,
+    written: list[Path] | None = None,
 ) -> IngestResult:
     """Check and store one file. Bad files are refused, not raised.
 
-    Bulk imports pass `assign_split=False` and call `assign_splits` once at the end."""
+    Bulk imports pass `assign_split=False` and call `assign_splits` once at
+    the end, a Category rather than its name (looked up once), and a list
+    `written`: each new file is then written without its own fsync and added
+    to it, for one `sync_files` before the commit."""
     name = safe_filename(filename)
     try:
         checked = check_image(data, name)
@@ -177,14 +181,20 @@ def ingest_bytes(
     existing = session.exec(select(TrainingImage).where(TrainingImage.sha256 == digest)).first()
     if existing is not None:
         return IngestResult(name, "duplicate", image_id=existing.id)
-    cat = get_or_create_category(category, session=session, create=create_category)
+    cat = (
+        category
+        if isinstance(category, Category)
+        else get_or_create_category(category, session=session, create=create_category)
+    )
     rel = Path("images") / digest[:2] / f"{digest}{_FORMAT_SUFFIX[checked.format]}"
     target = get_settings().data_dir / rel
     if target.exists():
         # A file without a row (yet) is swept once it is old: this one is in use again.
         os.utime(target)
     else:
-        write_atomic(target, data)
+        write_atomic(target, data, durable=written is None)
+        if written is not None:
+            written.append(target)
     crash_point("ingest.file_written")
     image = TrainingImage(
         sha256=digest,
@@ -223,19 +233,26 @@ def import_folder(
     if not subdirs:
         raise UserError(f"{folder} has no sub-folders: put each category's images in a sub-folder named after it")
     report = IngestReport()
+    written: list[Path] = []
     for sub in subdirs:
+        category = None
         for path in sorted(p for p in sub.rglob("*") if p.is_file() and not p.name.startswith(".")):
             result = ingest_bytes(
                 path.read_bytes(),
                 path.name,
                 session=session,
-                category=sub.name,
+                # The name until a picture is stored (which creates the category), then the row.
+                category=category or sub.name,
                 status=status,
                 source=source,
                 uploaded_by=uploaded_by,
                 assign_split=False,
+                written=written,
             )
+            if category is None and result.outcome == "stored":
+                category = get_or_create_category(sub.name, session=session)
             report.results.append(result)
+    sync_files(written)
     assign_splits(session=session)
     return report
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torchvision
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, delete, select, update
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
@@ -366,7 +367,9 @@ def get_round(job_id_or_id: str | int, *, session: Session) -> TrainingRound:
 
 
 def list_rounds(*, session: Session, limit: int = 50) -> list[TrainingRound]:
-    return list(session.exec(select(TrainingRound).order_by(col(TrainingRound.id).desc()).limit(limit)))
+    # Issue 19 hook: listed without their snapshots (every image of a round's dataset, megabytes at 200,000).
+    query = select(TrainingRound).options(defer(TrainingRound.snapshot, raiseload=True))
+    return list(session.exec(query.order_by(col(TrainingRound.id).desc()).limit(limit)))
 
 
 def epoch_metrics(round_id: int, *, session: Session) -> list[EpochMetric]:
