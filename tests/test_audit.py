@@ -193,7 +193,8 @@ def test_audit_page_pages_through_the_trail_and_says_how_many_match(session):
     total = audit.count_events(session=session)  # with the operator's user.create
     assert total == 231
     assert at.get("pagination")[0].num_pages == 3
-    assert at.dataframe[0].value["target"].tolist()[:2] == ["image:229", "image:228"]
+    assert at.dataframe[0].value["action"].tolist()[:3] == ["user.create", "image.validate", "image.validate"]
+    assert at.dataframe[0].value["target"].tolist()[1:3] == ["image:229", "image:228"]
     assert len(at.dataframe[0].value) == 100
     ok(at.get("pagination")[0].select(3))
     assert len(at.dataframe[0].value) == 31
