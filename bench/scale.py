@@ -46,10 +46,9 @@ def import_pictures(n: int, chunks: int, size: int) -> list[tuple[int, float]]:
     per_chunk = n // chunks
     figures = []
     for chunk in range(chunks):
-        cpu = time.process_time()
         folder = Path(tempfile.mkdtemp(prefix="bench-scale-"))
         generate_demo_folder(folder, per_category=per_chunk // len(CLASSES), size=size, seed=chunk)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         with session_scope() as session:
             report = import_folder(folder, session=session)
         seconds = time.perf_counter() - started
