@@ -75,7 +75,8 @@ class CachedReads:
         found = self.answers.get(key, stamps, kinds)
         if found is not None:
             headers, body = found
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            # A copy: middleware further out (api/security.py) adds its headers to the list it is given.
+            await send({"type": "http.response.start", "status": 200, "headers": list(headers)})
             await send({"type": "http.response.body", "body": body})
             return
         started: dict = {}

@@ -58,7 +58,9 @@ async def _client(port: int, request: bytes, requests: int, times: list[float]) 
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = CONTENT_LENGTH.search(head)
-            body = await reader.readexactly(int(length.group(1))) if length else b""
+            if length is None:
+                raise RuntimeError(f"an answer without Content-Length: {head.decode(errors='replace')}")
+            body = await reader.readexactly(int(length.group(1)))
             times.append(time.perf_counter() - started)
             if head[9:12] != b"200":
                 raise RuntimeError(f"{head[:12].decode()} {body[:200].decode(errors='replace')}")

@@ -184,29 +184,31 @@ def write_history(n_versions: int, n_rounds: int) -> tuple[str, str]:
         return f"Bearer {token}", last.job_id
 
 
-def first_renders() -> dict[str, tuple[float, float]]:
+def first_renders() -> dict[str, tuple[float, float, float]]:
     """Seconds of `AppTest.run()` of each page, signed in as an admin: the
     first in this process (its imports: pandas, plotly, the page's modules;
     the review page's thumbnails made), and a new session's first render
-    afterwards, as a user opening the page on a running server sees it."""
+    afterwards, as a user opening the page on a running server sees it,
+    with the CPU seconds of that render (AppTest runs the page in this
+    process): what it costs whatever else the machine is doing."""
     from streamlit.testing.v1 import AppTest
 
     from core.db import session_scope
     from tests.factories import add_user, sign_in
 
     with session_scope() as session:
-        admin = add_user(session, "bench-admin", "admin")
+        admin = add_user(session, f"bench-admin-{time.time_ns()}", "admin")
     times = {}
     for page in PAGES:
         runs = []
         for _ in range(2):
             at = AppTest.from_file(str(ROOT / "pages" / f"{page}.py"), default_timeout=300)
             sign_in(at, admin)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             at.run()
             runs.append(time.perf_counter() - started)
             assert not at.exception, at.exception
-        times[page] = tuple(runs)
+        times[page] = (*runs, time.process_time() - cpu)
     return times
 
 
@@ -219,7 +221,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=2000, help="per client and route")
+    parser.add_argument("--again", type=Path, help="measure steps 3 and 4 again on the data folder of an earlier run")
     args = parser.parse_args()
+    if args.again:
+        measure_again(args.again, args)
+        return
     data_dir = fresh_data_dir("scale")
     print(f"data folder {data_dir}; load average {load_average():.2f}", flush=True)
     figures = import_pictures(args.n, args.chunks, args.size)
@@ -243,10 +249,14 @@ def main() -> None:
     with read_session() as session:
         counts = [session.exec(select(func.count(t.id))).one() for t in (TrainingImage, AuditEvent)]
     print(f"database: {counts[0]} images, {counts[1]} audit events")
-    for page, (cold, warm) in first_renders().items():
+    measure_pages_and_api(data_dir, auth, job_id, args)
+
+
+def measure_pages_and_api(data_dir: Path, auth: str, job_id: str, args) -> None:
+    for page, (cold, warm, cpu) in first_renders().items():
         print(
-            f"{page} page: first render of a new session {warm:.2f} s (the process's very first: {cold:.2f} s); "
-            f"load average {load_average():.2f}",
+            f"{page} page: first render of a new session {warm:.2f} s, {cpu:.2f} CPU s "
+            f"(the process's very first: {cold:.2f} s); load average {load_average():.2f}",
             flush=True,
         )
     served = Served(ROOT, data_dir=data_dir, seed=False)
@@ -254,6 +264,28 @@ def main() -> None:
     with served:
         rows = measure(served, args.clients, args.requests)
     show("scale", rows, args.clients, args.requests)
+
+
+def measure_again(data_dir: Path, args) -> None:
+    import os
+
+    from sqlmodel import col, select
+
+    from core.access import CLI_ACTOR
+    from core.config import get_settings
+    from core.db import clear_engines, session_scope
+    from core.models import TrainingRound
+    from core.tokens import create_token
+
+    os.environ["DATA_DIR"] = str(data_dir)
+    get_settings.cache_clear()
+    clear_engines()
+    with session_scope() as session:
+        auth = "Bearer " + create_token(session=session, actor=CLI_ACTOR, role="viewer", label="bench again").secret
+        job_id = session.exec(
+            select(TrainingRound.job_id).where(col(TrainingRound.model_version_id).is_not(None))
+        ).first()
+    measure_pages_and_api(data_dir, auth, job_id, args)
 
 
 if __name__ == "__main__":
