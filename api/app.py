@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
+from api.cached import CachedReads
 from api.limits import RequestLimits
 from api.routes import router
 from api.schemas import allowed_range
@@ -61,6 +62,8 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)
     app.add_middleware(RequestLimits, error_response=user_error)
+    # Outermost: a cached answer skips the rest.
+    app.add_middleware(CachedReads)
     return app
 
 

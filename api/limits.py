@@ -43,6 +43,13 @@ def _too_large(limit: int, hint: str, declared: int | None = None) -> str:
     return f"The request body{size} is over the limit of {_size(limit)} ({hint})"
 
 
+def route_path(scope: Scope) -> str:
+    """The path inside the API app (`/models/latest/`), wherever it is mounted."""
+    # Mounted at /api, the scope's path keeps the prefix and root_path names it.
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class RequestLimits:
     """The API app wrapped: token first, then the body, within its limit."""
 
@@ -51,18 +58,12 @@ class RequestLimits:
         # api.app.user_error: the same JSON errors as everywhere else.
         self.error_response = error_response
 
-    @staticmethod
-    def _route_path(scope: Scope) -> str:
-        # Mounted at /api, the scope's path keeps the prefix and root_path names it.
-        path, root = scope["path"], scope.get("root_path", "")
-        return path[len(root) :] if root and path.startswith(root) else path
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope) if scope["type"] == "http" else Headers()
         if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
             await self.app(scope, receive, send)
             return
-        limit, hint = body_limit(self._route_path(scope))
+        limit, hint = body_limit(route_path(scope))
         try:
             scope.setdefault("state", {})[CALLER_STATE] = await run_in_threadpool(
                 identify, headers.get("authorization")

@@ -17,10 +17,10 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
+from bench.api_load import load
 from bench.common import ROOT, fresh_data_dir, load_average, percentile, stop, wait_until
 
 
@@ -117,36 +117,6 @@ def render_review_page(renders: int = 3) -> list[float]:
     return times
 
 
-def hammer(base: str, path: str, auth: str, clients: int, requests: int) -> list[float]:
-    import http.client
-    from urllib.parse import urlsplit
-
-    host = urlsplit(base)
-    times: list[float] = []
-    lock = threading.Lock()
-
-    def client():
-        conn = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
-        mine = []
-        for _ in range(requests):
-            started = time.perf_counter()
-            conn.request("GET", path, headers={"Authorization": auth})
-            response = conn.getresponse()
-            response.read()
-            assert response.status == 200, response.status
-            mine.append(time.perf_counter() - started)
-        conn.close()
-        with lock:
-            times.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=10_000)
@@ -186,8 +156,8 @@ def main() -> None:
             ("latest", "/api/models/latest/"),
             ("training-status", f"/api/models/training-status/{job_id}/"),
         ):
-            hammer(base, path, auth, 2, 3)  # warm-up
-            times = hammer(base, path, auth, args.clients, args.requests)
+            load(args.port, path, auth, 2, 3)  # warm-up
+            times, _ = load(args.port, path, auth, args.clients, args.requests)
             print(
                 f"GET {name}: {args.clients} clients x {args.requests}: p50 {percentile(times, 50) * 1000:.1f} ms, "
                 f"p95 {percentile(times, 95) * 1000:.1f} ms; load average {load_average():.2f}"

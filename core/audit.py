@@ -4,7 +4,7 @@ covered), in the caller's transaction."""
 
 from datetime import date, datetime, time, timedelta
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from core.access import SYSTEM_ACTOR, Actor
 from core.models import UTC, AuditEvent
@@ -54,18 +54,15 @@ def record_audit(
     return event
 
 
-def find_events(
+def _filtered(
+    query,
     *,
-    session: Session,
     actor: str | None = None,
     action: str | None = None,
     target: str | None = None,
     since: date | None = None,
     until: date | None = None,
-    limit: int = 500,
-) -> list[AuditEvent]:
-    """Audit rows, newest first, filtered by who, what, on what and between two days (inclusive)."""
-    query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(limit)
+):
     if actor:
         query = query.where(AuditEvent.actor == actor)
     if action:
@@ -76,7 +73,38 @@ def find_events(
         query = query.where(AuditEvent.at >= datetime.combine(since, time(), UTC))
     if until:
         query = query.where(AuditEvent.at < datetime.combine(until + timedelta(days=1), time(), UTC))
-    return list(session.exec(query))
+    return query
+
+
+def find_events(
+    *,
+    session: Session,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    since: date | None = None,
+    until: date | None = None,
+    offset: int = 0,
+    limit: int = 500,
+) -> list[AuditEvent]:
+    """Audit rows, newest first, filtered by who, what, on what and between two
+    days (inclusive); `offset` and `limit` pick one page of them."""
+    query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).offset(offset).limit(limit)
+    return list(session.exec(_filtered(query, actor=actor, action=action, target=target, since=since, until=until)))
+
+
+def count_events(
+    *,
+    session: Session,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    since: date | None = None,
+    until: date | None = None,
+) -> int:
+    """How many rows `find_events` would give with these filters and no limit."""
+    query = select(func.count(AuditEvent.id))
+    return session.exec(_filtered(query, actor=actor, action=action, target=target, since=since, until=until)).one()
 
 
 def actors(*, session: Session) -> list[str]:

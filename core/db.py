@@ -11,7 +11,7 @@ from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
-from core import models  # noqa: F401  (registers the tables)
+from core import changes, models  # noqa: F401  (registers the tables and the change stamps' session hooks)
 from core.config import get_settings
 
 
@@ -85,6 +85,16 @@ def init_db(engine: Engine) -> None:
 def read_engine(url: str | None = None) -> Engine:
     """The same database for read-only work: transactions take no write lock."""
     return _engine(url or get_settings().db_url, readonly=True)
+
+
+def current_stamps(url: str | None = None) -> changes.Stamps:
+    """The change stamps now (core/changes.py): one small read, no write lock."""
+    connection = read_engine(url).raw_connection()
+    try:
+        return changes.read_stamps(connection)
+    finally:
+        # Back to the pool, which ends the (read-only) transaction PostgreSQL opened.
+        connection.close()
 
 
 def clear_engines() -> None:

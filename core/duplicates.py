@@ -332,15 +332,41 @@ def look_alike_counts(images: Sequence[TrainingImage], *, session: Session) -> d
     return {image.id: sizes.get(image.representative_id, 1) - 1 for image in images}
 
 
-def clusters(*, session: Session, exclude_rejected: bool = True) -> list[list[int]]:
-    """Groups of two or more look-alikes (a representative and the images
-    that matched it), largest first; each group's ids in ascending order."""
-    query = select(TrainingImage.id, TrainingImage.representative_id).where(
-        col(TrainingImage.representative_id).is_not(None)
+def _clustered(exclude_rejected: bool):
+    """The images that belong to a look-alike group (and are not rejected)."""
+    condition = col(TrainingImage.representative_id).is_not(None)
+    return condition & (TrainingImage.status != ImageStatus.rejected) if exclude_rejected else condition
+
+
+def _groups_query(exclude_rejected: bool):
+    size = func.count(TrainingImage.id)
+    return (
+        select(TrainingImage.representative_id)
+        .where(_clustered(exclude_rejected))
+        .group_by(TrainingImage.representative_id)
+        .having(size > 1)
+        .order_by(size.desc(), func.min(TrainingImage.id))
     )
-    if exclude_rejected:
-        query = query.where(TrainingImage.status != ImageStatus.rejected)
-    groups: dict[int, list[int]] = {}
-    for image_id, representative in session.exec(query.order_by(TrainingImage.id)):
-        groups.setdefault(representative, []).append(image_id)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+
+
+def clusters(
+    *, session: Session, exclude_rejected: bool = True, offset: int = 0, limit: int | None = None
+) -> list[list[int]]:
+    """Groups of two or more look-alikes (a representative and the images
+    that matched it), largest first; each group's ids in ascending order.
+    `offset` and `limit` pick one page of groups, counted in SQL."""
+    representatives = list(session.exec(_groups_query(exclude_rejected).offset(offset).limit(limit)))
+    groups: dict[int, list[int]] = {r: [] for r in representatives}
+    members = select(TrainingImage.id, TrainingImage.representative_id).where(
+        _clustered(exclude_rejected), col(TrainingImage.representative_id).in_(representatives)
+    )
+    for image_id, representative in session.exec(members.order_by(TrainingImage.id)):
+        groups[representative].append(image_id)
+    return list(groups.values())
+
+
+def count_clusters(*, session: Session, exclude_rejected: bool = True) -> int:
+    """How many groups `clusters` gives without a limit."""
+    return session.exec(
+        select(func.count()).select_from(_groups_query(exclude_rejected).order_by(None).subquery())
+    ).one()

@@ -34,11 +34,18 @@ def resolve_version(version: str | None, *, session: Session) -> ModelVersion:
     return production
 
 
+def verified_artifacts(version: ModelVersion) -> list[dict]:
+    """The files of `version` that passed their parity check in their own
+    runtime: the only ones a phone is told about or may download."""
+    return [a for a in version.artifacts if (a.get("parity") or {}).get("passed")]
+
+
 def artifact_file(version: ModelVersion, fmt: str) -> ArtifactFile:
-    """The file of `version` in format `fmt` (`ptl` or `pte`)."""
-    record = next((a for a in version.artifacts if a["format"] == fmt), None)
+    """The verified file of `version` in format `fmt` (`ptl` or `pte`)."""
+    artifacts = verified_artifacts(version)
+    record = next((a for a in artifacts if a["format"] == fmt), None)
     if record is None:
-        formats = ", ".join(a["format"] for a in version.artifacts) or "none"
+        formats = ", ".join(a["format"] for a in artifacts) or "none"
         raise NotFoundError(f"Model {version.version} has no '{fmt}' file; its formats: {formats}")
     path = get_settings().data_dir / record["path"]
     if not path.is_file():
@@ -48,7 +55,7 @@ def artifact_file(version: ModelVersion, fmt: str) -> ArtifactFile:
 
 def model_manifest(version: ModelVersion, *, download_url: Callable[[str, str], str]) -> dict:
     """Version, classes in output order, input and normalisation, metrics, and
-    one entry per artifact; `download_url(version, format)` makes its link."""
+    one entry per verified artifact; `download_url(version, format)` makes its link."""
     metrics = version.metrics
     return {
         "version": version.version,
@@ -78,6 +85,6 @@ def model_manifest(version: ModelVersion, *, download_url: Callable[[str, str], 
                 "size_bytes": a["size_bytes"],
                 "runtime": a["runtime"],
             }
-            for a in version.artifacts
+            for a in verified_artifacts(version)
         ],
     }

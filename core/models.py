@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, ForeignKey, Integer, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKey, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -56,6 +56,15 @@ class Category(SQLModel, table=True):
 
 # A content-addressed image file and its review state.
 class TrainingImage(SQLModel, table=True):
+    # For 200,000 images (migration 0010): validated counts per category, the
+    # dataset per upload day and the look-alike groups read these indexes
+    # alone, without visiting the rows.
+    __table_args__ = (
+        Index("ix_trainingimage_category_status", "category_id", "status"),
+        Index("ix_trainingimage_day_category_status", "uploaded_at", "category_id", "status"),
+        Index("ix_trainingimage_representative_status", "representative_id", "status"),
+    )
+
     id: int | None = Field(default=None, primary_key=True)
     sha256: str = Field(unique=True, index=True, max_length=64)
     # Relative to the data folder.
@@ -215,7 +224,7 @@ class TestPrediction(SQLModel, table=True):
 class PromotionEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     from_version: str | None = None
-    to_version: str | None = None
+    to_version: str | None = Field(default=None, index=True)
     action: str  # promote | rollback | auto
     by: str | None = None
     at: datetime = Field(default_factory=utcnow)
@@ -226,6 +235,9 @@ class PromotionEvent(SQLModel, table=True):
 
 # An image the newest model thinks is probably mislabelled, and what a curator decided.
 class SuspectScore(SQLModel, table=True):
+    # The open suspects, most likely first, straight from the index (migration 0010).
+    __table_args__ = (Index("ix_suspectscore_resolution_score", "resolution", "score"),)
+
     id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="trainingimage.id", unique=True, index=True)
     model_version: str
@@ -333,3 +345,11 @@ class BrowserSession(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime
     revoked_at: datetime | None = None
+
+
+# How often each kind of row changed ("models", "rounds", "tokens"): bumped in
+# the transaction that changes them (core/changes.py), so a process that
+# caches answers derived from them knows, with one read, whether they still hold.
+class ChangeStamp(SQLModel, table=True):
+    kind: str = Field(primary_key=True, max_length=20)
+    counter: int = 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 from scipy.stats import binomtest
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, func, select
 
 from core import gate
@@ -248,9 +249,11 @@ def progress_text(round_: TrainingRound) -> str:
 def queue_overview(*, session: Session, recent: int = 10) -> list[dict]:
     """Running and queued rounds (with their place in the queue) and the
     `recent` last finished ones, newest first."""
+    # Without their snapshots (every image of the round's dataset): megabytes each at 200,000 images.
     active = list(
         session.exec(
             select(TrainingRound)
+            .options(defer(TrainingRound.snapshot, raiseload=True))
             .where(col(TrainingRound.status).in_([RoundStatus.queued, RoundStatus.in_progress]))
             .order_by(col(TrainingRound.id))
         )
@@ -258,6 +261,7 @@ def queue_overview(*, session: Session, recent: int = 10) -> list[dict]:
     finished = list(
         session.exec(
             select(TrainingRound)
+            .options(defer(TrainingRound.snapshot, raiseload=True))
             .where(col(TrainingRound.status).in_(FINISHED_STATUSES))
             .order_by(col(TrainingRound.id).desc())
             .limit(recent)
@@ -392,36 +396,81 @@ def per_category_rows(metrics: Mapping, split: str = "test") -> list[dict]:
 # --- model versions -----------------------------------------------------------
 
 
+# What the versions table shows of each version's metrics: read from the JSON
+# column in SQL, since the whole of it (confusion matrix, misclassified
+# validation images) grows with the dataset.
+TABLE_METRICS = (
+    "test_accuracy",
+    "test_images",
+    "test_correct",
+    "test_majority",
+    "val_accuracy",
+    "val_images",
+    "train_accuracy",
+    "model_size_mb",
+)
+
+
 def versions_table(*, session: Session) -> list[dict]:
-    """Every version, newest first, with the round that made it and its dataset hash."""
+    """Every version, newest first, with the round that made it, its dataset
+    hash and the promotion gate's decision (`gate_decision`)."""
+    metrics = col(ModelVersion.metrics)
     rows = session.exec(
-        select(ModelVersion, TrainingRound)
+        select(
+            ModelVersion.version,
+            ModelVersion.is_production,
+            ModelVersion.created_at,
+            ModelVersion.classes,
+            ModelVersion.architecture,
+            ModelVersion.image_size,
+            ModelVersion.gate,
+            TrainingRound.id,
+            TrainingRound.job_id,
+            TrainingRound.snapshot_hash,
+            *(metrics[key] for key in TABLE_METRICS),
+        )
         .join(TrainingRound, TrainingRound.id == ModelVersion.round_id, isouter=True)
         .order_by(col(ModelVersion.major).desc(), col(ModelVersion.minor).desc(), col(ModelVersion.patch).desc())
     ).all()
-    return [
-        {
-            "version": v.version,
-            "production": v.is_production,
-            "created": as_utc(v.created_at),
-            "test_accuracy": v.metrics.get("test_accuracy"),
-            "test_images": v.metrics.get("test_images"),
-            "test_95_ci": _interval_text(v.metrics),
-            "near_chance": gate.near_chance(v.metrics),
-            "gate": _gate_label(v),
-            "val_accuracy": v.metrics.get("val_accuracy"),
-            "val_images": v.metrics.get("val_images"),
-            "train_accuracy": v.metrics.get("train_accuracy"),
-            "size_mb": v.metrics.get("model_size_mb"),
-            "classes": ", ".join(v.classes),
-            "architecture": v.architecture,
-            "image_size": v.image_size,
-            "round": r.id if r else None,
-            "job_id": r.job_id if r else None,
-            "snapshot_hash": r.snapshot_hash[:12] if r else None,
-        }
-        for v, r in rows
-    ]
+    table = []
+    for (
+        version,
+        production,
+        created,
+        classes,
+        architecture,
+        size,
+        decision,
+        round_id,
+        job_id,
+        snapshot,
+        *values,
+    ) in rows:
+        m = {key: value for key, value in zip(TABLE_METRICS, values, strict=True) if value is not None}
+        table.append(
+            {
+                "version": version,
+                "production": production,
+                "created": as_utc(created),
+                "test_accuracy": m.get("test_accuracy"),
+                "test_images": m.get("test_images"),
+                "test_95_ci": _interval_text(m),
+                "near_chance": gate.near_chance(m),
+                "gate": _gate_label(decision),
+                "gate_decision": decision,
+                "val_accuracy": m.get("val_accuracy"),
+                "val_images": m.get("val_images"),
+                "train_accuracy": m.get("train_accuracy"),
+                "size_mb": m.get("model_size_mb"),
+                "classes": ", ".join(classes),
+                "architecture": architecture,
+                "image_size": size,
+                "round": round_id,
+                "job_id": job_id,
+                "snapshot_hash": snapshot[:12] if snapshot is not None else None,
+            }
+        )
+    return table
 
 
 def _interval_text(metrics: Mapping) -> str | None:
@@ -429,23 +478,24 @@ def _interval_text(metrics: Mapping) -> str | None:
     return f"{interval[0]:.1f}–{interval[1]:.1f}%" if interval else None
 
 
-def _gate_label(version: ModelVersion) -> str:
-    if not version.gate:
+def _gate_label(decision: dict | None) -> str:
+    if not decision:
         return "—"
-    return "passed" if version.gate.get("passed") else "held back"
+    return "passed" if decision.get("passed") else "held back"
 
 
-def gate_reasons(versions: list[ModelVersion]) -> list[dict]:
-    """Each version's promotion-gate decision in words, newest first."""
+def gate_reasons(table: list[dict]) -> list[dict]:
+    """Each version's promotion-gate decision in words, newest first (rows of `versions_table`)."""
     return [
         {
-            "version": v.version,
-            "gate": _gate_label(v),
-            "compared with": (v.gate or {}).get("production"),
-            "test images": (v.gate or {}).get("compared_on"),
-            "why": "; ".join((v.gate or {}).get("reasons", [])) or "made before the promotion gate existed",
+            "version": row["version"],
+            "gate": row["gate"],
+            "compared with": (row["gate_decision"] or {}).get("production"),
+            "test images": (row["gate_decision"] or {}).get("compared_on"),
+            "why": "; ".join((row["gate_decision"] or {}).get("reasons", []))
+            or "made before the promotion gate existed",
         }
-        for v in versions
+        for row in table
     ]
 
 

@@ -43,6 +43,20 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         raise
 
 
+def sync_files(paths: list[Path]) -> None:
+    """Make files written with `durable=False` durable: a bulk import writes
+    them all, then syncs them here before its rows are committed. The first
+    fsync commits the filesystem's journal with every file's data in it, so
+    the rest cost little, where one fsync per file cost a journal commit each
+    (about 10 ms per picture on this project's machine, most of an import)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def temp_path_for(path: Path) -> Path:
     """A unique temporary name beside `path` (for writers that need a path)."""
     path.parent.mkdir(parents=True, exist_ok=True)

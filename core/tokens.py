@@ -62,8 +62,12 @@ def verify_token(secret: str, *, session: Session) -> ApiToken:
     token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret.strip()))).first()
     if token is None:
         raise AuthenticationError("Unknown API token: check it, or create one with `python -m cli token create`")
-    state = token_state(token)
-    if state != "active":
+    return check_live(token)
+
+
+def check_live(token: ApiToken) -> ApiToken:
+    """`token` if it is neither revoked nor expired now; AuthenticationError otherwise."""
+    if token_state(token) != "active":
         # Whoever holds a dead token learns nothing about whose it was.
         raise AuthenticationError("This API token is revoked or expired: ask for a new one")
     return token

@@ -218,3 +218,11 @@ def show_thumbnail(image: TrainingImage) -> None:
         st.caption(f"#{image.id}: file unreadable ({type(exc).__name__})")
     else:
         st.image(str(path), width="stretch")
+
+
+def pick_page(total: int, size: int, key: str) -> tuple[int, int]:
+    """The page of `total` rows, `size` a page, that the paginator under `key`
+    shows (the paginator only when there is more than one), and how many
+    pages there are; the caller reads that page's rows with OFFSET/LIMIT."""
+    pages = max(1, -(-total // size))
+    return (st.pagination(pages, key=key) if pages > 1 else 1), pages

@@ -6,9 +6,10 @@ import streamlit as st
 from core import audit
 from core.access import Permission
 from core.db import read_session
-from pages._common import require_page, when
+from pages._common import pick_page, require_page, when
 
 ALL = "All"
+PAGE_SIZE = 100
 
 require_page(Permission.read_audit)
 st.title("Audit trail")
@@ -22,15 +23,14 @@ action = f2.selectbox("Action", [ALL, *audit.ACTIONS], key="audit_action")
 days = f3.date_input("Between", value=(), key="audit_days")
 since, until = (*days, None, None)[:2]
 
+filters = {"actor": None if person == ALL else person, "action": None if action == ALL else action}
+filters |= {"since": since, "until": until or since}
 with read_session() as session:
-    events = audit.find_events(
-        session=session,
-        actor=None if person == ALL else person,
-        action=None if action == ALL else action,
-        since=since,
-        until=until or since,
-    )
-st.caption(f"{len(events)} event(s), newest first (at most 500 shown: narrow the filters to see older ones).")
+    total = audit.count_events(session=session, **filters)
+page, pages = pick_page(total, PAGE_SIZE, "audit_page")
+with read_session() as session:
+    events = audit.find_events(session=session, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
+st.caption(f"{total} event(s), newest first; page {page} of {pages}.")
 if events:
     st.dataframe(
         pd.DataFrame(audit.as_rows(events)),

@@ -17,7 +17,6 @@ st.title("Models")
 
 with read_session() as session:
     table = stats.versions_table(session=session)
-    versions = {v.version: v for v in registry.list_versions(session=session)}
     production = registry.production_version(session=session)
     history = registry.promotion_history(session=session)
 
@@ -111,7 +110,13 @@ if scored:
     )
 
 with st.expander("Why candidates stayed candidates (the promotion gate)"):
-    st.dataframe(pd.DataFrame(stats.gate_reasons(list(versions.values()))), hide_index=True, key="gate_table")
+    st.dataframe(pd.DataFrame(stats.gate_reasons(table)), hide_index=True, key="gate_table")
+
+
+def _version(name: str):
+    """One version in full (the table above reads only what it shows)."""
+    with read_session() as session:
+        return registry.get_version(name, session=session)
 
 
 def _negative_in_red(value) -> str:
@@ -120,7 +125,9 @@ def _negative_in_red(value) -> str:
 
 def comparison(old: str, new: str) -> None:
     with read_session() as session:
-        compared = stats.compare_versions(versions[old], versions[new], session=session)
+        compared = stats.compare_versions(
+            registry.get_version(old, session=session), registry.get_version(new, session=session), session=session
+        )
     if compared["test_images"]:
         st.caption(
             f"Compared on the {compared['test_images']} test images both versions were scored on, "
@@ -141,7 +148,7 @@ def comparison(old: str, new: str) -> None:
 
 
 st.subheader("Compare two versions")
-names = list(versions)
+names = [row["version"] for row in table]
 # A link (/models?version=1.2.0) opens that version as B and in Downloads.
 link = linked("version", names)
 chosen_index = names.index(link) if link else 0
@@ -183,7 +190,7 @@ else:
             if action == "promote":
                 st.markdown(f"**Promote {target} to production?** The mobile apps will download it.")
                 with read_session() as session:
-                    why = registry.reason_needed(versions[target], session=session)
+                    why = registry.reason_needed(registry.get_version(target, session=session), session=session)
                 if why:
                     st.warning(f"{target} {md(why)}.")
                     reason = st.text_input("Reason for promoting it anyway (required, recorded)", key="override_reason")
@@ -251,7 +258,7 @@ tried = tried_version.selectbox(
 picture = dropped.file_uploader("Picture", type=["jpg", "jpeg", "png", "webp", "bmp", "gif"], key="try_picture")
 if picture is not None:
     try:
-        predicted = export.try_model(versions[tried], picture.getvalue())
+        predicted = export.try_model(_version(tried), picture.getvalue())
     except UserError as exc:
         st.error(str(exc))
     else:
@@ -272,7 +279,7 @@ if picture is not None:
 st.subheader("Downloads")
 chosen = st.selectbox("Version", names, index=chosen_index, key="download_version")
 data_dir = get_settings().data_dir
-for artifact in versions[chosen].artifacts:
+for artifact in _version(chosen).artifacts:
     path = data_dir / artifact["path"]
     parity = artifact.get("parity") or {}
     with st.container(border=True):

@@ -13,7 +13,7 @@ from core.errors import NotFoundError, UserError
 from core.ingest import IMAGE_SUFFIXES
 from core.models import ImageStatus
 from core.uploads import ingest_uploads
-from pages._common import md, require_page, show_thumbnail, when
+from pages._common import md, pick_page, require_page, show_thumbnail, when
 
 PAGE_SIZE = 48
 SUSPECTS_PAGE_SIZE = 24
@@ -124,12 +124,6 @@ def _show_messages(where: str) -> None:
         st.error(md(error))
 
 
-def _page(total: int, size: int, key: str) -> tuple[int, int]:
-    """The page picked (paginator shown only when there is more than one) and how many there are."""
-    pages = max(1, -(-total // size))
-    return (st.pagination(pages, key=key) if pages > 1 else 1), pages
-
-
 def _pick_all(ids: list[int], on: bool) -> None:
     picked = st.session_state.setdefault(PICKED, set())
     for image_id in ids:
@@ -159,7 +153,7 @@ with review_tab:
     }
     with read_session() as session:
         total = stats.find_images(session=session, limit=0, **filters).total
-    page, pages = _page(total, PAGE_SIZE, "review_page")
+    page, pages = pick_page(total, PAGE_SIZE, "review_page")
     with read_session() as session:
         found = stats.find_images(session=session, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
         alikes = duplicates.look_alike_counts([image for image, _ in found.rows], session=session)
@@ -250,7 +244,7 @@ with suspects_tab:
                 if trained
                 else "No training round has completed yet: images are scored after each completed round."
             )
-        page, _ = _page(suspect_total, SUSPECTS_PAGE_SIZE, "suspects_page")
+        page, _ = pick_page(suspect_total, SUSPECTS_PAGE_SIZE, "suspects_page")
         # The cards of this page stay where they are until the page changes:
         # a decided one is greyed, so the next card's buttons never slide under the pointer.
         shown_page, shown_ids = st.session_state.get("suspects_cards", (None, []))
@@ -348,12 +342,14 @@ with duplicates_tab:
             no.button("Cancel", key="cluster_confirm_no", on_click=_confirmed, args=(False,))
     if duplicates_tab.open:
         with read_session() as session:
-            groups = duplicates.clusters(session=session)
-        if not groups:
+            group_total = duplicates.count_clusters(session=session)
+        if not group_total:
             st.info("No near-duplicates among the images that are not rejected.")
-        page, _ = _page(len(groups), CLUSTERS_PAGE_SIZE, "clusters_page")
-        shown = groups[(page - 1) * CLUSTERS_PAGE_SIZE : page * CLUSTERS_PAGE_SIZE]
-        with read_session() as session:  # the page's images in one query
+        page, _ = pick_page(group_total, CLUSTERS_PAGE_SIZE, "clusters_page")
+        with read_session() as session:  # the page's groups, then their images in one query
+            shown = duplicates.clusters(
+                session=session, offset=(page - 1) * CLUSTERS_PAGE_SIZE, limit=CLUSTERS_PAGE_SIZE
+            )
             listed = duplicates.labelled_images([i for ids in shown for i in ids], session=session)
         found = {img.id: (img, name) for img, name in listed}
         for ids in shown:

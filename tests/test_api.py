@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from core import review
 from core.db import read_session
-from core.models import ImageSource, ImageStatus, RoundStatus, TrainingImage, TrainingRound, utcnow
+from core.models import ApiToken, ImageSource, ImageStatus, RoundStatus, TrainingImage, TrainingRound, utcnow
 from tests.conftest import wait_for
 from tests.factories import add_demo, add_fake_version, add_images, add_token, as_actor, distinct_images, image_bytes
 from tests.servers import run_cli, start_api, start_app
@@ -949,3 +949,100 @@ def test_an_upload_with_more_files_than_max_upload_files_is_413(api_server, sess
         "detail": "4 files in one request; the limit is 3 (MAX_UPLOAD_FILES): send them in several requests"
     }
     assert len(session.exec(select(TrainingImage)).all()) == 1
+
+
+# --- cached answers (api/cached.py) -------------------------------------------
+
+
+def _get_until_cached(client, url: str, headers: dict) -> dict:
+    """A token's first request writes its `last_used_at`, the second caches
+    the token, the third the answer."""
+    for _ in range(3):
+        answer = client.get(url, headers=headers).json()
+    return answer
+
+
+def _behind_the_orms_back(session, sql: str) -> None:
+    """A change no session event sees (so no change stamp moves): what a
+    cached answer keeps showing until a real change invalidates it."""
+    session.connection().exec_driver_sql(sql)
+    session.commit()
+
+
+def test_latest_is_cached_until_a_promotion_or_a_rollback(client, session, tokens):
+    from core import registry
+
+    add_fake_version(session, "1.0.0", production=True)
+    add_fake_version(session, "1.1.0", production=False)
+    assert _get_until_cached(client, "/models/latest/", tokens["device"])["version"] == "1.0.0"
+    _behind_the_orms_back(session, "UPDATE modelversion SET architecture = 'unseen'")
+    assert client.get("/models/latest/", headers=tokens["device"]).json()["architecture"] == "mobilenet_v3_small"
+
+    registry.promote("1.1.0", session=session, actor=as_actor())
+    session.commit()
+    manifest = client.get("/models/latest/", headers=tokens["device"]).json()
+    assert (manifest["version"], manifest["architecture"]) == ("1.1.0", "unseen")
+
+    registry.rollback(session=session, actor=as_actor())
+    session.commit()
+    assert client.get("/models/latest/", headers=tokens["device"]).json()["version"] == "1.0.0"
+
+
+def test_a_new_version_invalidates_the_cached_manifest(client, session, tokens):
+    add_fake_version(session, "1.0.0", production=True)
+    assert _get_until_cached(client, "/models/latest/", tokens["device"])["version"] == "1.0.0"
+    _behind_the_orms_back(session, "UPDATE modelversion SET architecture = 'unseen'")
+    add_fake_version(session, "1.1.0", production=False)
+    assert client.get("/models/latest/", headers=tokens["device"]).json()["architecture"] == "unseen"
+
+
+def test_status_of_a_finished_job_is_cached_until_its_round_changes(client, session, tokens):
+    version = add_fake_version(session)
+    done = TrainingRound(status=RoundStatus.completed, parameters={"epochs": 2}, model_version_id=version.id)
+    running = TrainingRound(status=RoundStatus.in_progress, parameters={"epochs": 2}, progress=0.25)
+    session.add_all([done, running])
+    session.commit()
+    status = _get_until_cached(client, f"/models/training-status/{done.job_id}/", tokens["viewer"])
+    assert (status["status"], status["error"]) == ("completed", None)
+    _get_until_cached(client, f"/models/training-status/{running.job_id}/", tokens["viewer"])
+    _behind_the_orms_back(session, "UPDATE traininground SET error = 'unseen', progress = 0.5")
+    assert client.get(f"/models/training-status/{done.job_id}/", headers=tokens["viewer"]).json()["error"] is None
+    # A running job's answer changes with every batch: never cached.
+    assert client.get(f"/models/training-status/{running.job_id}/", headers=tokens["viewer"]).json()["progress"] == 0.5
+
+    done.attempts = 2  # any change to a round, through any session
+    session.add(done)
+    session.commit()
+    status = client.get(f"/models/training-status/{done.job_id}/", headers=tokens["viewer"]).json()
+    assert (status["error"], status["attempts"]) == ("unseen", 2)
+
+
+def test_cached_answers_still_check_the_callers_token(client, session, tokens):
+    from core.tokens import revoke_token
+
+    add_fake_version(session, "1.0.0", production=True)
+    device = add_token(session, "device", label="soon revoked")
+    for _ in range(3):
+        assert client.get("/models/latest/", headers=device).status_code == 200
+    assert client.get("/models/latest/").status_code == 401
+    assert client.get("/models/latest/", headers={"Authorization": "Bearer tdb_wrong"}).status_code == 401
+    token = session.exec(select(ApiToken).where(ApiToken.label == "soon revoked")).one()
+    revoke_token(token.id, session=session, actor=as_actor())
+    session.commit()
+    response = client.get("/models/latest/", headers=device)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "This API token is revoked or expired: ask for a new one"}
+
+
+def test_manifest_lists_only_files_that_passed_their_parity_check(client, session, tokens):
+    version = add_fake_version(session, "1.0.0", production=True)
+    failed = {"passed": False, "top1_agreement": 0.5}
+    version.artifacts = [a if a["format"] == "ptl" else a | {"parity": failed} for a in version.artifacts]
+    session.add(version)
+    session.commit()
+    manifest = client.get("/models/latest/", headers=tokens["device"]).json()
+    assert [a["format"] for a in manifest["artifacts"]] == ["ptl"]
+    refused = client.get("/models/download/", params={"format": "pte"}, headers=tokens["device"])
+    assert refused.status_code == 404
+    assert refused.json() == {"detail": "Model 1.0.0 has no 'pte' file; its formats: ptl"}
+    assert client.get("/models/download/", params={"format": "ptl"}, headers=tokens["device"]).status_code == 200

@@ -163,3 +163,45 @@ def test_the_automatic_promoter_is_recorded_as_the_system_not_as_an_admin(sessio
     session.commit()
     event = session.exec(select(AuditEvent).where(AuditEvent.action == "model.auto")).one()
     assert (event.actor, event.actor_role) == ("auto", "system")
+
+
+def test_events_are_paged_in_sql_with_a_count_that_follows_the_filters(session):
+    assert audit.count_events(session=session) == 0
+    assert audit.find_events(session=session, offset=0, limit=10) == []
+    for i in range(25):
+        who = as_actor("ana" if i % 5 else "bo", "curator")
+        audit.record_audit("image.validate", session=session, actor=who, target=f"image:{i}")
+    session.commit()
+    assert audit.count_events(session=session) == 25
+    assert audit.count_events(session=session, actor="bo") == 5
+    pages = [audit.find_events(session=session, offset=offset, limit=10) for offset in (0, 10, 20, 30)]
+    assert [len(page) for page in pages] == [10, 10, 5, 0]  # the last page is short, past it empty
+    ids = [event.id for page in pages for event in page]
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 25
+    last = audit.find_events(session=session, actor="bo", offset=4, limit=10)
+    assert [e.target for e in last] == ["image:0"]
+
+
+def test_audit_page_pages_through_the_trail_and_says_how_many_match(session):
+    from tests.test_pages import app, ok
+
+    for i in range(230):
+        who = as_actor("ana" if i % 46 else "bo", "curator")
+        audit.record_audit("image.validate", session=session, actor=who, target=f"image:{i}")
+    session.commit()
+    at = ok(app("pages/audit.py", "operator"))
+    total = audit.count_events(session=session)  # with the operator's user.create
+    assert total == 231
+    assert at.get("pagination")[0].num_pages == 3
+    assert at.dataframe[0].value["action"].tolist()[:3] == ["user.create", "image.validate", "image.validate"]
+    assert at.dataframe[0].value["target"].tolist()[1:3] == ["image:229", "image:228"]
+    assert len(at.dataframe[0].value) == 100
+    ok(at.get("pagination")[0].select(3))
+    assert len(at.dataframe[0].value) == 31
+    assert "231 event(s), newest first; page 3 of 3." in at.caption[0].value
+
+    ok(at.selectbox(key="audit_person").select("bo"))
+    assert not at.get("pagination")  # five events: one page
+    assert at.dataframe[0].value["target"].tolist() == [f"image:{i}" for i in (184, 138, 92, 46, 0)]
+    ok(at.selectbox(key="audit_action").select("token.revoke"))
+    assert "0 event(s)" in at.caption[0].value and not at.dataframe

@@ -410,3 +410,44 @@ def test_a_round_split_follows_the_keys_and_says_what_had_to_give_way(data_dir):
     nothing_in_val = split_snapshot([0.5, 0.6, 0.7, 0.8], [0, 0, 1, 1], ["cat", "dog"], 0.2, seed=0)
     assert len(nothing_in_val.val) == 2 and len(nothing_in_val.train) == 2
     assert "validation images were drawn from the training images" in nothing_in_val.notes[-1]
+
+
+def _groups(session, sizes: list[int]) -> list[list[int]]:
+    """Look-alike groups of these sizes, made by setting representatives
+    (what the look-alike search leaves behind), and one image alone."""
+    ids = add_images(session, {"star": sum(sizes) + 1}, status=ImageStatus.pending)
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(ids[start : start + size])
+        start += size
+    for members in [*groups, ids[-1:]]:
+        for image_id in members:
+            session.get(TrainingImage, image_id).representative_id = members[0]
+    session.commit()
+    return groups
+
+
+def test_clusters_are_paged_in_sql_largest_first(session):
+    assert duplicates.clusters(session=session, limit=10) == []
+    assert duplicates.count_clusters(session=session) == 0
+    big, small, same = _groups(session, [4, 2, 2])
+    assert duplicates.count_clusters(session=session) == 3
+    assert duplicates.clusters(session=session) == [big, small, same]
+    assert duplicates.clusters(session=session, offset=1, limit=1) == [small]
+    assert duplicates.clusters(session=session, offset=2, limit=5) == [same]  # the last page
+    assert duplicates.clusters(session=session, offset=3, limit=5) == []
+    review.reject_images(small[:1], session=session, actor=as_actor())
+    session.commit()
+    assert duplicates.count_clusters(session=session) == 2  # one left: no group
+    assert duplicates.clusters(session=session, exclude_rejected=False, offset=1, limit=1) == [small]
+
+
+def test_duplicates_tab_pages_through_the_groups(session):
+    groups = _groups(session, [3] + [2] * 10)
+    at = open_tab("Duplicates")
+    assert at.get("pagination")[0].num_pages == 2
+    assert any("**3 look-alikes**" in m.value for m in at.tabs[2].markdown)
+    ok(at.get("pagination")[0].select(2))
+    heads = [m.value for m in at.tabs[2].markdown if "look-alikes**" in m.value]
+    assert heads == ["**2 look-alikes** · star"]
+    assert at.button(key=f"cluster_validate_{groups[-1][0]}")

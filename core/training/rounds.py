@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import timedelta
 
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select, update
 
 from core.config import get_settings
@@ -95,7 +96,9 @@ def get_round(job_id_or_id: str | int, *, session: Session) -> TrainingRound:
 
 def list_rounds(*, session: Session, limit: int = 50) -> list[TrainingRound]:
     """The newest rounds first."""
-    return list(session.exec(select(TrainingRound).order_by(col(TrainingRound.id).desc()).limit(limit)))
+    # Listed without their snapshots (every image of a round's dataset, megabytes at 200,000).
+    query = select(TrainingRound).options(defer(TrainingRound.snapshot, raiseload=True))
+    return list(session.exec(query.order_by(col(TrainingRound.id).desc()).limit(limit)))
 
 
 def epoch_metrics(round_id: int, *, session: Session) -> list[EpochMetric]:
