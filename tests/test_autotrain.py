@@ -45,7 +45,7 @@ def finished(round_id: int) -> TrainingRound | None:
 def test_auto_mode_takes_a_budget_in_minutes_and_names_the_range_when_it_is_wrong():
     assert TrainingConfig.from_params({"training_mode": "auto"}).budget_minutes == AUTO_BUDGET_MINUTES
     assert TrainingConfig.from_params({"training_mode": "auto", "budget_minutes": 0.5}).budget_minutes == 0.5
-    with pytest.raises(UserError, match=r"budget_minutes must be between 0.1 and 1440 \(got 0\)"):
+    with pytest.raises(UserError, match=r"budget_minutes must be between 0.1 and 1,440 \(got 0\)"):
         TrainingConfig.from_params({"training_mode": "auto", "budget_minutes": 0})
     with pytest.raises(UserError, match="budget_minutes applies to training_mode 'auto' only"):
         TrainingConfig.from_params({"budget_minutes": 5})
@@ -55,7 +55,7 @@ def test_the_cli_queues_an_auto_round_and_refuses_a_bad_budget(data_dir, session
     add_demo(session, per_category=10, size=32)
     cli = [sys.executable, "-m", "core", "train", "--training-mode", "auto"]
     wrong = subprocess.run([*cli, "--budget-minutes", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert wrong.returncode != 0 and "budget_minutes must be between 0.1 and 1440" in wrong.stderr
+    assert wrong.returncode != 0 and "budget_minutes must be between 0.1 and 1,440" in wrong.stderr
     done = subprocess.run([*cli, "--budget-minutes", "2.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     with read_session() as reader:
