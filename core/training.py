@@ -111,9 +111,9 @@ class TrainingConfig:
         config = cls(**values)
         if config.training_mode == "head" and config.processes > 1:
             raise UserError(
-                "training_mode 'head' runs in one process: it trains one linear layer on cached features, "
+                "Training mode head runs in one process: it trains one linear layer on cached features, "
                 f"which several processes cannot speed up. Set processes to 1 (got {config.processes}) "
-                "or use training_mode 'full'"
+                "or use training mode full"
             )
         return config
 
@@ -275,8 +275,8 @@ def choose_image_size(sizes: list[tuple[int, int]]) -> tuple[int, str]:
     median = statistics.median(min(w, h) for w, h in sizes)
     size = min(high, max(low, 32 * math.floor(median / 32 + 0.5)))
     why = (
-        f"image_size auto: {size} px, from the median short side ({median:g} px) of the {len(sizes)} validated "
-        f"images, rounded to a multiple of 32 between {low} and {high}; give image_size to choose another."
+        f"Image size auto: {size} px, from the median short side ({median:g} px) of the {len(sizes)} validated "
+        f"images, rounded to a multiple of 32 between {low} and {high}; give an image size to choose another."
     )
     return size, why
 
@@ -743,12 +743,12 @@ def _no_backbone_reason(config: TrainingConfig, *, session: Session) -> str:
     elif production.architecture != config.architecture:
         other = f"the production model {production.version} is a {production.architecture}"
     else:
-        other = "use_existing_model is off, so the production model may not be used"
+        other = "using the existing model is turned off, so the production model may not be used"
     return (
-        f"training_mode 'head' trains only the classifier on top of a pretrained backbone, but there is none: "
+        f"Training mode head trains only the classifier on top of a pretrained backbone, but there is none: "
         f"no ImageNet weights for {config.architecture} are on this machine (the weights folder or the torch hub "
         "cache; a full-mode round downloads them where WEIGHTS_DOWNLOAD allows) "
-        f"and {other}. Train with training_mode 'full' first, or add the weights."
+        f"and {other}. Train in training mode full first, or add the weights."
     )
 
 
@@ -1069,7 +1069,7 @@ class HeadTrainer(FullTrainer):
                 raise UserError(_no_backbone_reason(self.config, session=session))
             model, identity = backbone.build(self.classes), backbone.identity()
             _save_checkpoint(saved, {"state_dict": model.state_dict(), "identity": identity})
-            reporter.note(f"training_mode head: {backbone.describe()} is frozen; only the classifier trains")
+            reporter.note(f"Training mode head: {backbone.describe()} is frozen; only the classifier trains")
         device = self.placement.device
         self.model = model.eval().to(device, memory_format=MEMORY_FORMAT)
         self.model.requires_grad_(False)

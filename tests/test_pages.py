@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import zipfile
 
 import pytest
@@ -354,7 +355,7 @@ def test_train_with_image_size_left_on_auto_shows_and_records_the_choice(session
     add_demo(session, per_category=4, size=40)
     at = ok(app("pages/train.py", "operator", "Grace"))
     assert at.number_input(key="image_size").value is None
-    shown = "image_size auto: 32 px, from the median short side (40 px) of the 20 validated images"
+    shown = "Image size auto: 32 px, from the median short side (40 px) of the 20 validated images"
     assert any(md(shown) in info.value for info in at.info)
     ok(at.button(key="train").click())
     with read_session() as reader:
@@ -370,7 +371,13 @@ def test_head_mode_without_a_backbone_disables_train_and_says_why(session, monke
     assert not at.button(key="train").disabled
     ok(at.radio(key="training_mode").set_value("head"))
     assert at.button(key="train").disabled
-    assert "head" in " ".join(e.value for e in at.error)
+    said = " ".join(e.value for e in at.error)
+    assert "Training mode head trains only the classifier" in said
+    # The rule across two fields, in words too (the form's labels, not code names).
+    ok(at.number_input(key="processes").set_value(2))
+    said = " ".join(e.value for e in at.error)
+    assert "Training mode head runs in one process" in said and "use training mode full" in said
+    assert not re.search(r"training_mode|use_existing_model|image_size", said)
 
 
 def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(session, monkeypatch):
