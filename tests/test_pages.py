@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import time
 import zipfile
 
 import pytest
@@ -559,6 +560,39 @@ def test_metrics_page_shows_progress_and_curves_of_a_running_round(session):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Status"] == "in progress" and metrics["Time left (estimate)"] != "–"
     assert charts(at) == 2  # loss and accuracy per epoch
+
+
+def test_elapsed_on_live_metrics_follows_the_clock_while_the_worker_is_silent(session, monkeypatch):
+    """A busy worker writes no heartbeat or epoch for a while: Elapsed still
+    counts from the start on every refresh (it froze in a browser under load)."""
+    from datetime import timedelta
+
+    from core import stats
+    from core.models import EpochMetric, utcnow
+
+    now = utcnow()
+    round_ = TrainingRound(parameters={"epochs": 3}, status=RoundStatus.in_progress, started_at=now - timedelta(seconds=100),
+                           heartbeat_at=now - timedelta(seconds=60), current_epoch=2, progress=0.4)  # fmt: skip
+    session.add(round_)
+    session.flush()
+    session.add(EpochMetric(round_id=round_.id, epoch=1, train_loss=1.2, train_accuracy=40, val_loss=1.3,
+                            val_accuracy=35, learning_rate=0.001, seconds=30.0))  # fmt: skip
+    session.commit()
+
+    def elapsed(at) -> tuple[int, float]:
+        """Elapsed as shown, and the most it may be beyond the clock's (a run takes seconds on a busy machine)."""
+        began = time.monotonic()
+        shown = {m.label: m.value for m in ok(at.run()).metric}["Elapsed"]
+        minutes, seconds = re.fullmatch(r"(\d+)m (\d+)s", shown).groups()
+        return int(minutes) * 60 + int(seconds), (utcnow() - now).total_seconds() + time.monotonic() - began + 1
+
+    at = app("pages/metrics.py")
+    shown, slack = elapsed(at)
+    assert 100 <= shown <= 100 + slack  # not the 40 s up to the last heartbeat, nor the 30 s of the epoch
+    # Five minutes later, still without a word from the worker.
+    monkeypatch.setattr(stats, "utcnow", lambda: utcnow() + timedelta(minutes=5))
+    shown, slack = elapsed(at)
+    assert 400 <= shown <= 400 + slack
 
 
 def _phases(start, **seconds) -> list[dict]:
