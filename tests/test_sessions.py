@@ -215,6 +215,10 @@ def test_a_session_cookie_signs_in_every_tab_and_a_session_id_alone_does_not(web
 
 
 def test_media_needs_a_live_session_cookie(web, session):
+    # The server's first visitor, opening a link to a page: the dashboard's
+    # sign-in form (the link opens after signing in), not the page file alone.
+    _, shown = run_page(web, "review")
+    assert b"Password" in shown and b"Sign in to use the dashboard." not in shown
     add_user(session, "ana", "curator")
     add_images(session, {"cat": 2, "dog": 2})
     cookie = cookie_for(web, "ana")
