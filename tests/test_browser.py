@@ -265,8 +265,9 @@ def test_curator_opens_a_link_loads_the_demo_and_reviews_across_a_reload(site, p
     # A reload keeps the session and the page; the decision was saved.
     page.reload()
     page.get_by_role("heading", name="Review images", exact=True).wait_for()
+    settle(page)
     expect(page.get_by_role("heading", name="Sign in")).to_have_count(0)
-    expect(rejected).to_contain_text(re.compile(r"Rejected\s*1(?!\d)"))
+    expect(rejected).to_contain_text(re.compile(r"Rejected\s*1(?!\d)"), timeout=60_000)
     cookie = next(c for c in page.context.cookies() if c["name"] == "dashboard_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
 
