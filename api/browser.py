@@ -51,12 +51,12 @@ def start(request: Request) -> Response:
 
 def end(request: Request) -> Response:
     """Drop the cookie of a session that has ended (the dashboard's Sign out
-    ends it first); a live session's cookie stays, so a link from elsewhere
-    cannot sign anyone out."""
+    ends it first), then open `next` (a page on this site); a live session's
+    cookie stays, so a link from elsewhere cannot sign anyone out."""
     token = request.cookies.get(sessions.COOKIE_NAME)
     with read_session() as session:
         alive = sessions.session_user(token, session=session) is not None
-    response = RedirectResponse("/", status_code=303)
+    response = RedirectResponse(local_path(request.query_params.get("next")), status_code=303)
     if token and not alive:
         response.delete_cookie(sessions.COOKIE_NAME, path="/", httponly=True, samesite="lax")
     return response

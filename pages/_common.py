@@ -156,12 +156,26 @@ def sign_in_form(next_page: str = "/") -> None:
 
 
 def sign_out() -> None:
-    """End this session in every tab, then drop the browser's cookie."""
+    """End this session in every tab (the run that follows shows the sign-in
+    form and drops the cookie: `drop_ended_session`)."""
     with session_scope() as session:
         sessions.end_session(_session_token(), session=session)
     st.session_state.pop(TOKEN_KEY, None)
-    if _has_browser():
-        _go_to("/session/end")
+
+
+def drop_ended_session(next_page: str) -> None:
+    """On a run that found no live session but a session cookie (signed out
+    here or in another tab, expired, revoked by an admin), send the browser
+    to `/session/end`, which deletes the cookie and comes back to `next_page`.
+
+    Sent on every such run, not once from Sign out: Streamlit empties its
+    outgoing queue when a run starts, keeping only its own lifecycle
+    messages, so a redirect still queued when the next run begins (a
+    fragment's timed refresh, which comes every 2 s) is dropped. That is why
+    Sign out, which sent it once, stopped reaching the sign-in page when the
+    sidebar refreshed every 2 s."""
+    if _has_browser() and st.context.cookies.get(sessions.COOKIE_NAME):
+        _go_to(f"/session/end?next={quote(next_page, safe='')}")
 
 
 def page_address(page) -> str:

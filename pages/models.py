@@ -264,7 +264,7 @@ if picture is not None:
     else:
         shown, answer = st.columns([1, 3])
         shown.image(picture.getvalue(), width="stretch")
-        answer.markdown(f"Model **{tried}** says **{predicted[0][0]}** ({predicted[0][1]:.0%})")
+        answer.markdown(f"Model **{tried}** says **{md(predicted[0][0])}** ({predicted[0][1]:.0%})")
         answer.dataframe(
             pd.DataFrame(predicted, columns=["category", "probability"]),
             hide_index=True,

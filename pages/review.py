@@ -67,7 +67,7 @@ def _apply(action: str, ids: list[int] | None = None, where: str = "review") -> 
                 n = review.set_status(ids, status, session=session, actor=actor)
                 done = status.value
     except UserError as exc:
-        st.session_state[f"{where}_error"] = md(exc)
+        st.session_state[f"{where}_error"] = str(exc)  # escaped where it is shown
         return
     st.session_state[f"{where}_message"] = f"{n} image(s) {done}."
     if picked:
@@ -96,7 +96,7 @@ def _resolve(image_ids: list[int], action: str) -> None:
         with session_scope() as session:
             rows = [suspects.resolve(i, action, session=session, actor=actor) for i in image_ids]
     except UserError as exc:
-        st.session_state["suspects_error"] = md(exc)
+        st.session_state["suspects_error"] = str(exc)  # escaped where it is shown
         return
     if not rows:
         st.session_state["suspects_error"] = "Tick at least one suspect first."
@@ -202,7 +202,7 @@ with review_tab:
             with read_session() as session:
                 choices = [img.id for img in stats.search_images(wanted, session=session)]
             if not choices:
-                st.caption(f"No image has the id or a file name with '{wanted}'.")
+                st.caption(f"No image has the id or a file name with '{md(wanted)}'.")
         else:
             choices = [*picked, *(i for i in page_ids if i not in picked)]
         shown = st.selectbox("Image", choices, key="history_image", format_func=lambda i: f"#{i}")

@@ -225,13 +225,13 @@ def test_training_without_enough_validated_images_gives_the_counts(client, sessi
         ({"learning_rate": 2}, 400, "learning_rate must be between 1e-06 and 1 (got 2.0)"),
         ({"architecture": "vgg"}, 400, "architecture must be one of mobilenet_v3_small, resnet18, efficientnet_b0"),
         ({"processes": 5}, 400, "processes must be between 1 and MAX_TRAINING_PROCESSES=4 (got 5)"),
-        ({"processes": 2, "training_mode": "head"}, 400, "training_mode 'head' runs in one process"),
+        ({"processes": 2, "training_mode": "head"}, 400, "Training mode head runs in one process"),
         (
             {"training_mode": "auto", "budget_minutes": 0.05},
             400,
-            "budget_minutes must be between 0.1 and 1440 (got 0.05)",
+            "budget_minutes must be between 0.1 and 1,440 (got 0.05)",
         ),
-        ({"budget_minutes": 5}, 400, "budget_minutes applies to training_mode 'auto' only"),
+        ({"budget_minutes": 5}, 400, "A time budget applies to training mode auto only"),
         ({"training_mode": "auto", "budget_minutes": "ten"}, 422, "budget_minutes: Input should be a valid number"),
         ({"epochs": 2.5}, 422, "epochs: Input should be a valid integer"),
         ({"learning_rate": "fast"}, 422, "learning_rate: Input should be a valid number"),
@@ -352,7 +352,7 @@ def test_image_size_is_chosen_from_the_images_unless_given(client, session, toke
         response = client.post("/models/train/", json=body, headers=tokens["operator"])
         assert response.status_code == 202
         assert response.json()["parameters"]["image_size"] == size
-        chosen = [w for w in response.json()["warnings"] if w.startswith("image_size auto: 64 px")]
+        chosen = [w for w in response.json()["warnings"] if w.startswith("Image size auto: 64 px")]
         assert len(chosen) == (size == 64)
 
 

@@ -47,7 +47,7 @@ def test_auto_mode_takes_a_budget_in_minutes_and_names_the_range_when_it_is_wron
     assert TrainingConfig.from_params({"training_mode": "auto", "budget_minutes": 0.5}).budget_minutes == 0.5
     with pytest.raises(UserError, match=r"budget_minutes must be between 0.1 and 1,440 \(got 0\)"):
         TrainingConfig.from_params({"training_mode": "auto", "budget_minutes": 0})
-    with pytest.raises(UserError, match="budget_minutes applies to training_mode 'auto' only"):
+    with pytest.raises(UserError, match="A time budget applies to training mode auto only"):
         TrainingConfig.from_params({"budget_minutes": 5})
 
 

@@ -85,7 +85,7 @@ def test_cancel_stops_a_two_process_job_between_batches(session):
         ({"processes": 0}, "processes must be between 1 and MAX_TRAINING_PROCESSES=4 (got 0)"),
         ({"processes": 5}, "processes must be between 1 and MAX_TRAINING_PROCESSES=4 (got 5)"),
         ({"processes": 1.5}, "processes must be a whole number between 1 and MAX_TRAINING_PROCESSES=4"),
-        ({"processes": 2, "training_mode": "head"}, "training_mode 'head' runs in one process"),
+        ({"processes": 2, "training_mode": "head"}, "Training mode head runs in one process"),
     ],
 )
 def test_processes_out_of_range_or_with_head_mode_are_refused(data_dir, params, message):

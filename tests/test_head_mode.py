@@ -46,7 +46,7 @@ def test_head_mode_without_any_pretrained_backbone_is_refused_saying_why(session
     message = str(info.value)
     assert "no ImageNet weights for mobilenet_v3_small" in message
     assert "no model is in production yet" in message
-    assert "training_mode 'full'" in message
+    assert "Train in training mode full first" in message
     assert list_rounds(session=session) == []
 
 
@@ -56,7 +56,7 @@ def test_head_mode_retrains_only_the_head_of_production_and_exports_with_parity(
     assert first.is_production
     round_, retrained = train(session, training_mode="head", epochs=2)
     assert retrained.version == "1.1.0"
-    assert any("backbone of production model 1.0.0" in line for line in round_.history)
+    assert any("Training mode head: the backbone of production model 1.0.0" in line for line in round_.history)
     assert {a["format"] for a in retrained.artifacts} == {"ptl", "pte"}
     assert all(a["parity"]["passed"] for a in retrained.artifacts)
 

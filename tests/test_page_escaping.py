@@ -53,6 +53,11 @@ def test_a_markdown_link_as_category_name_is_shown_as_typed_not_as_a_link(sessio
     assert "moved to '" + md(EVIL) + "'" in at.success[0].value
     assert_inert(at)
 
+    # Looking an image up by a name nothing has: the answer quotes what was typed.
+    at.text_input(key="history_search").input(EVIL).run()
+    assert any(f"file name with '{md(EVIL)}'" in c.value for c in at.caption)
+    assert_inert(at)
+
     # Adding it again: the naming rule refuses it, quoting it.
     at.text_input(key="new_category").input(EVIL)
     at.get("form_submit_button")[0].click().run()

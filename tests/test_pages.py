@@ -2,6 +2,8 @@
 
 import io
 import json
+import re
+import time
 import zipfile
 
 import pytest
@@ -378,7 +380,7 @@ def test_train_with_image_size_left_on_auto_shows_and_records_the_choice(session
     add_demo(session, per_category=4, size=40)
     at = ok(app("pages/train.py", "operator", "Grace"))
     assert at.number_input(key="image_size").value is None
-    shown = "image_size auto: 32 px, from the median short side (40 px) of the 20 validated images"
+    shown = "Image size auto: 32 px, from the median short side (40 px) of the 20 validated images"
     assert any(md(shown) in info.value for info in at.info)
     ok(at.button(key="train").click())
     with read_session() as reader:
@@ -394,7 +396,13 @@ def test_head_mode_without_a_backbone_disables_train_and_says_why(session, monke
     assert not at.button(key="train").disabled
     ok(at.radio(key="training_mode").set_value("head"))
     assert at.button(key="train").disabled
-    assert "head" in " ".join(e.value for e in at.error)
+    said = " ".join(e.value for e in at.error)
+    assert "Training mode head trains only the classifier" in said
+    # The rule across two fields, in words too (the form's labels, not code names).
+    ok(at.number_input(key="processes").set_value(2))
+    said = " ".join(e.value for e in at.error)
+    assert "Training mode head runs in one process" in said and "use training mode full" in said
+    assert not re.search(r"training_mode|use_existing_model|image_size", said)
 
 
 def test_train_enqueues_a_round_with_the_form_values_and_cancel_cancels_it(session, monkeypatch):
@@ -578,6 +586,39 @@ def test_metrics_page_shows_progress_and_curves_of_a_running_round(session):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Status"] == "in progress" and metrics["Time left (estimate)"] != "–"
     assert charts(at) == 2  # loss and accuracy per epoch
+
+
+def test_elapsed_on_live_metrics_follows_the_clock_while_the_worker_is_silent(session, monkeypatch):
+    """A busy worker writes no heartbeat or epoch for a while: Elapsed still
+    counts from the start on every refresh (it froze in a browser under load)."""
+    from datetime import timedelta
+
+    from core import stats
+    from core.models import EpochMetric, utcnow
+
+    now = utcnow()
+    round_ = TrainingRound(parameters={"epochs": 3}, status=RoundStatus.in_progress, started_at=now - timedelta(seconds=100),
+                           heartbeat_at=now - timedelta(seconds=60), current_epoch=2, progress=0.4)  # fmt: skip
+    session.add(round_)
+    session.flush()
+    session.add(EpochMetric(round_id=round_.id, epoch=1, train_loss=1.2, train_accuracy=40, val_loss=1.3,
+                            val_accuracy=35, learning_rate=0.001, seconds=30.0))  # fmt: skip
+    session.commit()
+
+    def elapsed(at) -> tuple[int, float]:
+        """Elapsed as shown, and the most it may be beyond the clock's (a run takes seconds on a busy machine)."""
+        began = time.monotonic()
+        shown = {m.label: m.value for m in ok(at.run()).metric}["Elapsed"]
+        minutes, seconds = re.fullmatch(r"(\d+)m (\d+)s", shown).groups()
+        return int(minutes) * 60 + int(seconds), (utcnow() - now).total_seconds() + time.monotonic() - began + 1
+
+    at = app("pages/metrics.py")
+    shown, slack = elapsed(at)
+    assert 100 <= shown <= 100 + slack  # not the 40 s up to the last heartbeat, nor the 30 s of the epoch
+    # Five minutes later, still without a word from the worker.
+    monkeypatch.setattr(stats, "utcnow", lambda: utcnow() + timedelta(minutes=5))
+    shown, slack = elapsed(at)
+    assert 400 <= shown <= 400 + slack
 
 
 def _phases(start, **seconds) -> list[dict]:

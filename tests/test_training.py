@@ -118,7 +118,7 @@ def test_start_training_freezes_a_snapshot_with_its_hash(session):
 def test_auto_image_size_is_the_median_short_side_rounded_to_32_between_32_and_224(sizes, expected):
     size, why = choose_image_size(sizes)
     assert size == expected
-    assert why.startswith(f"image_size auto: {expected} px, from the median short side")
+    assert why.startswith(f"Image size auto: {expected} px, from the median short side")
 
 
 def test_image_size_auto_is_the_default_and_is_chosen_from_the_snapshot_and_recorded(session):
@@ -127,8 +127,8 @@ def test_image_size_auto_is_the_default_and_is_chosen_from_the_snapshot_and_reco
     round_ = start_training({"epochs": 2}, session=session)
     assert round_.parameters["image_size"] == 64
     assert (
-        "image_size auto: 64 px, from the median short side (60 px) of the 50 validated images, "
-        "rounded to a multiple of 32 between 32 and 224; give image_size to choose another."
+        "Image size auto: 64 px, from the median short side (60 px) of the 50 validated images, "
+        "rounded to a multiple of 32 between 32 and 224; give an image size to choose another."
     ) in round_.warnings
     assert start_training({"image_size": "auto"}, session=session).parameters["image_size"] == 64
 
@@ -137,7 +137,7 @@ def test_an_explicit_image_size_always_wins(session):
     add_images(session, {"cat": 25, "dog": 25}, size=(100, 60))
     round_ = start_training({"image_size": 160}, session=session)
     assert round_.parameters["image_size"] == 160
-    assert not any("image_size auto" in w for w in round_.warnings)
+    assert not any("Image size auto" in w for w in round_.warnings)
     with pytest.raises(
         UserError, match="image_size must be a whole number between 32 and 512 or 'auto' \\(got 'big'\\)"
     ):
@@ -149,7 +149,7 @@ def test_cli_takes_image_size_auto_or_a_number(session, capsys):
 
     add_images(session, {"cat": 25, "dog": 25}, size=(100, 60))
     assert main(["train", "--image-size", "auto", "--epochs", "1"]) == 0
-    assert "note: image_size auto: 64 px" in capsys.readouterr().out
+    assert "note: Image size auto: 64 px" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["train", "--image-size", "big"])
     assert "--image-size: must be a whole number of pixels or 'auto' (got 'big')" in capsys.readouterr().err

@@ -69,16 +69,16 @@ class TrainingConfig:
         config = cls(**values)
         if config.budget_minutes is not None and config.training_mode != AUTO:
             raise UserError(
-                f"budget_minutes applies to training_mode 'auto' only (got training_mode {config.training_mode!r}): "
-                "leave it out, or set training_mode to 'auto'"
+                f"A time budget applies to training mode auto only (got training mode {config.training_mode}): "
+                "leave the budget out, or choose training mode auto"
             )
         if config.training_mode == AUTO and config.budget_minutes is None:
             config = replace(config, budget_minutes=AUTO_BUDGET_MINUTES)
         if config.training_mode == "head" and config.processes > 1:
             raise UserError(
-                "training_mode 'head' runs in one process: it trains one linear layer on cached features, "
+                "Training mode head runs in one process: it trains one linear layer on cached features, "
                 f"which several processes cannot speed up. Set processes to 1 (got {config.processes}) "
-                "or use training_mode 'full'"
+                "or use training mode full"
             )
         return config
 

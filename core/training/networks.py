@@ -239,10 +239,10 @@ def no_backbone_reason(config: TrainingConfig, *, session: Session) -> str:
     elif production.architecture != config.architecture:
         other = f"the production model {production.version} is a {production.architecture}"
     else:
-        other = "use_existing_model is off, so the production model may not be used"
+        other = "using the existing model is turned off, so the production model may not be used"
     return (
-        f"training_mode 'head' trains only the classifier on top of a pretrained backbone, but there is none: "
+        f"Training mode head trains only the classifier on top of a pretrained backbone, but there is none: "
         f"no ImageNet weights for {config.architecture} are on this machine (the weights folder or the torch hub "
         "cache; a full-mode round downloads them where WEIGHTS_DOWNLOAD allows) "
-        f"and {other}. Train with training_mode 'full' first, or add the weights."
+        f"and {other}. Train in training mode full first, or add the weights."
     )

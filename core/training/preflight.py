@@ -91,7 +91,7 @@ def choose_image_size(sizes: list[tuple[int, int]]) -> tuple[int, str]:
     median = statistics.median(min(w, h) for w, h in sizes)
     size = min(high, max(low, 32 * math.floor(median / 32 + 0.5)))
     why = (
-        f"image_size auto: {size} px, from the median short side ({median:g} px) of the {len(sizes)} validated "
-        f"images, rounded to a multiple of 32 between {low} and {high}; give image_size to choose another."
+        f"Image size auto: {size} px, from the median short side ({median:g} px) of the {len(sizes)} validated "
+        f"images, rounded to a multiple of 32 between {low} and {high}; give an image size to choose another."
     )
     return size, why

@@ -151,7 +151,7 @@ class HeadTrainer(FullTrainer):
                 raise UserError(no_backbone_reason(self.config, session=session))
             model, identity = backbone.build(self.classes), backbone.identity()
             save_checkpoint(saved, {"state_dict": model.state_dict(), "identity": identity})
-            reporter.note(f"training_mode head: {backbone.describe()} is frozen; only the classifier trains")
+            reporter.note(f"Training mode head: {backbone.describe()} is frozen; only the classifier trains")
         device = self.placement.device
         self.model = model.eval().to(device, memory_format=MEMORY_FORMAT)
         self.model.requires_grad_(False)
