@@ -32,7 +32,7 @@ from sqlmodel import Session, col, delete, select, update
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from core import gate, registry, suspects
+from core import gate, recipe, registry, suspects
 from core.access import SYSTEM_ACTOR
 from core.cache import feature_key, get_cache
 from core.config import get_settings
@@ -555,8 +555,9 @@ def max_attempts() -> int:
 
 
 def build_model(architecture: str, num_classes: int) -> nn.Module:
-    """A torchvision model with a `num_classes` head, randomly initialised."""
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    """A torchvision model with a `num_classes` head, randomly initialised
+    (with the training recipe's initial-weight changes)."""
+    return recipe.init_model(torchvision.models.get_model(architecture, weights=None, num_classes=num_classes))
 
 
 def _head(model: nn.Module) -> nn.Linear:
@@ -1032,9 +1033,9 @@ class FullTrainer:
             model = initial_model(self.config, self.classes, reporter, session=session)
         self.model = self.trainable = model.to(self.placement.device, memory_format=MEMORY_FORMAT)
 
-    def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        x = self.data.x_train[idx]
-        return prepare_batch(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x), self.placement.device)
+    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The training images `idx`, augmented as the recipe says, ready for the model."""
+        return prepare_batch(recipe.augment_batch(self.data.x_train[idx], generator), self.placement.device)
 
     def end_epoch(self) -> None:
         recalibrate_batchnorm(self.model, self.data.x_train, max_images=EPOCH_RECALIBRATION_IMAGES)
@@ -1082,8 +1083,8 @@ class HeadTrainer(FullTrainer):
         self.f_val = features(data.x_val, data.sha_val).to(device)
         self.f_test = features(data.x_test, data.sha_test).to(device)
 
-    def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        flip = flip.to(self.placement.device).view(-1, 1)
+    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        flip = (torch.rand(len(idx), generator=generator) < 0.5).to(self.placement.device).view(-1, 1)
         return torch.where(flip, self.f_train_flip[idx], self.f_train[idx])
 
     def end_epoch(self) -> None:
@@ -1154,7 +1155,7 @@ def train_rank(round_id: int, placement: Placement) -> None:
 
 
 def _epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """The random flips of one rank's epoch: the same on a resumed attempt."""
+    """The random augmentation of one rank's epoch: the same on a resumed attempt."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
 
 
@@ -1213,8 +1214,18 @@ def _train_and_register(
     trainer.setup(round_, reporter, resume, session=session)
     trainable = trainer.trainable
     net = placement.wrap(trainable)
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    n_train = len(train_idx)
+    # Each rank takes its share of every batch, so one step still sees
+    # `batch_size` images (the learning rate means the same for any count).
+    sampler = DistributedSampler(
+        range(n_train), num_replicas=placement.world_size, rank=placement.rank, shuffle=True, seed=config.seed
+    )
+    rank_batch = math.ceil(config.batch_size / placement.world_size)
+    n_batches = max(1, math.ceil(len(sampler) / rank_batch))
+    # The training recipe (core/recipe.py): optimizer, per-step schedule, loss.
+    optimizer = recipe.build_optimizer(trainable, config.learning_rate)
+    scheduler = recipe.build_scheduler(optimizer, config.epochs, n_batches)
+    loss_fn = recipe.build_loss()
     scaler = placement.grad_scaler()
     state = TrainState()
     if resume:
@@ -1224,15 +1235,6 @@ def _train_and_register(
         reporter.note(
             f"attempt {round_.attempts}: resumed from the checkpoint of epoch {state.epoch}, at epoch {state.epoch + 1}"
         )
-    loss_fn = nn.CrossEntropyLoss()
-    n_train = len(train_idx)
-    # Each rank takes its share of every batch, so one step still sees
-    # `batch_size` images (the learning rate means the same for any count).
-    sampler = DistributedSampler(
-        range(n_train), num_replicas=placement.world_size, rank=placement.rank, shuffle=True, seed=config.seed
-    )
-    rank_batch = math.ceil(config.batch_size / placement.world_size)
-    n_batches = max(1, math.ceil(len(sampler) / rank_batch))
 
     reporter.phase("training")
     for epoch in range(state.epoch + 1, config.epochs + 1):
@@ -1259,8 +1261,7 @@ def _train_and_register(
             idx = order[b * rank_batch : (b + 1) * rank_batch]
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on a single image (every rank's share is the same size)
-            flip = torch.rand(len(idx), generator=generator) < 0.5
-            x = trainer.batch(idx, flip)
+            x = trainer.batch(idx, generator)
             y = data.y_train[idx].to(placement.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with placement.autocast():
@@ -1269,6 +1270,7 @@ def _train_and_register(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             total_loss += loss.detach().float() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
@@ -1276,7 +1278,6 @@ def _train_and_register(
             # The unfinished epoch is dropped: the best validated one is kept.
             reporter.note(f"training stopped on request in epoch {epoch}; keeping epoch {state.best_epoch}")
             break
-        scheduler.step()
         total_loss, correct, seen = placement.sum(total_loss, correct, seen)
         if not placement.leader:
             continue  # rank 0 validates and checkpoints; the others go on to the next epoch
