@@ -5,6 +5,12 @@ real-looking data; prints held-out accuracy.
     TORCH_THREADS=1 .venv/bin/python -m bench.recipe [--kinds digits,glyphs,documents]
         [--size 48 --epochs 10 --processes 2]
 
+With `--click`, instead the "default manual click" per kind: the pictures
+ingested into a fresh DATA_DIR, one round with the seed defaults (epochs 20,
+batch 32, learning rate 0.001, image size auto, no pretrained weights) run
+by the product, and the downloaded .ptl scored on the round's held-out test
+pictures; `--before` runs the same with the previous recipe (`Recipe()`).
+
 Each run is the product's `full`-mode loop reduced to its training core: the
 same model builder, optimizer, schedule (stepped per batch), loss, batch
 augmentation, BatchNorm recalibration and evaluation, on pictures decoded once
@@ -15,7 +21,7 @@ model of the last epoch. One seed per cell: differences of 1-2 points are noise.
 import argparse
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from functools import cache
 
@@ -24,6 +30,7 @@ import torch
 import torchvision
 
 from bench import datasets
+from core import recipe as recipes
 from core.recipe import RECIPE, Recipe
 
 BASELINE = Recipe()
@@ -58,7 +65,6 @@ def load_kind(kind: str, size: int, count: int) -> tuple[torch.Tensor, torch.Ten
 def run(kind: str, name: str, recipe: Recipe, args) -> tuple[str, str, float, float]:
     """Held-out accuracy (%) of one recipe on one kind, and the seconds it took."""
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
-    from core import recipe as recipes
     from core import training
 
     x, y, n_classes = load_kind(kind, args.size, args.count)
@@ -92,6 +98,47 @@ def run(kind: str, name: str, recipe: Recipe, args) -> tuple[str, str, float, fl
     return kind, name, training.accuracy(logits, y[test]), time.perf_counter() - started
 
 
+def click(kind: str, count: int) -> str:
+    """One default round on `count` pictures of `kind`; a line with its .ptl's held-out accuracy."""
+    from bench.common import fresh_data_dir
+    from core import training
+    from core.db import session_scope
+    from core.export import load_runner
+    from core.ingest import image_path, ingest_bytes
+    from core.models import ImageStatus, TrainingImage
+    from core.splits import split_snapshot
+
+    data_dir = fresh_data_dir(f"recipe-{kind}")
+    images, labels = datasets.glyphs(count) if kind == "glyphs" else datasets.KINDS[kind]()
+    with session_scope() as session:
+        for i, (image, label) in enumerate(zip(images[:count], labels[:count], strict=True)):
+            ingest_bytes(datasets.png(image), f"{i}.png", session=session, category=label, status=ImageStatus.validated)
+    with session_scope() as session:
+        round_id = training.start_training({"use_existing_model": False}, session=session).id
+    started = time.perf_counter()
+    with session_scope() as session:
+        version = training.run_training_round(round_id, session=session)
+        round_ = session.get(training.TrainingRound, round_id)
+        assert version is not None, round_.error
+        seconds = time.perf_counter() - started
+        classes, snapshot, params = version.classes, round_.snapshot, round_.parameters
+        labels_of = [classes.index(s["label"]) for s in snapshot]
+        test = split_snapshot([s["split_key"] for s in snapshot], labels_of, classes, params["val_split"], 0).test
+        paths = [image_path(session.get(TrainingImage, snapshot[i]["id"])) for i in test]
+        ptl = next(a for a in version.artifacts if a["format"] == "ptl")
+        recorded = version.metrics["test_accuracy"]
+    from core.dataset import load_images, normalize
+
+    x = normalize(load_images(paths, version.image_size))
+    run_ptl = load_runner(data_dir / ptl["path"], "ptl")
+    with torch.inference_mode():
+        hits = sum(int(run_ptl(x[i : i + 1].contiguous()).argmax(1)) == labels_of[j] for i, j in enumerate(test))
+    return (
+        f"| {kind} | {len(snapshot)} / {len(classes)} | {version.image_size} px | {len(test)} | "
+        f"{100 * hits / len(test):.1f} % | {recorded:.1f} % | {seconds:.0f} s |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="digits,glyphs,documents")
@@ -104,16 +151,33 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--click", action="store_true", help="the default manual click per kind instead")
+    parser.add_argument("--before", action="store_true", help="with --click: the previous recipe")
     args = parser.parse_args()
+    if args.click:
+        os.environ.update(EXPORT_FORMATS="ptl", WEIGHTS_DOWNLOAD="false")
+        if args.before:
+            recipes.RECIPE = BASELINE
+        print(f"default click, {'previous' if args.before else 'new'} recipe, load {os.getloadavg()[0]:.1f}")
+        print("| data | pictures / categories | image size (auto) | held out | .ptl accuracy | recorded | time |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        for kind in args.kinds.split(","):
+            print(click(kind, args.count), flush=True)
+        return
     kinds, names = args.kinds.split(","), args.variants.split(",")
     print(
         f"{args.architecture}, {args.size} px, {args.count} pictures per kind (80 % train, 20 % held out), "
         f"{args.epochs} epochs, batch {args.batch_size}, lr {args.learning_rate}, seed {args.seed}, "
-        f"load {os.getloadavg()[0]:.1f}"
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
     )
+    results = {}
     with ProcessPoolExecutor(args.processes) as pool:
         futures = [pool.submit(run, kind, name, VARIANTS[name], args) for name in names for kind in kinds]
-        results = {(k, n): (acc, sec) for k, n, acc, sec in (f.result() for f in futures)}
+        for future in as_completed(futures):
+            kind, name, acc, sec = future.result()
+            results[(kind, name)] = (acc, sec)
+            print(f"{kind:10} {name:22} {acc:5.1f} %  ({sec:.0f} s)", flush=True)
     print("| recipe | " + " | ".join(kinds) + " | mean |")
     print("|---|" + "---:|" * (len(kinds) + 1))
     for name in names:

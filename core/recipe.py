@@ -39,7 +39,8 @@ class Recipe:
     zero_init_residual: bool = False
 
 
-# The recipe every `full` round uses (the kept rows of BENCHMARKS.md "Training recipe").
+# The recipe every `full` round uses (the kept rows of BENCHMARKS.md "Training
+# recipe"); looked up at each call, so a benchmark can swap it.
 RECIPE = Recipe()
 
 # "affine" augmentation's range, as fractions of the side / degrees: small
@@ -49,8 +50,9 @@ TURN_DEGREES = 10.0
 ZOOM = 0.1
 
 
-def build_optimizer(model: nn.Module, learning_rate: float, recipe: Recipe = RECIPE) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, learning_rate: float, recipe: Recipe | None = None) -> torch.optim.Optimizer:
     """AdamW over the parameters that train, decaying weights but not biases or norms."""
+    recipe = recipe or RECIPE
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
@@ -59,11 +61,12 @@ def build_optimizer(model: nn.Module, learning_rate: float, recipe: Recipe = REC
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, recipe: Recipe = RECIPE
+    optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, recipe: Recipe | None = None
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-step schedule: linear warm-up over `recipe.warmup` of the steps,
     then a cosine down to zero at the last step. Step it after every
     optimizer step; its state_dict (the step count) resumes it exactly."""
+    recipe = recipe or RECIPE
     total = max(1, epochs * steps_per_epoch)
     warm = round(recipe.warmup * total)
 
@@ -75,15 +78,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loss(recipe: Recipe = RECIPE) -> nn.Module:
+def build_loss(recipe: Recipe | None = None) -> nn.Module:
     """Cross-entropy, with the recipe's label smoothing."""
+    recipe = recipe or RECIPE
     return nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, recipe: Recipe = RECIPE) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: torch.Generator, recipe: Recipe | None = None) -> torch.Tensor:
     """A training batch (uint8, N x C x H x W) randomly changed as the recipe
     says; same shape and dtype, and the same order (labels still match).
     `generator` makes it repeatable (a resumed epoch sees the same batches)."""
+    recipe = recipe or RECIPE
     n = x.shape[0]
     if recipe.augment == "none" or n == 0:
         return x
@@ -110,8 +115,9 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, recipe: Recipe = 
     return out.round_().clamp_(0, 255).to(x.dtype)
 
 
-def init_model(model: nn.Module, recipe: Recipe = RECIPE) -> nn.Module:
+def init_model(model: nn.Module, recipe: Recipe | None = None) -> nn.Module:
     """The recipe's changes to a freshly built model's initial weights."""
+    recipe = recipe or RECIPE
     if recipe.zero_init_residual:
         for norm in residual_branch_norms(model):
             nn.init.zeros_(norm.weight)
