@@ -41,7 +41,7 @@ class Recipe:
 
 # The recipe every `full` round uses (the kept rows of BENCHMARKS.md "Training
 # recipe"); looked up at each call, so a benchmark can swap it.
-RECIPE = Recipe()
+RECIPE = Recipe(warmup=0.05, peak_factor=3.0, augment="affine")
 
 # "affine" augmentation's range, as fractions of the side / degrees: small
 # enough to keep a glyph or a digit what it is.

@@ -1,6 +1,7 @@
 """The training recipe: schedule, augmentation, initial weights, resume."""
 
 import io
+import itertools
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def test_schedule_warms_up_linearly_to_the_peak_then_decays_to_zero():
     assert lrs[:10] == pytest.approx([peak * (i + 1) / 10 for i in range(10)])
     assert max(lrs) == pytest.approx(peak)
     decay = lrs[10:]
-    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
     assert decay[len(decay) // 2] == pytest.approx(peak / 2, rel=0.05)  # a cosine: half way, half the peak
     assert decay[-1] < peak * 0.01
 
@@ -112,3 +113,27 @@ def test_zero_init_starts_every_residual_branch_at_zero(architecture, blocks):
     others = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and all(m is not n for n in norms)]
     assert all(m.weight.abs().sum() > 0 for m in others)
     assert torch.isfinite(model.eval()(torch.rand(1, 3, 32, 32))).all()
+
+
+def test_a_full_round_trains_with_the_recipe_stepping_its_schedule_every_batch(session, ptl_only):
+    from sqlmodel import select
+
+    from core import training
+    from core.models import EpochMetric
+    from core.splits import split_snapshot
+    from tests.factories import add_demo
+
+    add_demo(session, per_category=12, size=32)
+    params = {"epochs": 2, "batch_size": 8, "learning_rate": 0.002, "image_size": 32, "use_existing_model": False}
+    round_ = training.start_training(params, session=session)
+    session.commit()
+    assert training.run_training_round(round_.id, session=session) is not None, round_.error
+    rates = [m.learning_rate for m in session.exec(select(EpochMetric).order_by(EpochMetric.epoch))]
+
+    labels = [round_.classes.index(s["label"]) for s in round_.snapshot]
+    keys = [s["split_key"] for s in round_.snapshot]
+    n_train = len(split_snapshot(keys, labels, round_.classes, round_.parameters["val_split"], 0).train)
+    steps = -(-n_train // 8)
+    optimizer = recipe.build_optimizer(torch.nn.Linear(2, 2), 0.002)
+    expected = lrs_of(optimizer, recipe.build_scheduler(optimizer, 2, steps), steps + 1)
+    assert rates == pytest.approx([expected[0], expected[steps]])
