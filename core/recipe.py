@@ -18,13 +18,14 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training choices that do not come from the operator."""
+    """The training choices that do not come from the operator. The defaults
+    are the product's choices before this recipe (the benchmark's baseline)."""
 
     # AdamW's decoupled weight decay, applied to weights only (not to biases
     # or BatchNorm's scale and shift, where decay only fights the normalisation).
     weight_decay: float = 0.01
     # Share of the steps over which the rate climbs linearly from near zero
-    # to its peak; 0 is the epoch-wise cosine the product had before.
+    # to its peak (0: none, as before the recipe); a cosine to zero follows.
     warmup: float = 0.0
     # Peak learning rate = the operator's learning rate x this.
     peak_factor: float = 1.0
