@@ -56,7 +56,10 @@ class TrainRequest(BaseModel):
 
     epochs: int = _param("epochs", "Passes over the training images")
     batch_size: int = _param("batch_size", "Images per optimisation step")
-    learning_rate: float = _param("learning_rate", "Peak learning rate (AdamW, cosine schedule)")
+    learning_rate: float = _param(
+        "learning_rate",
+        "Base learning rate: AdamW warms up to 3x it, then a cosine to zero (README, How training works)",
+    )
     use_existing_model: bool = _param(
         "use_existing_model", "Fine-tune the production model when its classes and architecture match"
     )

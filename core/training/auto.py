@@ -26,12 +26,12 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 from sqlmodel import Session
-from torch import nn
 
 from core.config import get_settings
 from core.errors import TrainingCancelled
 from core.faults import crash_point, fail_point
 from core.models import TrainingRound
+from core.training import recipe
 from core.training.config import ARCHITECTURES, AUTO_IMAGE_SIZE_RANGE, TrainingConfig
 from core.training.evaluation import accuracy
 from core.training.networks import initial_model
@@ -313,12 +313,13 @@ def _train_trial(
     # ImageNet weights only when they are on disk already.
     model = initial_model(config, classes, SilentReporter(run.round), session=run.session, download=False)
     model = trainer.model = trainer.trainable = model.to(placement.device, memory_format=MEMORY_FORMAT)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=TRIAL_EPOCHS)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + trial.number)
-    loss_fn = nn.CrossEntropyLoss()
     n_train = len(data.y_train)
     n_batches = max(1, math.ceil(n_train / config.batch_size))
+    # The same recipe as the final training (core/training/recipe.py), over the trial's epochs.
+    optimizer = recipe.build_optimizer(model, config.learning_rate)
+    scheduler = recipe.build_scheduler(optimizer, TRIAL_EPOCHS, n_batches)
+    loss_fn = recipe.build_loss()
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + trial.number)
     best = None
     run.record(study, (trial.number, time.perf_counter() - started))  # on the live table from its start
     for epoch in range(1, TRIAL_EPOCHS + 1):
@@ -332,12 +333,11 @@ def _train_trial(
             idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on a single image
-            flip = torch.rand(len(idx), generator=generator) < 0.5
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(trainer.batch(idx, flip)), data.y_train[idx].to(placement.device))
+            loss = loss_fn(model(trainer.batch(idx, generator)), data.y_train[idx].to(placement.device))
             loss.backward()
             optimizer.step()
-        scheduler.step()
+            scheduler.step()
         trainer.end_epoch()
         value = accuracy(trainer.validate()[1], data.y_val)
         best = value if best is None else max(best, value)

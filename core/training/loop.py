@@ -23,6 +23,7 @@ from core.db import get_engine, read_engine
 from core.errors import NotFoundError, TrainingCancelled
 from core.faults import crash_point
 from core.models import EpochMetric, ModelVersion, TrainingRound
+from core.training import recipe
 from core.training.config import TrainingConfig
 from core.training.evaluation import accuracy
 from core.training.placement import CPU, Placement
@@ -79,6 +80,7 @@ class Run:
     net: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
     scaler: torch.amp.GradScaler
     batches: Batches
     placement: Placement
@@ -118,9 +120,10 @@ def set_up(
     resume = checkpoint.is_file()
     trainer.setup(round_, reporter, resume, session=session)
     net = placement.wrap(trainer.trainable)
-    optimizer = torch.optim.AdamW(trainer.trainable.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     batches = Batches.for_rank(len(data.y_train), config, placement)
+    # The training recipe (core/training/recipe.py): optimizer, per-step schedule, loss.
+    optimizer = recipe.build_optimizer(trainer.trainable, config.learning_rate)
+    scheduler = recipe.build_scheduler(optimizer, config.epochs, batches.count)
     run = Run(
         round_id=round_.id,
         config=config,
@@ -130,6 +133,7 @@ def set_up(
         net=net,
         optimizer=optimizer,
         scheduler=scheduler,
+        loss_fn=recipe.build_loss(),
         scaler=placement.grad_scaler(),
         batches=batches,
         placement=placement,
@@ -160,7 +164,6 @@ def train(run: Run, state: TrainState) -> None:
             # The unfinished epoch is dropped: the best validated one is kept.
             run.reporter.note(f"training stopped on request in epoch {epoch}; keeping epoch {state.best_epoch}")
             return
-        run.scheduler.step()
         loss, correct, seen = run.placement.sum(*totals)
         if run.placement.leader:
             train_metrics = {"train_loss": loss / max(1, seen), "train_accuracy": 100.0 * correct / max(1, seen)}
@@ -187,16 +190,16 @@ def train_epoch(run: Run, epoch: int, can_stop: bool) -> tuple[torch.Tensor, tor
             return None
         if len(idx) < 2:
             continue  # BatchNorm cannot train on a single image (every rank's share is the same size)
-        flip = torch.rand(len(idx), generator=generator) < 0.5
-        x = run.trainer.batch(idx, flip)
+        x = run.trainer.batch(idx, generator)
         y = run.data.y_train[idx].to(placement.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
         with placement.autocast():
             logits = run.net(x)
-            loss = nn.functional.cross_entropy(logits, y)
+            loss = run.loss_fn(logits, y)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
+        run.scheduler.step()  # per step: warm-up, then a cosine to zero
         total_loss += loss.detach().float() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)

@@ -20,13 +20,15 @@ from core.config import get_settings
 from core.ingest import file_sha256
 from core.models import ModelVersion
 from core.storage import commit_temp, temp_path_for
+from core.training import recipe
 from core.training.config import TrainingConfig
 from core.training.progress import RoundReporter
 
 
 def build_model(architecture: str, num_classes: int) -> nn.Module:
-    """A torchvision model with a `num_classes` head, randomly initialised."""
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    """A torchvision model with a `num_classes` head, randomly initialised
+    (with the training recipe's initial-weight changes)."""
+    return recipe.init_model(torchvision.models.get_model(architecture, weights=None, num_classes=num_classes))
 
 
 def head_name(model: nn.Module) -> str:

@@ -20,6 +20,7 @@ from core.errors import UserError
 from core.ingest import image_path
 from core.models import TrainingImage, TrainingRound
 from core.splits import split_snapshot
+from core.training import recipe
 from core.training.config import TrainingConfig
 from core.training.evaluation import evaluate, recalibrate_batchnorm
 from core.training.networks import build_model, find_backbone, head, initial_model, no_backbone_reason, set_head
@@ -114,9 +115,9 @@ class FullTrainer:
             model = initial_model(self.config, self.classes, reporter, session=session)
         self.model = self.trainable = model.to(self.placement.device, memory_format=MEMORY_FORMAT)
 
-    def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        x = self.data.x_train[idx]
-        return prepare_batch(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x), self.placement.device)
+    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The training images `idx`, augmented as the recipe says, ready for the model."""
+        return prepare_batch(recipe.augment_batch(self.data.x_train[idx], generator), self.placement.device)
 
     def end_epoch(self) -> None:
         recalibrate_batchnorm(self.model, self.data.x_train, max_images=EPOCH_RECALIBRATION_IMAGES)
@@ -164,8 +165,8 @@ class HeadTrainer(FullTrainer):
         self.f_val = features(data.x_val, data.sha_val).to(device)
         self.f_test = features(data.x_test, data.sha_test).to(device)
 
-    def batch(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        flip = flip.to(self.placement.device).view(-1, 1)
+    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        flip = (torch.rand(len(idx), generator=generator) < 0.5).to(self.placement.device).view(-1, 1)
         return torch.where(flip, self.f_train_flip[idx], self.f_train[idx])
 
     def end_epoch(self) -> None:
