@@ -56,21 +56,12 @@ def pictures(kind: str, count: int):
 def store(pairs) -> None:
     from bench.datasets import png
     from core.db import session_scope
-    from core.ingest import ingest_bytes
+    from core.ingest import NewFile, ingest_files
     from core.models import ImageStatus
-    from core.splits import assign_splits
 
+    files = (NewFile(png(image.convert("RGB")), f"{n}.png", label) for n, (image, label) in enumerate(pairs))
     with session_scope() as session:
-        for n, (image, label) in enumerate(pairs):
-            ingest_bytes(
-                png(image.convert("RGB")),
-                f"{n}.png",
-                session=session,
-                category=label,
-                status=ImageStatus.validated,
-                assign_split=False,
-            )
-        assign_splits(session=session)
+        ingest_files(files, session=session, status=ImageStatus.validated)
 
 
 def held_out_accuracy(version, pairs) -> float:
