@@ -50,9 +50,10 @@ if not sum(counts.values()):
 
 left, middle, right, last = st.columns(4)
 left.metric("Production model", production.version if production else "none yet", border=True)
+tested = stats.accuracy_summary(production.metrics) if production else {"accuracy": None}
 middle.metric(
     "Test accuracy",
-    stats.accuracy_text(production.metrics) if production else "–",
+    "–" if tested["accuracy"] is None else f"{tested['accuracy']:.1f}%",
     border=True,
     help=(
         "On the held-out test images, never trained on; validation accuracy "
@@ -61,6 +62,9 @@ middle.metric(
         else None
     ),
 )
+if production:
+    # The images and interval under the figure: a card cuts a long value off.
+    middle.caption(stats.accuracy_text(production.metrics))
 right.metric("Validated images", counts["validated"], border=True, help=f"{counts['pending']} waiting for review")
 if rounds:
     last_round = rounds[0]
@@ -89,6 +93,7 @@ if versions:
         color_discrete_map={"test": "#1f4e9c", "validation": "#7fa7d9", "training": "#c8c8c8"},
     )
     chart.update_traces(selector={"name": "training"}, line_dash="dot")
+    chart.update_layout(legend_title_text="accuracy on")  # not plotly's "variable"
     if production is not None:
         since = f" since {production.promoted_at:%Y-%m-%d}" if production.promoted_at else ""
         chart.add_scatter(

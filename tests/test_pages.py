@@ -130,11 +130,18 @@ def test_overview_shows_production_version_accuracy_and_charts(trained):
     assert metrics["Production model"] == "1.0.0"
     version = trained.exec(select(ModelVersion)).first()
     trained.rollback()
-    assert metrics["Test accuracy"].startswith(f"{version.metrics['test_accuracy']:.1f}% (n = ")
-    assert f"n = {version.metrics['test_images']}; 95% CI " in metrics["Test accuracy"]
+    # The card shows the figure whole; its images and interval are written under it.
+    assert metrics["Test accuracy"] == f"{version.metrics['test_accuracy']:.1f}%"
+    captions = [c.value for c in at.caption]
+    assert any(
+        c.startswith(f"{version.metrics['test_accuracy']:.1f}% (n = {version.metrics['test_images']}; 95% CI ")
+        for c in captions
+    ), captions
     assert metrics["Last training"] == "completed"
     assert charts(at) == 3  # accuracy per version, dataset over time, distribution
     assert any("made model **1.0.0**" in m.value for m in at.markdown)
+    accuracy_chart = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert accuracy_chart["layout"]["legend"]["title"]["text"] == "accuracy on"
 
 
 def test_overview_chart_marks_production_overrides_and_rollbacks_with_dates(session):
