@@ -137,3 +137,38 @@ def test_a_full_round_trains_with_the_recipe_stepping_its_schedule_every_batch(s
     optimizer = recipe.build_optimizer(torch.nn.Linear(2, 2), 0.002)
     expected = lrs_of(optimizer, recipe.build_scheduler(optimizer, 2, steps), steps + 1)
     assert rates == pytest.approx([expected[0], expected[steps]])
+
+
+def test_a_checkpoint_from_before_the_recipe_resumes_its_weights_and_epoch_with_the_schedule_where_it_stood(tmp_path):
+    import random
+
+    from core.training.loop import resume_from
+
+    # As the previous code saved it: AdamW over one group, a cosine stepped per epoch.
+    old_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    old_optimizer = torch.optim.AdamW(old_model.parameters(), lr=0.001)
+    old_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(old_optimizer, T_max=4)
+    old_optimizer.step()
+    old_scheduler.step()
+    payload = {
+        "epoch": 2,
+        "best_accuracy": 50.0,
+        "best_epoch": 2,
+        "best_state": None,
+        "state_dict": old_model.state_dict(),
+        "optimizer": old_optimizer.state_dict(),
+        "scheduler": old_scheduler.state_dict(),
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+    }
+    torch.save(payload, tmp_path / "checkpoint.pt")
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = recipe.build_optimizer(model, 0.001)
+    scheduler = recipe.build_scheduler(optimizer, epochs=4, steps_per_epoch=5)
+    state = resume_from(tmp_path / "checkpoint.pt", model, optimizer, scheduler, steps_per_epoch=5)
+    assert state.epoch == 2 and state.best_epoch == 2
+    assert torch.equal(model[0].weight, old_model[0].weight)
+
+    reference = recipe.build_optimizer(torch.nn.Linear(4, 3), 0.001)
+    expected = lrs_of(reference, recipe.build_scheduler(reference, epochs=4, steps_per_epoch=5), 11)[10]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)  # step 10 of 20: where epoch 3 starts

@@ -10,6 +10,7 @@ every rank of a DDP group (`train_rank`, started by `core.training.ranks`).
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def set_up(
     )
     state = TrainState()
     if resume:
-        state = resume_from(checkpoint, trainer.trainable, optimizer, scheduler)
+        state = resume_from(checkpoint, trainer.trainable, optimizer, scheduler, batches.count)
         if placement.leader:
             delete_epoch_metrics_after(round_.id, state.epoch, session=session)
         reporter.note(
@@ -293,13 +294,22 @@ def checkpoint_payload(config, classes, state: TrainState, model, optimizer, sch
     }
 
 
-def resume_from(path: Path, model, optimizer, scheduler) -> TrainState:
+def resume_from(path: Path, model, optimizer, scheduler, steps_per_epoch: int) -> TrainState:
     """Load a checkpoint of `checkpoint_payload` into `model`, the optimizer,
     the scheduler and the random generators; where training stood."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(payload["state_dict"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+    except (KeyError, ValueError):
+        # A checkpoint written before the training recipe (one parameter
+        # group, a schedule stepped per epoch): the weights and the epoch
+        # resume; the optimizer's moments start afresh, the schedule where it stood.
+        with warnings.catch_warnings():  # "step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(payload["epoch"] * steps_per_epoch):
+                scheduler.step()
     random.setstate(payload["rng"]["python"])
     torch.set_rng_state(payload["rng"]["torch"])
     best_state = payload["best_state"]
