@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
@@ -79,18 +80,19 @@ def site(tmp_path_factory):
             _clear_caches(bind_queue=False)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            # Nothing the server started may outlive it.
             try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                pass
-            else:
-                os.killpg(proc.pid, signal.SIGKILL)
+                # `serve` gives the web server and the worker 15 s each to stop.
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.stop()
+                pytest.fail("python -m cli serve was still running a minute after Ctrl-C")
+            # Nothing the server started may outlive it (a child that has just
+            # exited gets a moment to be reaped).
+            deadline = time.monotonic() + 15
+            while server.group_alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if server.group_alive():
+                server.stop()
                 pytest.fail("the web server or the worker was still running after Ctrl-C")
 
 
