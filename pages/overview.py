@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import registry, review, stats
+from core import image_views, quality_views, registry, review
 from core.access import Permission
 from core.db import read_session, session_scope
 from core.errors import UserError
@@ -17,9 +17,9 @@ st.title("Overview")
 
 with read_session() as session:
     production = registry.production_version(session=session)
-    versions = stats.versions_table(session=session)
+    versions = quality_views.versions_table(session=session)
     counts = review.status_counts(session=session)
-    growth = stats.dataset_over_time(session=session)
+    growth = image_views.dataset_over_time(session=session)
     distribution = review.validated_counts(session=session)
     rounds = list_rounds(session=session, limit=1)
     changes = registry.promotion_history(session=session)
@@ -52,11 +52,11 @@ left, middle, right, last = st.columns(4)
 left.metric("Production model", production.version if production else "none yet", border=True)
 middle.metric(
     "Test accuracy",
-    stats.accuracy_text(production.metrics) if production else "–",
+    quality_views.accuracy_text(production.metrics) if production else "–",
     border=True,
     help=(
         "On the held-out test images, never trained on; validation accuracy "
-        + stats.accuracy_text(production.metrics, "val")
+        + quality_views.accuracy_text(production.metrics, "val")
         if production
         else None
     ),
