@@ -1,5 +1,13 @@
 """Review images (data curators): filter, validate, reject, relabel; suspected
-mislabels and near-duplicates; upload; categories."""
+mislabels and near-duplicates; upload; categories.
+
+One page with five tabs (review, suspects, look-alikes, upload, categories),
+which is why it is longer than the other pages: the tabs share the page's
+counts, its pending-decision state (`_picked`, `_apply`, `_resolve`, the
+confirm dialog) and its messages, and every rule they apply lives in core
+(`core.review`, `core.suspects`, `core.duplicates`, `core.uploads`). Split
+into modules, each tab would take that shared session state along with it,
+for no rule less here."""
 
 import pandas as pd
 import plotly.express as px
