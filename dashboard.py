@@ -3,7 +3,7 @@ model, queue), navigation with the pages the user's role may use."""
 
 import streamlit as st
 
-from core import registry, stats
+from core import quality_views, registry, round_views
 from core.access import Permission, allows
 from core.db import read_session
 from pages._common import drop_ended_session, format_seconds, md, page_address, sign_in_form, sign_out, signed_in
@@ -51,19 +51,19 @@ def queue_status() -> None:
         st.rerun()
     with read_session() as session:
         production = registry.production_version(session=session)
-        running = stats.current_round(session=session)
-        queued = stats.queued_count(session=session)
-        typical = stats.typical_phases(session=session)
+        running = round_views.current_round(session=session)
+        queued = round_views.queued_count(session=session)
+        typical = round_views.typical_phases(session=session)
     if production:
         st.metric("Production model", production.version, help="The version the mobile apps download.")
-        st.caption(f"test accuracy {stats.accuracy_text(production.metrics)}")
+        st.caption(f"test accuracy {quality_views.accuracy_text(production.metrics)}")
     else:
         st.metric("Production model", "none yet")
     if running is not None and running.status == "in_progress":
-        _, left = stats.round_timing(running, typical=typical)
+        _, left = round_views.round_timing(running, typical=typical)
         st.progress(
             min(1.0, running.progress),
-            text=f"Job {running.job_id[:8]}: {stats.progress_text(running)}, about {format_seconds(left)} left",
+            text=f"Job {running.job_id[:8]}: {round_views.progress_text(running)}, about {format_seconds(left)} left",
         )
     else:
         st.caption("No job running.")

@@ -22,7 +22,7 @@ from api.schemas import (
     TrainResponse,
     UploadResponse,
 )
-from core import manifest, review, stats, uploads
+from core import manifest, quality_views, review, uploads
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import InvalidImageError, RequestTooLargeError
@@ -85,7 +85,7 @@ def _status(details: RoundDetails) -> TrainingStatus:
         report.model_version = version.version
         report.model_version_id = version.id
         report.accuracy = version.metrics.get("val_accuracy")
-        report.metrics |= stats.quality_metrics(version.metrics)
+        report.metrics |= quality_views.quality_metrics(version.metrics)
         if round_.started_at and round_.finished_at:
             report.duration_minutes = round(round_.elapsed_seconds() / 60, 2)
     return report

@@ -4,7 +4,7 @@ import argparse
 import sys
 import time
 
-from core import automation, registry, stats
+from core import automation, quality_views, registry
 from core.access import CLI_ACTOR as WHO
 from core.config import get_settings
 from core.db import read_session, session_scope
@@ -70,8 +70,8 @@ def _wait(job_id: str) -> int:
 
 def _quality(version) -> str:
     return (
-        f"test accuracy {stats.accuracy_text(version.metrics)}, "
-        f"validation accuracy {stats.accuracy_text(version.metrics, 'val')}"
+        f"test accuracy {quality_views.accuracy_text(version.metrics)}, "
+        f"validation accuracy {quality_views.accuracy_text(version.metrics, 'val')}"
     )
 
 
@@ -162,7 +162,7 @@ def cmd_versions(args) -> int:
     for v in versions:
         prod = "*" if v.is_production else ""
         print(
-            f"{v.version:<10} {prod:<5} {stats.accuracy_text(v.metrics):<48} {v.metrics.get('model_size_mb', 0):>8.2f}  "
+            f"{v.version:<10} {prod:<5} {quality_views.accuracy_text(v.metrics):<48} {v.metrics.get('model_size_mb', 0):>8.2f}  "
             f"{v.architecture:<20} {', '.join(v.classes)}"
         )
     return 0

@@ -11,7 +11,7 @@ from core.config import get_settings
 from core.dataset import IMAGENET_MEAN, IMAGENET_STD
 from core.errors import NotFoundError
 from core.models import ModelVersion
-from core.stats import quality_metrics
+from core.quality_views import quality_metrics
 
 
 @dataclass(frozen=True)

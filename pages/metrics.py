@@ -5,7 +5,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import registry, stats
+from core import image_views, quality_views, registry, round_views
 from core.db import read_session
 from core.models import FINISHED_STATUSES
 from core.training.rounds import epoch_metrics, get_round, list_rounds
@@ -19,7 +19,7 @@ st.title("Live metrics")
 
 with read_session() as session:
     rounds = list_rounds(session=session, limit=100)
-    running = stats.current_round(session=session)
+    running = round_views.current_round(session=session)
 
 if not rounds:
     st.info("No training round yet: start one on the **Train** page.")
@@ -78,14 +78,14 @@ def live(round_id: int) -> None:
     else:
         st.session_state["watched_active"] = round_id
     with read_session() as session:
-        typical = stats.typical_phases(session=session)
-    elapsed, left = stats.round_timing(round_, typical=typical)
+        typical = round_views.typical_phases(session=session)
+    elapsed, left = round_views.round_timing(round_, typical=typical)
     c1, c2, c3 = st.columns(3)
     c1.metric("Status", round_.status.value.replace("_", " "))
     if round_.status == "queued":
         st.info("Queued: waiting for a worker to pick it up.")
     elif round_.status == "in_progress":
-        st.progress(min(1.0, round_.progress), text=stats.progress_text(round_))
+        st.progress(min(1.0, round_.progress), text=round_views.progress_text(round_))
         c2.metric("Elapsed", format_seconds(elapsed))
         c3.metric(
             "Time left (estimate)",
@@ -95,7 +95,7 @@ def live(round_id: int) -> None:
         )
     if round_.phases:
         st.dataframe(
-            pd.DataFrame(stats.phase_rows(round_, typical)),
+            pd.DataFrame(round_views.phase_rows(round_, typical)),
             hide_index=True,
             key="phases_table",
             column_config={
@@ -163,17 +163,19 @@ if selected.model_version_id is None:
 with read_session() as session:
     version = registry.get_version_by_id(selected.model_version_id, session=session)
     wrong = version.metrics.get("misclassified", [])
-    images = stats.images_by_id([m["image_id"] for m in wrong], session=session)
+    images = image_views.images_by_id([m["image_id"] for m in wrong], session=session)
 
 st.subheader(f"Model {version.version}")
 c1, c2, c3, c4 = st.columns(4)
-c1.metric("Test accuracy", stats.accuracy_text(version.metrics), border=True, help="held-out images, never trained on")
-c2.metric("Validation accuracy", stats.accuracy_text(version.metrics, "val"), border=True)
+c1.metric(
+    "Test accuracy", quality_views.accuracy_text(version.metrics), border=True, help="held-out images, never trained on"
+)
+c2.metric("Validation accuracy", quality_views.accuracy_text(version.metrics, "val"), border=True)
 c3.metric("Training accuracy", f"{version.metrics.get('train_accuracy', 0):.1f}%", border=True)
 c4.metric("Size", f"{version.metrics.get('model_size_mb', 0):.1f} MB", border=True)
 
 left, right = st.columns(2)
-per_class = stats.per_category_rows(version.metrics, "val")
+per_class = quality_views.per_category_rows(version.metrics, "val")
 with left:
     st.markdown("**Accuracy per category** (validation images; n: images behind each bar)")
     chart = px.bar(
@@ -216,9 +218,11 @@ for i, item in enumerate(wrong[:48]):
 st.markdown("**Held-out test images**")
 if version.metrics.get("test_images"):
     st.metric("Test images", version.metrics["test_images"], border=True, help="never trained on by any version")
-    st.dataframe(pd.DataFrame(stats.per_category_rows(version.metrics)), hide_index=True, key="test_per_class_table")
+    st.dataframe(
+        pd.DataFrame(quality_views.per_category_rows(version.metrics)), hide_index=True, key="test_per_class_table"
+    )
     with read_session() as session:
-        by_origin = stats.accuracy_by_origin(version, session=session)
+        by_origin = quality_views.accuracy_by_origin(version, session=session)
     st.caption(
         "Accuracy on the test images by where they came from, worst first, with today's labels: "
         "a phone whose camera produces bad pictures stands out."

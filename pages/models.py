@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import export, registry, stats
+from core import export, quality_views, registry
 from core.access import Permission, allows
 from core.config import get_settings
 from core.db import read_session, session_scope
@@ -16,7 +16,7 @@ may_promote = allows(actor.role, Permission.promote)
 st.title("Models")
 
 with read_session() as session:
-    table = stats.versions_table(session=session)
+    table = quality_views.versions_table(session=session)
     production = registry.production_version(session=session)
     history = registry.promotion_history(session=session)
 
@@ -110,7 +110,7 @@ if scored:
     )
 
 with st.expander("Why candidates stayed candidates (the promotion gate)"):
-    st.dataframe(pd.DataFrame(stats.gate_reasons(table)), hide_index=True, key="gate_table")
+    st.dataframe(pd.DataFrame(quality_views.gate_reasons(table)), hide_index=True, key="gate_table")
 
 
 def _version(name: str):
@@ -125,7 +125,7 @@ def _negative_in_red(value) -> str:
 
 def comparison(old: str, new: str) -> None:
     with read_session() as session:
-        compared = stats.compare_versions(
+        compared = quality_views.compare_versions(
             registry.get_version(old, session=session), registry.get_version(new, session=session), session=session
         )
     if compared["test_images"]:

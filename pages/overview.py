@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import registry, review, stats
+from core import image_views, quality_views, registry, review
 from core.access import Permission
 from core.db import read_session, session_scope
 from core.errors import UserError
@@ -17,9 +17,9 @@ st.title("Overview")
 
 with read_session() as session:
     production = registry.production_version(session=session)
-    versions = stats.versions_table(session=session)
+    versions = quality_views.versions_table(session=session)
     counts = review.status_counts(session=session)
-    growth = stats.dataset_over_time(session=session)
+    growth = image_views.dataset_over_time(session=session)
     distribution = review.validated_counts(session=session)
     rounds = list_rounds(session=session, limit=1)
     changes = registry.promotion_history(session=session)
@@ -50,21 +50,21 @@ if not sum(counts.values()):
 
 left, middle, right, last = st.columns(4)
 left.metric("Production model", production.version if production else "none yet", border=True)
-tested = stats.accuracy_summary(production.metrics) if production else {"accuracy": None}
+tested = quality_views.accuracy_summary(production.metrics) if production else {"accuracy": None}
 middle.metric(
     "Test accuracy",
     "–" if tested["accuracy"] is None else f"{tested['accuracy']:.1f}%",
     border=True,
     help=(
         "On the held-out test images, never trained on; validation accuracy "
-        + stats.accuracy_text(production.metrics, "val")
+        + quality_views.accuracy_text(production.metrics, "val")
         if production
         else None
     ),
 )
 if production:
     # The images and interval under the figure: a card cuts a long value off.
-    middle.caption(stats.accuracy_text(production.metrics))
+    middle.caption(quality_views.accuracy_text(production.metrics))
 right.metric("Validated images", counts["validated"], border=True, help=f"{counts['pending']} waiting for review")
 if rounds:
     last_round = rounds[0]

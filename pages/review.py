@@ -1,11 +1,19 @@
 """Review images (data curators): filter, validate, reject, relabel; suspected
-mislabels and near-duplicates; upload; categories."""
+mislabels and near-duplicates; upload; categories.
+
+One page with five tabs (review, suspects, look-alikes, upload, categories),
+which is why it is longer than the other pages: the tabs share the page's
+counts, its pending-decision state (`_picked`, `_apply`, `_resolve`, the
+confirm dialog) and its messages, and every rule they apply lives in core
+(`core.review`, `core.suspects`, `core.duplicates`, `core.uploads`). Split
+into modules, each tab would take that shared session state along with it,
+for no rule less here."""
 
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from core import audit, duplicates, registry, review, stats, suspects
+from core import audit, duplicates, image_views, registry, review, suspects
 from core.access import Permission
 from core.config import get_settings
 from core.db import read_session, session_scope
@@ -26,7 +34,7 @@ st.title("Review images")
 
 with read_session() as session:
     counts = review.status_counts(session=session)
-    options = stats.filter_options(session=session)
+    options = image_views.filter_options(session=session)
     validated = review.validated_counts(session=session)
 categories = options["categories"]
 
@@ -152,10 +160,10 @@ with review_tab:
         "uploaded_to": end or start,
     }
     with read_session() as session:
-        total = stats.find_images(session=session, limit=0, **filters).total
+        total = image_views.find_images(session=session, limit=0, **filters).total
     page, pages = pick_page(total, PAGE_SIZE, "review_page")
     with read_session() as session:
-        found = stats.find_images(session=session, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
+        found = image_views.find_images(session=session, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
         alikes = duplicates.look_alike_counts([image for image, _ in found.rows], session=session)
     page_ids = [image.id for image, _ in found.rows]
 
@@ -200,7 +208,7 @@ with review_tab:
         wanted = st.text_input("Find an image by id or file name", key="history_search", placeholder="#12 or IMG_0042")
         if wanted:
             with read_session() as session:
-                choices = [img.id for img in stats.search_images(wanted, session=session)]
+                choices = [img.id for img in image_views.search_images(wanted, session=session)]
             if not choices:
                 st.caption(f"No image has the id or a file name with '{md(wanted)}'.")
         else:
@@ -209,7 +217,9 @@ with review_tab:
         if shown is not None:
             with read_session() as session:
                 events = audit.image_history(shown, session=session)
-                similar = duplicates.look_alikes(stats.images_by_id([shown], session=session)[shown], session=session)
+                similar = duplicates.look_alikes(
+                    image_views.images_by_id([shown], session=session)[shown], session=session
+                )
             if events:
                 history = pd.DataFrame(audit.as_rows(events)).drop(columns=["target"])
                 st.dataframe(history, hide_index=True, key="image_history", column_config=when("when"))
@@ -460,7 +470,7 @@ with categories_tab:
 
     st.subheader("Validated images per category")
     minimum = get_settings().min_images_per_category
-    for warning in stats.category_warnings(validated, minimum=minimum):
+    for warning in image_views.category_warnings(validated, minimum=minimum):
         st.warning(md(warning))
     if validated:
         chart = px.bar(

@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from core import automation, stats
+from core import automation, round_views
 from core.access import Permission
 from core.automation import SETTING_RANGES
 from core.db import read_session, session_scope
@@ -220,7 +220,7 @@ with form:
 def queue() -> None:
     st.subheader("Queue")
     with read_session() as session:
-        rows = stats.queue_overview(session=session)
+        rows = round_views.queue_overview(session=session)
     if not rows:
         st.caption("No training jobs yet.")
         return

@@ -7,7 +7,7 @@ still promote a held-back version, with a recorded reason."""
 import pytest
 from sqlmodel import select
 
-from core import gate, registry, stats
+from core import gate, quality_views, registry
 from core.errors import UserError
 from core.models import ModelVersion, PromotionEvent
 from core.training.register import should_promote
@@ -122,15 +122,18 @@ def test_the_first_version_passes_only_when_clearly_better_than_the_commonest_ca
 
 
 def test_accuracies_come_with_their_images_and_a_wilson_interval():
-    assert stats.wilson_interval(1, 1) == (20.7, 100.0)
-    assert stats.wilson_interval(0, 0) is None
+    assert quality_views.wilson_interval(1, 1) == (20.7, 100.0)
+    assert quality_views.wilson_interval(0, 0) is None
     labels = truth(20, 20)
     metrics = {**gate.test_summary(predictions(labels, range(4)), labels), "test_accuracy": 90.0}
-    assert stats.accuracy_text(metrics) == "90.0% (n = 40; 95% CI 76.9–96.0%)"
+    assert quality_views.accuracy_text(metrics) == "90.0% (n = 40; 95% CI 76.9–96.0%)"
     # Always "cat" on 30 cats and 10 dogs: 75 %, exactly the commonest category's share.
     always = {**gate.test_summary({i: "cat" for i in range(40)}, truth(30, 10)), "test_accuracy": 75.0}
-    assert stats.accuracy_text(always) == "75.0% (n = 40; 95% CI 59.8–85.8%) · near chance"
-    assert stats.accuracy_text({"val_accuracy": 100.0, "val_images": 1}, "val") == "100.0% (n = 1; 95% CI 20.7–100.0%)"
+    assert quality_views.accuracy_text(always) == "75.0% (n = 40; 95% CI 59.8–85.8%) · near chance"
+    assert (
+        quality_views.accuracy_text({"val_accuracy": 100.0, "val_images": 1}, "val")
+        == "100.0% (n = 1; 95% CI 20.7–100.0%)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sqlmodel import select
 
-from core import stats
+from core import image_views, quality_views, round_views
 from core.errors import UserError
 from core.models import ImageStatus, ModelVersion, RoundStatus, TrainingImage, TrainingRound, utcnow
 from core.thumbnails import thumbnail, thumbnail_path
@@ -21,14 +21,14 @@ def test_find_images_filters_and_pages_newest_first(session):
     image = session.get(TrainingImage, ids[0])
     image.device_id, image.status = "phone-1", ImageStatus.validated
     session.commit()
-    page = stats.find_images(session=session, limit=3)
+    page = image_views.find_images(session=session, limit=3)
     assert page.total == 8 and [img.id for img, _ in page.rows] == ids[::-1][:3]
-    assert stats.find_images(session=session, category="dogs").total == 3
-    assert stats.find_images(session=session, status="validated", device="phone-1").total == 1
+    assert image_views.find_images(session=session, category="dogs").total == 3
+    assert image_views.find_images(session=session, status="validated", device="phone-1").total == 1
     today = utcnow().date()
-    assert stats.find_images(session=session, uploaded_from=today, uploaded_to=today).total == 8
-    assert stats.find_images(session=session, uploaded_to=today - timedelta(days=1)).total == 0
-    assert stats.filter_options(session=session) == {
+    assert image_views.find_images(session=session, uploaded_from=today, uploaded_to=today).total == 8
+    assert image_views.find_images(session=session, uploaded_to=today - timedelta(days=1)).total == 0
+    assert image_views.filter_options(session=session) == {
         "categories": ["cats", "dogs"],
         "sources": ["upload"],
         "devices": ["phone-1"],
@@ -36,17 +36,17 @@ def test_find_images_filters_and_pages_newest_first(session):
 
 
 def test_category_warnings_name_small_and_far_below_categories():
-    warnings = stats.category_warnings({"a": 100, "b": 90, "c": 10, "d": 1}, minimum=2)
+    warnings = image_views.category_warnings({"a": 100, "b": 90, "c": 10, "d": 1}, minimum=2)
     assert len(warnings) == 2
     assert "'c' has 10 validated images, far below the others" in warnings[0]
     assert "'d' has 1 validated images; training needs at least 2" in warnings[1]
-    assert stats.category_warnings({"a": 10, "b": 8}, minimum=2) == []
+    assert image_views.category_warnings({"a": 10, "b": 8}, minimum=2) == []
 
 
 def test_dataset_over_time_is_cumulative_per_category_without_rejected_images(session):
     add_images(session, {"cats": 2, "dogs": 1})
     add_images(session, {"owls": 4}, status=ImageStatus.rejected)
-    rows = stats.dataset_over_time(session=session)
+    rows = image_views.dataset_over_time(session=session)
     assert [(r["category"], r["images"]) for r in rows] == [("cats", 2), ("dogs", 1)]
 
 
@@ -58,7 +58,7 @@ def test_queue_overview_lists_running_then_queued_with_position_then_finished(se
     first, second = TrainingRound(), TrainingRound()
     session.add_all([done, running, first, second])
     session.commit()
-    rows = stats.queue_overview(session=session)
+    rows = round_views.queue_overview(session=session)
     assert [(r["round"], r["status"], r["position"]) for r in rows] == [
         (second.id, "queued", 2),
         (first.id, "queued", 1),
@@ -66,9 +66,9 @@ def test_queue_overview_lists_running_then_queued_with_position_then_finished(se
         (done.id, "completed", None),
     ]
     assert rows[3]["duration_s"] == 30.0
-    assert stats.current_round(session=session).id == running.id
-    assert stats.queued_count(session=session) == 2
-    elapsed, left = stats.round_timing(running)
+    assert round_views.current_round(session=session).id == running.id
+    assert round_views.queued_count(session=session) == 2
+    elapsed, left = round_views.round_timing(running)
     assert 9 < elapsed < 20 and abs(left - 3 * elapsed) < 1
 
 
@@ -77,7 +77,7 @@ def test_compare_versions_gives_deltas_new_minus_old():
         return ModelVersion(version=name, major=1, minor=0, patch=0, architecture="resnet18", image_size=32,
                             checkpoint_path="x", metrics={"val_accuracy": val, "per_class_accuracy": per_class})  # fmt: skip
 
-    compared = stats.compare_versions(
+    compared = quality_views.compare_versions(
         version("1.0.0", 80.0, {"a": 70.0, "b": 90.0}), version("1.1.0", 85.5, {"a": 75.0})
     )
     assert compared["summary"][0] == {"metric": "validation accuracy (%)", "1.0.0": 80.0, "1.1.0": 85.5, "delta": 5.5}

@@ -31,9 +31,9 @@ from core.config import get_settings
 from core.errors import TrainingCancelled
 from core.faults import crash_point, fail_point
 from core.models import TrainingRound
-from core.training import recipe
 from core.training.config import ARCHITECTURES, AUTO_IMAGE_SIZE_RANGE, TrainingConfig
 from core.training.evaluation import accuracy
+from core.training.loop import make_run, train_epoch
 from core.training.networks import initial_model
 from core.training.placement import MEMORY_FORMAT, Placement
 from core.training.progress import RoundReporter, SilentReporter, round_dir
@@ -104,13 +104,6 @@ class Search:
                 self.round, config, list(self.round.classes), SilentReporter(self.round), session=self.session
             )
         return self.data[size]
-
-    def check(self) -> bool:
-        """Raise TrainingCancelled on a cancel; True when a stop was asked."""
-        cancel, stop = self.reporter.requests()
-        if cancel:
-            raise TrainingCancelled()
-        return stop
 
     def record(self, study: optuna.Study, running: tuple[int, float] | None = None) -> None:
         """The trials table on the round, and the budget spent as its progress."""
@@ -296,11 +289,25 @@ def _run_trial(study: optuna.Study, run: Search) -> bool:
     return stopped
 
 
+class TrialReporter(SilentReporter):
+    """A trial's reporter in the epoch loop: it writes nothing (the round's
+    progress is the search's budget spent, written by `Search.record`) and
+    hears the search's cancel and stop requests."""
+
+    def __init__(self, search: RoundReporter):
+        super().__init__(search.round)
+        self.search = search
+
+    def requests(self) -> tuple[bool, bool]:
+        return self.search.requests()
+
+
 def _train_trial(
     study: optuna.Study, trial: optuna.Trial, run: Search, params: dict, started: float
 ) -> tuple[float | None, bool, str]:
-    """Train one trial epoch by epoch, reporting each epoch's validation
-    accuracy to the pruner. Returns (best accuracy or None, stop asked, note)."""
+    """Train one trial epoch by epoch with the epoch loop's `train_epoch`,
+    reporting each epoch's validation accuracy to the pruner. Returns (best
+    accuracy or None, stop asked, note); a cancel raises TrainingCancelled."""
     config = replace(run.base, **params, epochs=TRIAL_EPOCHS)
     data = run.split(config.image_size)
     # Decoding the pictures happens once per size: not part of the trial's pace.
@@ -312,32 +319,16 @@ def _train_trial(
     # Like the final training's start, but never downloading: a trial takes
     # ImageNet weights only when they are on disk already.
     model = initial_model(config, classes, SilentReporter(run.round), session=run.session, download=False)
-    model = trainer.model = trainer.trainable = model.to(placement.device, memory_format=MEMORY_FORMAT)
-    n_train = len(data.y_train)
-    n_batches = max(1, math.ceil(n_train / config.batch_size))
-    # The same recipe as the final training (core/training/recipe.py), over the trial's epochs.
-    optimizer = recipe.build_optimizer(model, config.learning_rate)
-    scheduler = recipe.build_scheduler(optimizer, TRIAL_EPOCHS, n_batches)
-    loss_fn = recipe.build_loss()
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + trial.number)
+    trainer.model = trainer.trainable = model.to(placement.device, memory_format=MEMORY_FORMAT)
+    # The same pieces and epoch loop as the final training, over the trial's epochs.
+    epochs = make_run(run.round.id, config, classes, data, trainer, placement, TrialReporter(run.reporter), None)
     best = None
     run.record(study, (trial.number, time.perf_counter() - started))  # on the live table from its start
     for epoch in range(1, TRIAL_EPOCHS + 1):
         crash_point(f"auto_trial{trial.number}_epoch{epoch}")  # CRASH_AT, for the resume test
         fail_point(f"auto_trial{trial.number}")  # FAIL_AT, for the failing-trial test
-        model.train()
-        order = torch.randperm(n_train, generator=generator)
-        for b in range(n_batches):
-            if run.check():
-                return best, True, "the search was stopped on request"
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            if len(idx) < 2:
-                continue  # BatchNorm cannot train on a single image
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(trainer.batch(idx, generator)), data.y_train[idx].to(placement.device))
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        if train_epoch(epochs, epoch, can_stop=True) is None:
+            return best, True, "the search was stopped on request"
         trainer.end_epoch()
         value = accuracy(trainer.validate()[1], data.y_val)
         best = value if best is None else max(best, value)

@@ -86,7 +86,8 @@ class Run:
     batches: Batches
     placement: Placement
     reporter: RoundReporter
-    checkpoint: Path
+    # None for Auto's trials, which keep no checkpoint.
+    checkpoint: Path | None
 
 
 def train_and_register(
@@ -120,20 +121,42 @@ def set_up(
     checkpoint = round_dir(round_) / "checkpoint.pt"
     resume = checkpoint.is_file()
     trainer.setup(round_, reporter, resume, session=session)
-    net = placement.wrap(trainer.trainable)
+    run = make_run(round_.id, config, classes, data, trainer, placement, reporter, checkpoint)
+    state = TrainState()
+    if resume:
+        state = resume_from(checkpoint, trainer.trainable, run.optimizer, run.scheduler, run.batches.count)
+        if placement.leader:
+            delete_epoch_metrics_after(round_.id, state.epoch, session=session)
+        reporter.note(
+            f"attempt {round_.attempts}: resumed from the checkpoint of epoch {state.epoch}, at epoch {state.epoch + 1}"
+        )
+    return run, state
+
+
+def make_run(
+    round_id: int,
+    config: TrainingConfig,
+    classes: list[str],
+    data: Split,
+    trainer: FullTrainer,
+    placement: Placement,
+    reporter: RoundReporter,
+    checkpoint: Path | None,
+) -> Run:
+    """The epochs' pieces around a set-up `trainer`: this rank's batches and
+    the training recipe (core/training/recipe.py: optimizer, per-step
+    schedule over `config.epochs`, loss). Used by `set_up` and by Auto's trials."""
     batches = Batches.for_rank(len(data.y_train), config, placement)
-    # The training recipe (core/training/recipe.py): optimizer, per-step schedule, loss.
     optimizer = recipe.build_optimizer(trainer.trainable, config.learning_rate)
-    scheduler = recipe.build_scheduler(optimizer, config.epochs, batches.count)
-    run = Run(
-        round_id=round_.id,
+    return Run(
+        round_id=round_id,
         config=config,
         classes=classes,
         data=data,
         trainer=trainer,
-        net=net,
+        net=placement.wrap(trainer.trainable),
         optimizer=optimizer,
-        scheduler=scheduler,
+        scheduler=recipe.build_scheduler(optimizer, config.epochs, batches.count),
         loss_fn=recipe.build_loss(),
         scaler=placement.grad_scaler(),
         batches=batches,
@@ -141,15 +164,6 @@ def set_up(
         reporter=reporter,
         checkpoint=checkpoint,
     )
-    state = TrainState()
-    if resume:
-        state = resume_from(checkpoint, trainer.trainable, optimizer, scheduler, batches.count)
-        if placement.leader:
-            delete_epoch_metrics_after(round_.id, state.epoch, session=session)
-        reporter.note(
-            f"attempt {round_.attempts}: resumed from the checkpoint of epoch {state.epoch}, at epoch {state.epoch + 1}"
-        )
-    return run, state
 
 
 def train(run: Run, state: TrainState) -> None:
