@@ -258,8 +258,10 @@ def test_operator_opens_a_link_trains_and_follows_the_round_across_a_reload(site
 
     # Auto is the recommended default; this walk-through trains one epoch by hand.
     page.get_by_text("Full: train every layer").click()
-    if not page.get_by_label("Epochs").is_visible():
+    settle(page)  # the rerun redraws the form: only then is "Manual parameters" open or not
+    if not page.get_by_label("Epochs", exact=True).is_visible():
         page.get_by_text("Manual parameters").click()
+    page.get_by_label("Epochs", exact=True).wait_for(state="visible")
     fill_number(page, "Epochs", "1")
     fill_number(page, "Batch size", "16")
     fill_number(page, "Image size (px)", "32")
