@@ -106,6 +106,10 @@ def cmd_serve(args) -> int:
 
     from core.db import get_engine
 
+    # A process started in the background by a script inherits SIGINT
+    # ignored (and passes that on to its children): Ctrl-C, or a supervisor's
+    # SIGINT, must still stop the server and its worker.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     get_engine()
     with session_scope() as session:
         first_password = users.ensure_first_admin(session=session)
