@@ -188,7 +188,12 @@ with form:
     if job_id := st.session_state.get("last_job_id"):
         with read_session() as session:
             asked = get_round(job_id, session=session)
-        queued_with = ", ".join(f"{LABELS[k].lower()} {v}" for k, v in asked.parameters.items() if k in LABELS)
+        shown = {True: "yes", False: "no"}
+        queued_with = ", ".join(
+            f"{LABELS[k].lower()} {shown.get(v, v) if isinstance(v, bool) else v}"
+            for k, v in asked.parameters.items()
+            if k in LABELS and v is not None  # no time budget outside Auto mode
+        )
         state = asked.status.value.replace("_", " ")
         banner = st.error if asked.status == RoundStatus.failed else st.success
         banner(

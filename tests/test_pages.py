@@ -482,6 +482,7 @@ def test_the_confirmation_lists_the_parameters_queued_and_follows_the_jobs_state
     banner = at.success[0].value
     assert f"Round {job.id}" in banner and "**queued**" in banner
     assert "epochs 3" in banner and "learning rate 0.01" in banner
+    assert "None" not in banner and "True" not in banner and "use existing model" in banner  # words, not Python
     with session_scope() as writer:
         done = writer.get(TrainingRound, job.id)
         done.status = RoundStatus.failed
