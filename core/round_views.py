@@ -19,6 +19,7 @@ from core.models import (
     as_utc,
     utcnow,
 )
+from core.quality_views import wilson_interval
 
 
 def phase_seconds(round_: TrainingRound, now: datetime | None = None) -> dict[str, float]:
@@ -178,3 +179,18 @@ def current_round(*, session: Session) -> TrainingRound | None:
 
 def queued_count(*, session: Session) -> int:
     return session.exec(select(func.count(TrainingRound.id)).where(TrainingRound.status == RoundStatus.queued)).one()
+
+
+def trial_rows(round_: TrainingRound) -> list[dict]:
+    """Auto mode's trials as the Live metrics page lists them: each validation
+    accuracy with the images behind it and its 95 % interval, since trials
+    a point or two apart on a small validation part are not told apart."""
+    rows = []
+    for row in round_.trials:
+        accuracy, images = row.get("val_accuracy"), row.get("val_images")
+        interval = None
+        if accuracy is not None and images:
+            low, high = wilson_interval(round(accuracy * images / 100), images)
+            interval = f"{low:.1f}–{high:.1f}%"
+        rows.append({**row, "val_images": images, "val_interval": interval})
+    return rows

@@ -109,7 +109,7 @@ def live(round_id: int) -> None:
     if round_.device:
         st.caption(f"Device: {md(round_.device)}")
     if round_.trials:
-        trials(round_.trials)
+        trials(round_views.trial_rows(round_))
     curves(metrics)
 
 
@@ -132,6 +132,8 @@ def trials(rows: list[dict]) -> None:
             "image_size",
             "epochs",
             "val_accuracy",
+            "val_images",
+            "val_interval",
             "seconds",
             "note",
         ],
@@ -140,6 +142,8 @@ def trials(rows: list[dict]) -> None:
             "learning_rate": st.column_config.NumberColumn("learning rate", format="%.5f"),
             "image_size": st.column_config.NumberColumn("image size (px)"),
             "val_accuracy": st.column_config.NumberColumn("validation accuracy (%)", format="%.1f"),
+            "val_images": st.column_config.NumberColumn("n", help="validation images behind the accuracy"),
+            "val_interval": st.column_config.TextColumn("95% CI", help="Wilson interval of the accuracy"),
             "seconds": st.column_config.NumberColumn("time (s)", format="%.1f"),
         },
     )

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from core import round_views
 from core.db import read_session
 from core.errors import UserError
 from core.models import ModelVersion, RoundStatus, TrainingRound
@@ -125,6 +126,12 @@ def test_an_auto_round_searches_records_its_trials_and_makes_one_version_despite
     assert trials[0]["state"] == "failed" and "failure injected at auto_trial0" in trials[0]["note"]
     [chosen] = [row for row in done.trials if row["chosen"]]
     assert chosen["state"] in ("kept", "pruned") and chosen["epochs"] >= 1 and chosen["val_accuracy"] is not None
+    # The live table gives each trial's accuracy its n (the round's validation part) and 95 % interval.
+    [shown] = [row for row in round_views.trial_rows(done) if row["chosen"]]
+    low, high = (float(x) for x in shown["val_interval"].rstrip("%").split("–"))
+    with read_session() as reading:
+        assert shown["val_images"] == reading.get(ModelVersion, done.model_version_id).metrics["val_images"]
+    assert low <= chosen["val_accuracy"] <= high and high - low > 5  # some 20 validation pictures: a wide interval
     # The winner trained as a `full` round: its parameters are the chosen trial's.
     assert done.parameters["training_mode"] == "full"
     assert (done.parameters["architecture"], done.parameters["image_size"]) == (

@@ -158,6 +158,7 @@ def trial_rows(trials: list[FrozenTrial], running: tuple[int, float] | None = No
                 "image_size": t.params.get("image_size"),
                 "epochs": epochs,
                 "val_accuracy": round(max(t.intermediate_values.values()), 2) if epochs else None,
+                "val_images": t.user_attrs.get("val_images"),
                 "state": STATES[t.state],
                 "seconds": round(seconds, 1) if seconds is not None else None,
                 "load_seconds": round(t.user_attrs.get("load_seconds", 0.0), 1),
@@ -312,6 +313,8 @@ def _train_trial(
     data = run.split(config.image_size)
     # Decoding the pictures happens once per size: not part of the trial's pace.
     trial.set_user_attr("load_seconds", time.perf_counter() - started)
+    # The n behind the trial's accuracy: every trial is scored on the same validation part.
+    trial.set_user_attr("val_images", len(data.y_val))
     classes = list(run.round.classes)
     placement = Placement.local()
     trainer = FullTrainer(config, classes, data, placement)
