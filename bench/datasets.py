@@ -91,25 +91,16 @@ def glyphs(n: int = 1200, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
     pairs = [(letter, font) for font in fonts for letter in LETTERS]
     images, labels = [], []
     for letter, font_file in rng.sample(pairs, min(n, len(pairs))):
-        size, dx, dy, ink = rng.randint(34, 50), rng.uniform(-6, 6), rng.uniform(-6, 6), rng.randint(0, 60)
-        images.append(glyph(letter, font_file, size, dx, dy, ink, angle=rng.uniform(-12, 12)))
+        font = ImageFont.truetype(font_file, rng.randint(34, 50))
+        canvas = Image.new("L", (64, 64), 255)
+        draw = ImageDraw.Draw(canvas)
+        left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+        x = (64 - (right - left)) / 2 - left + rng.uniform(-6, 6)
+        y = (64 - (bottom - top)) / 2 - top + rng.uniform(-6, 6)
+        draw.text((x, y), letter, fill=rng.randint(0, 60), font=font)
+        images.append(canvas.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, fillcolor=255))
         labels.append(letter)
     return images, labels
-
-
-def glyph(
-    letter: str, font_file: str, size: int, dx: float = 0.0, dy: float = 0.0, ink: int = 0, angle: float = 0.0
-) -> Image.Image:
-    """`letter` drawn in `font_file` at `size` on a white 64-px square, centred
-    then moved by (`dx`, `dy`) pixels, in grey level `ink`, turned by `angle` degrees."""
-    font = ImageFont.truetype(font_file, size)
-    canvas = Image.new("L", (64, 64), 255)
-    draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
-    x = (64 - (right - left)) / 2 - left + dx
-    y = (64 - (bottom - top)) / 2 - top + dy
-    draw.text((x, y), letter, fill=ink, font=font)
-    return canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=255)
 
 
 def documents(n: int = 1000, seed: int = 0) -> tuple[list[Image.Image], list[str]]:

@@ -26,20 +26,6 @@ an exact one that confirms them.
    clips), different pictures rarely above 0.99 (a handful of handwritten
    digits that differ by a few grey levels, letters in two metric-
    compatible fonts).
-3. Fine confirmation, for pictures with detail finer than 16 x 16 shows
-   (`detail` at least `MIN_DETAIL`: letters, text, most photos; not the
-   digits, enlarged from 8 x 8): the two thumbnails, blurred by
-   `FINE_SIGMA` pixels, registered exactly under the changes a genuine copy
-   undergoes (a scale and a shift along each axis, fitted by Gauss-Newton
-   steps instead of picked from the 1 % grid of crops) and compared at 64 x 64
-   (`fine_similarity`), need at least `MIN_FINE_SIMILARITY`. Once the crop
-   is undone exactly, a copy differs from its original only by re-encoding,
-   resampling and clipped brightness, while one letter in two fonts of one
-   design, drawn a few per cent larger or smaller, still differs in its
-   strokes. Measured (BENCHMARKS.md, section 7): planted copies with detail
-   0.9982 - 1.0, the two such false pairs of letters 0.9966 and 0.9977. A
-   narrow gap, so the check only removes matches the 16 x 16 check made:
-   it never adds one.
 
 Why not one measure: a cropped copy of a digit is farther in pHash bits
 from its original than many different digits are from each other, and
@@ -48,8 +34,7 @@ Alone, the hash at 54 bits with a relative rule reached 57 % recall on the
 digits and 93 % pair precision on digits and letters (BENCHMARKS.md,
 section 7); the two checks together find 97-100 % of the copies with
 99.4-100 % pair precision on every kind but the letters (98.4 %: two fonts
-of one design draw some letters alike, up to a scale the alignment
-absorbs); the fine confirmation removes those two false pairs.
+of one design draw some letters alike, up to a scale the alignment absorbs).
 
 - No chaining: an image joins the cluster of its best-confirmed
   *representative* (an earlier image that matched none), never of another
@@ -73,7 +58,6 @@ from pathlib import Path
 import imagehash
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 from sqlmodel import Session, col, func, select
 from threadpoolctl import threadpool_limits
 
@@ -98,17 +82,6 @@ CROP_STEP = 0.01
 # Measured from 0.985 to 0.994 (BENCHMARKS.md, section 7): lower lets
 # near-identical different digits match, higher loses cropped copies of text.
 MIN_SIMILARITY = 0.993
-# The fine confirmation: blur (pixels of the 64 px thumbnail); the share of a
-# picture's variance finer than that blur above which it applies (digits at
-# most 0.007, letters at least 0.05, documents 0.28); and its threshold,
-# between the lowest copy with detail (0.9982) and the highest different pair
-# (0.9977) measured in BENCHMARKS.md, section 7.
-FINE_SIGMA = 1.5
-MIN_DETAIL = 0.02
-MIN_FINE_SIMILARITY = 0.998
-# Pixels along each side left out of the fine comparison: a crop of MAX_CROP
-# moves a side by up to 2.6 px, and what lies beyond it is not in the copy.
-EDGE = 4
 # A hash with at most this many bits set, or unset, comes from a picture with
 # next to no detail: such pictures all hash alike.
 FEATURELESS_BITS = 16
@@ -247,85 +220,6 @@ def similarity(a: bytes, b: bytes) -> float:
     return best
 
 
-def _pixels(thumb: bytes) -> np.ndarray:
-    return np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float64)
-
-
-def detail(thumb: bytes) -> float:
-    """The share of a thumbnail's variance at scales finer than `FINE_SIGMA`
-    (0: a smooth picture, such as an enlarged 8 x 8 digit)."""
-    x = _pixels(thumb)
-    return float((x - ndimage.gaussian_filter(x, FINE_SIGMA)).var() / max(float(x.var()), 1e-9))
-
-
-# The fine comparison's pixels, as distances from the thumbnail's centre along a side.
-_INNER = np.arange(EDGE, THUMB - EDGE) - (THUMB - 1) / 2
-# Bounds of the registration (scale and shift of rows, of columns) and its steps.
-_LOWEST = np.array([0.9, -4.0, 0.9, -4.0])
-_HIGHEST = np.array([1.1, 4.0, 1.1, 4.0])
-REGISTRATION_STEPS = 10
-
-
-def _resampling(scale: float, shift: float) -> np.ndarray:
-    """The (THUMB - 2 EDGE, THUMB) matrix that samples the inner pixels of a
-    side, scaled about its centre by `scale` and moved by `shift` pixels,
-    linearly interpolated."""
-    source = np.clip(scale * _INNER + (THUMB - 1) / 2 + shift, 0, THUMB - 1)
-    return np.maximum(0.0, 1 - np.abs(source[:, None] - np.arange(THUMB)[None, :]))
-
-
-def fine_similarity(a: bytes, b: bytes) -> float:
-    """How alike two thumbnails are at fine scale: the correlation of `a`
-    with `b` scaled and moved along each axis (by up to 10 % and 4 px) to fit
-    it best, both blurred by `FINE_SIGMA`, the `EDGE` pixels along each side
-    of `a` left out.
-
-    Hand-written: the fit is Gauss-Newton (Lucas-Kanade) on the scales,
-    shifts, a gain and an offset, whose least-squares optimum is the highest
-    correlation. On the benchmark's pairs it reached scipy's Powell search's
-    optimum within 0.0001 in 2-3 steps, 5 ms a pair against Powell's 40 ms
-    (100 evaluations); a scale and shift per axis is separable, so the warp is
-    two small matrix products."""
-    x, y = (ndimage.gaussian_filter(_pixels(t), FINE_SIGMA) for t in (a, b))
-    target = x[EDGE : THUMB - EDGE, EDGE : THUMB - EDGE].ravel()
-    along_rows, along_cols = np.gradient(y)
-    p = np.array([1.0, 0.0, 1.0, 0.0])
-    for _ in range(REGISTRATION_STEPS):
-        rows, cols = _resampling(p[0], p[1]), _resampling(p[2], p[3])
-        warped, dy, dx = (rows @ z @ cols.T for z in (y, along_rows, along_cols))
-        # The warped picture's derivatives in the four parameters, then gain and offset.
-        change = np.stack(
-            [
-                (dy * _INNER[:, None]).ravel(),
-                dy.ravel(),
-                (dx * _INNER[None, :]).ravel(),
-                dx.ravel(),
-                warped.ravel(),
-                np.ones(warped.size),
-            ],
-            axis=1,
-        )
-        fit = np.linalg.lstsq(change, target, rcond=None)[0]
-        if abs(fit[4]) < 1e-9:  # nothing of `b` left in the fit
-            break
-        step = fit[:4] / fit[4]
-        p = np.clip(p + step, _LOWEST, _HIGHEST)
-        if np.abs(step).max() < 1e-3:
-            break
-    return float(_normalised(_resampling(p[0], p[1]) @ y @ _resampling(p[2], p[3]).T) @ _normalised(target))
-
-
-def confirmed(a: bytes, b: bytes) -> float | None:
-    """`similarity` of two thumbnails when they are one picture by both
-    checks (the fine one only when both have `detail`), else None."""
-    score = similarity(a, b)
-    if score < MIN_SIMILARITY:
-        return None
-    if min(detail(a), detail(b)) >= MIN_DETAIL and fine_similarity(a, b) < MIN_FINE_SIMILARITY:
-        return None
-    return score
-
-
 @dataclass
 class Representatives:
     """Representatives' ids and hashes (the first `len(ids)` rows of
@@ -361,10 +255,10 @@ class Representatives:
         if missing:
             self.thumbs |= self.thumbs_of(missing)
         scored = [
-            (confirmed(thumb, self.thumbs[self.ids[i]]), -i) for i in near if self.thumbs.get(self.ids[i]) is not None
+            (similarity(thumb, self.thumbs[self.ids[i]]), -i) for i in near if self.thumbs.get(self.ids[i]) is not None
         ]
-        best = max(((score, i) for score, i in scored if score is not None), default=None)
-        return None if best is None else self.ids[-best[1]]
+        best = max(scored, default=None)
+        return None if best is None or best[0] < MIN_SIMILARITY else self.ids[-best[1]]
 
     def add(self, image_id: int, phash: str | None, thumb: bytes | None) -> None:
         if phash is not None and not featureless(phash):

@@ -184,29 +184,3 @@ def test_a_category_without_test_images_gets_them_only_from_images_no_version_le
     moved = [r for r in rows if split_of(r.split_key, 0.2) == "test"]
     assert moved and not {r.id for r in moved} & {r.id for r in learnt}
     assert len(rows) >= MIN_FOR_TEST and ensure_test_images(session=session) == 0  # once is enough
-
-
-def test_one_letter_in_two_fonts_of_one_design_does_not_match_but_its_copies_do():
-    """DejaVu Sans Mono's S and DejaVu Sans Condensed's, drawn a size apart:
-    the 16 x 16 check, whose grid of crops absorbs the scale as it would a
-    light crop, matches them; the fine confirmation tells them apart and
-    still confirms the copies of one of them."""
-    fonts = {path.rsplit("/", 1)[-1]: path for path in datasets.font_files()}
-    if not {"DejaVuSansMono.ttf", "DejaVuSansCondensed.ttf"} <= fonts.keys():
-        pytest.skip("the DejaVu fonts are not installed")
-    mono = datasets.glyph("S", fonts["DejaVuSansMono.ttf"], 44)
-    condensed = datasets.glyph("S", fonts["DejaVuSansCondensed.ttf"], 45)
-    (hash_a, thumb_a), (hash_b, thumb_b) = fingerprints([mono, condensed])
-    assert duplicates.distances(hash_a, duplicates.as_array([hash_b]))[0] <= duplicates.MAX_DISTANCE
-    assert duplicates.similarity(thumb_a, thumb_b) >= duplicates.MIN_SIMILARITY
-    assert min(duplicates.detail(thumb_a), duplicates.detail(thumb_b)) >= duplicates.MIN_DETAIL
-    import io
-
-    from PIL import Image, ImageOps
-
-    rng = random.Random(0)
-    copies = [
-        ImageOps.exif_transpose(Image.open(io.BytesIO(datasets.copy_bytes(mono, kind, rng))))
-        for kind in datasets.COPIES
-    ]
-    assert duplicates.group(fingerprints([mono, condensed, *copies])) == [0, 1] + [0] * len(copies)
