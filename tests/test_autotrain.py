@@ -77,10 +77,22 @@ def row(number, accuracy, epochs, state="kept", note=""):
 
 def test_the_winner_is_the_best_validation_accuracy_and_of_equals_the_longest_trained():
     rows = [row(0, 80.0, 1, "pruned"), row(1, 90.0, 1), row(2, 90.0, 3), row(3, None, 0, "failed", "boom")]
-    assert autotrain.choose(rows)["number"] == 2
-    assert autotrain.choose([*rows, row(4, 99.0, 2, "running")])["number"] == 2  # not while it runs
+    assert autotrain.choose(rows, 100.0)["number"] == 2
+    assert autotrain.choose([*rows, row(4, 99.0, 2, "running")], 100.0)["number"] == 2  # not while it runs
     with pytest.raises(RuntimeError, match="every trial of the search failed .*trial 3: boom"):
-        autotrain.choose([row(3, None, 0, "failed", "boom")])
+        autotrain.choose([row(3, None, 0, "failed", "boom")], 100.0)
+
+
+def test_the_winner_is_one_the_time_left_trains_further_than_its_trial():
+    # A slow architecture ahead after its one epoch (60 s), a quick one after five (10 s each).
+    slow = {**row(0, 34.0, 1), "seconds": 60.0}
+    quick = {**row(1, 31.0, 5), "seconds": 50.0}
+    # 100 s left: 80 s trains the slow one one epoch again, the quick one eight.
+    assert autotrain.choose([slow, quick], 100.0)["number"] == 1
+    # 300 s left: the slow one gets four epochs, more than its trial's one.
+    assert autotrain.choose([slow, quick], 300.0)["number"] == 0
+    # Nothing left (a search stopped on request): the best of all.
+    assert autotrain.choose([slow, quick], 0.0)["number"] == 0
 
 
 def test_no_trial_starts_without_time_for_one_epoch_at_the_quickest_pace_seen():
