@@ -137,7 +137,11 @@ def register(round_: TrainingRound, trained: Trained, reporter: RoundReporter, *
     version = registry.next_version(classes, session=session)
     session.rollback()  # release the read transaction while exporting
     reporter.note(f"exporting model {version}")
-    artifacts = export_model(model, version, normalize(trained.data.x_val[:PARITY_IMAGES]), on_step=reporter.phase)
+    images = normalize(trained.data.x_val[:PARITY_IMAGES])
+    # The first format makes the version downloadable; the others (the .pte's
+    # lowering takes most of a quick retrain's time) follow the commit.
+    first, later = get_settings().formats[:1], get_settings().formats[1:]
+    artifacts = export_model(model, version, images, on_step=reporter.phase, formats=first)
     ckpt = registry.checkpoint_path(version)
     save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
     duration = round_.elapsed_seconds() or 0.0
@@ -168,7 +172,40 @@ def register(round_: TrainingRound, trained: Trained, reporter: RoundReporter, *
         remove_files(candidate.files)
         raise
     shutil.rmtree(round_dir(round_), ignore_errors=True)
+    if later:
+        add_artifacts(mv, model, images, later, reporter, session=session)
     return mv
+
+
+def add_artifacts(
+    mv: ModelVersion,
+    model: nn.Module,
+    images: torch.Tensor,
+    formats: tuple[str, ...],
+    reporter: RoundReporter,
+    *,
+    session: Session,
+) -> None:
+    """Export a committed version to more `formats`, each written, verified
+    in its own runtime and renamed into place before its record joins the
+    version's artifacts: phones are only ever told about verified files, and
+    download the version's first format meanwhile. A failure leaves the
+    version as it was (the round is already completed) and says so in its
+    history."""
+    records = []
+    try:
+        records = export_model(model, mv.version, images, formats=formats)
+        session.refresh(mv)  # a promotion or rollback meanwhile is kept
+        mv.artifacts = [*mv.artifacts, *records]
+        session.add(mv)
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        remove_files([get_settings().data_dir / r["path"] for r in records])
+        log.exception("model %s: adding %s failed", mv.version, formats)
+        reporter.note(f"model {mv.version} has no {' or '.join('.' + f for f in formats)} file: {exc}", warning=True)
+        return
+    reporter.note(f"model {mv.version}: {', '.join('.' + r['format'] for r in records)} verified and added")
 
 
 def score_production(test: TestImages, reporter: RoundReporter, *, session: Session) -> ProductionScores:
