@@ -115,10 +115,12 @@ class ImageFile:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self), 3, self.size, self.size)
 
-    def rows(self, start: int, stop: int) -> "ImageFile":
-        """The rows `start:stop` of this one, as another `ImageFile` (no reading)."""
-        start, stop, _ = slice(start, stop).indices(len(self))
-        return ImageFile(self.path, self.size, self.start + start, self.start + max(start, stop))
+    def split(self, lengths: list[int]) -> list["ImageFile"]:
+        """Consecutive parts of these rows, `lengths` long (as `torch.Tensor.split` with a list)."""
+        if sum(lengths) != len(self):
+            raise ValueError(f"parts of {sum(lengths)} rows do not make up {len(self)}")
+        ends = [self.start + sum(lengths[: k + 1]) for k in range(len(lengths))]
+        return [ImageFile(self.path, self.size, a, b) for a, b in zip([self.start, *ends], ends, strict=False)]
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, slice):

@@ -86,18 +86,15 @@ def load_split(
     y_all = torch.tensor(labels, dtype=torch.long)
     train, val, test = parts.train, parts.val, parts.test
     size = config.image_size
-    if len(snapshot) * 3 * size * size > get_settings().training_images_max_bytes:
-        # One file in training, validation, test order: each part is a run of rows.
-        order = [*train, *val, *test]
-        rows = write_image_file(
-            round_dir(round_) / f"images_{size}px.u8", [paths[i] for i in order], size, [shas[i] for i in order]
-        )
+    # Decoded in training, validation, test order: each part is a run of rows, no copy.
+    order = [*train, *val, *test]
+    ordered = [paths[i] for i in order], size, [shas[i] for i in order]
+    if len(order) * 3 * size * size > get_settings().training_images_max_bytes:
+        rows = write_image_file(round_dir(round_) / f"images_{size}px.u8", *ordered)
         reporter.note(f"{len(order)} images at {size} px are read from disk batch by batch (TRAINING_IMAGES_MAX_BYTES)")
-        x_train, x_val = rows.rows(0, len(train)), rows.rows(len(train), len(train) + len(val))
-        x_test = rows.rows(len(train) + len(val), len(order))
     else:
-        x_all = load_images(paths, size, shas)
-        x_train, x_val, x_test = x_all[train], x_all[val], x_all[test]
+        rows = load_images(*ordered)
+    x_train, x_val, x_test = rows.split([len(train), len(val), len(test)])
     return Split(
         x_train,
         y_all[train],
