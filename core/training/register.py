@@ -23,7 +23,7 @@ from core.config import get_settings
 from core.dataset import normalize
 from core.export import artifact_path, export_model, remove_files
 from core.faults import crash_point
-from core.models import ModelVersion, RoundStatus, TrainingRound, utcnow
+from core.models import ModelVersion, RoundStatus, TrainingRound, as_utc, utcnow
 from core.training.config import TrainingConfig
 from core.training.evaluation import TestImages, accuracy, misclassified, predict_test_images, summarise
 from core.training.progress import RoundReporter, enter_phase, history_line, round_dir, save_checkpoint
@@ -206,6 +206,17 @@ def add_artifacts(
         reporter.note(f"model {mv.version} has no {' or '.join('.' + f for f in formats)} file: {exc}", warning=True)
         return
     reporter.note(f"model {mv.version}: {', '.join('.' + r['format'] for r in records)} verified and added")
+
+
+def formats_pending(round_: TrainingRound, version: ModelVersion) -> bool:
+    """Whether the job that made `version` is still adding its later formats
+    (`add_artifacts`, after the commit): one of EXPORT_FORMATS is missing,
+    the job has not yet said how that went, and its worker is alive."""
+    missing = set(get_settings().formats) - {a["format"] for a in version.artifacts}
+    reported = not round_.history or "completed: model" not in round_.history[-1]
+    beat = as_utc(round_.heartbeat_at)
+    alive = beat is not None and (utcnow() - beat).total_seconds() < get_settings().heartbeat_timeout
+    return bool(missing) and not reported and alive
 
 
 def score_production(test: TestImages, reporter: RoundReporter, *, session: Session) -> ProductionScores:
