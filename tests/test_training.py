@@ -238,3 +238,26 @@ def test_a_round_too_large_for_memory_trains_from_its_image_file_to_the_same_mod
         assert streamed.metrics[key] == in_memory.metrics[key]
     weights = load_checkpoint(in_memory)["state_dict"], load_checkpoint(streamed)["state_dict"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_pte_that_fails_after_the_commit_leaves_the_version_downloadable_as_ptl_and_says_why(
+    session, data_dir, monkeypatch
+):
+    from core import export
+    from core.training.rounds import run_training_round
+    from tests.factories import add_demo
+
+    def lowering_fails(model, example, path):
+        path.write_bytes(b"half")
+        raise RuntimeError("XNNPACK lowering failed")
+
+    monkeypatch.setattr(export, "_write_pte", lowering_fails)
+    add_demo(session, per_category=10, size=32)
+    round_ = start_training({"epochs": 1, "batch_size": 16, "image_size": 32}, session=session)
+    session.commit()
+    version = run_training_round(round_.id, session=session)
+    session.refresh(round_)
+    assert round_.status == RoundStatus.completed and version is not None
+    assert [a["format"] for a in version.artifacts] == ["ptl"] and version.artifacts[0]["parity"]["passed"]
+    assert sorted(p.name for p in (data_dir / "mobile_models").iterdir()) == [f"model_{version.version}.ptl"]
+    assert any("has no .pte file" in w and "XNNPACK lowering failed" in w for w in round_.warnings)
