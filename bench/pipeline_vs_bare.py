@@ -28,8 +28,9 @@ def product_run(params: dict) -> tuple[float, float, float]:
     from sqlmodel import select
 
     from core.access import Actor, Role
+    from core.config import get_settings
     from core.db import read_session
-    from core.models import EpochMetric, RoundStatus, TrainingRound
+    from core.models import EpochMetric, ModelVersion, RoundStatus, TrainingRound
     from jobs import submit_training
 
     def state(round_id):
@@ -43,10 +44,19 @@ def product_run(params: dict) -> tuple[float, float, float]:
     wait_until(lambda: state(round_.id)[1] == params["epochs"], timeout=1800)
     trained = time.perf_counter() - started
     status = wait_until(lambda: (s := state(round_.id)[0]) in (RoundStatus.completed, RoundStatus.failed) and s, 1800)
-    done = time.perf_counter() - started
     with read_session() as s:
         r = s.get(TrainingRound, round_.id)
         assert status == RoundStatus.completed, r.error
+
+    def exported():
+        with read_session() as s:
+            version = s.exec(select(ModelVersion).where(ModelVersion.round_id == round_.id)).one()
+            return len(version.artifacts) == len(get_settings().formats)
+
+    # The job ends when the formats made after the commit (the .pte) are added:
+    # the consumer takes the next job only then.
+    wait_until(exported, 1800)
+    done = time.perf_counter() - started
     return trained, done
 
 

@@ -12,6 +12,7 @@ from core.errors import UserError
 from core.models import FINISHED_STATUSES, Automation, RoundStatus
 from core.round_details import load_round_details
 from core.training.config import ARCHITECTURES, AUTO, AUTO_BUDGET_MINUTES, TRAINING_MODES, TrainingConfig
+from core.training.register import formats_pending
 
 
 def _train_params(args) -> dict:
@@ -55,10 +56,13 @@ def _wait(job_id: str) -> int:
         line = (
             f"{round_.status.value}: epoch {round_.current_epoch}/{round_.parameters['epochs']}, {round_.progress:.0%}"
         )
+        pending = details.version is not None and formats_pending(round_, details.version)
+        if pending:
+            line = f"model {details.version.version} is downloadable; its other formats are being made and checked"
         if line != last:
             print(line, flush=True)
             last = line
-        if round_.status in FINISHED_STATUSES:
+        if round_.status in FINISHED_STATUSES and not pending:
             break
         time.sleep(1)
     if round_.status == RoundStatus.completed:

@@ -39,8 +39,9 @@ class TensorCache:
         name = hashlib.sha256(key.encode()).hexdigest()
         return self.folder / name[:2] / f"{name}.npy"
 
-    def get(self, key: str) -> torch.Tensor | None:
-        """The tensor stored under `key`, from memory or else from disk."""
+    def get(self, key: str, remember: bool = True) -> torch.Tensor | None:
+        """The tensor stored under `key`, from memory or else from disk (then
+        kept in memory unless `remember` is false)."""
         with self._lock:
             tensor = self._entries.get(key)
             if tensor is not None:
@@ -54,18 +55,21 @@ class TensorCache:
         except (ValueError, OSError, EOFError):
             path.unlink(missing_ok=True)  # damaged (a power cut): recomputed and written again
             return None
-        self._remember(key, tensor)
+        if remember:
+            self._remember(key, tensor)
         return tensor
 
-    def put(self, key: str, tensor: torch.Tensor) -> None:
-        """Store `tensor` (kept as given; callers must not modify it later)."""
+    def put(self, key: str, tensor: torch.Tensor, remember: bool = True) -> None:
+        """Store `tensor` (kept as given, callers must not modify it later; on
+        disk only unless `remember`)."""
         tensor = tensor.detach().contiguous()
         path = self.path(key)
         if not path.exists():
             buffer = io.BytesIO()
             np.save(buffer, tensor.numpy(), allow_pickle=False)
             write_atomic(path, buffer.getvalue(), durable=False)
-        self._remember(key, tensor)
+        if remember:
+            self._remember(key, tensor)
 
     def _remember(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     # Decoded images and backbone features kept in memory by a worker process
     # (least recently used dropped first); the rest is read from DATA_DIR/cache.
     cache_max_bytes: int = Field(1024**3, ge=0)
+    # A round whose decoded images (3 x size x size bytes each) add up to more
+    # than this trains from one file of them in its round folder, read batch
+    # by batch, so a worker's memory does not grow with the dataset; smaller
+    # rounds hold them in memory. 0: always from the file.
+    training_images_max_bytes: int = Field(2 * 1024**3, ge=0)
     # `auto`: a CUDA GPU when there is one (with mixed precision), else the CPU.
     training_device: Literal["auto", "cpu", "cuda"] = "auto"
     # The most processes (DDP ranks) one job may ask for; on CUDA each needs its own GPU.

@@ -8,7 +8,7 @@ renamed into place. A file that fails the check never appears.
 import importlib.metadata
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +115,14 @@ def check_parity(path: Path, fmt: str, images: torch.Tensor, eager_logits: torch
 
 
 def export_model(
-    model: nn.Module, version: str, images: torch.Tensor, on_step: Callable[[str], None] | None = None
+    model: nn.Module,
+    version: str,
+    images: torch.Tensor,
+    on_step: Callable[[str], None] | None = None,
+    formats: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Write, verify and publish both artifacts for `version`.
+    """Write, verify and publish the artifacts of `version` in `formats`
+    (default: every one of EXPORT_FORMATS).
 
     `images` are normalised validation images (N, 3, H, W). Returns one record
     per artifact; raises ExportError (leaving no file behind) on any failure.
@@ -131,7 +136,7 @@ def export_model(
     example = images[:1].contiguous()
     records, published = [], []
     try:
-        for fmt in get_settings().formats:
+        for fmt in get_settings().formats if formats is None else formats:
             final = artifact_path(version, fmt)
             tmp = temp_path_for(final)
             try:

@@ -142,6 +142,13 @@ def version(site) -> str:
         return production.version if production else add_fake_version(session, "1.0.0").version
 
 
+def version_formats(version: str) -> list[str]:
+    from core.registry import get_version
+
+    with Session(get_engine()) as session:
+        return [a["format"] for a in get_version(version, session=session).artifacts]
+
+
 def settle(page) -> None:
     """Wait until Streamlit has finished the rerun a click or an edit started."""
     page.wait_for_timeout(300)
@@ -296,6 +303,8 @@ def test_operator_opens_a_link_trains_and_follows_the_round_across_a_reload(site
     tab.get_by_role("heading", name=f"Model {made}").wait_for()
     tab.close()
 
+    # The .pte joins the version once made and checked, after the .ptl.
+    wait_for(lambda: len(version_formats(made)) == 2, timeout=600, interval=1, message="the .pte of " + made)
     go(page, "Models")
     page.get_by_text(f"In production now: {made}").wait_for()
     expect(page.get_by_role("button", name="Download .ptl")).to_be_visible()

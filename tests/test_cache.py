@@ -83,3 +83,30 @@ def test_a_damaged_cache_file_is_recomputed_not_used(stored, data_dir):
     cache.path(image_key(shas[0], 32)).write_bytes(b"not an array")
     assert cache.get(image_key(shas[0], 32)) is None
     assert torch.equal(load_images(paths, 32, shas, cache=cache), expected)
+
+
+def test_a_round_streamed_from_its_image_file_reads_exactly_the_pixels_of_the_in_memory_path(stored, tmp_path):
+    paths, shas = stored
+    expected = load_images(paths, 32, shas)
+    rows = dataset.write_image_file(tmp_path / "images.u8", paths, 32, shas)
+    assert rows.shape == expected.shape
+    assert torch.equal(rows[:], expected)
+    # A shuffled batch with a repeat, a list, a negative index, and a part's own rows (a split's view).
+    batch = torch.tensor([5, 0, 3, 3, 7, 1])
+    assert torch.equal(rows[batch], expected[batch])
+    assert torch.equal(rows[[2, -1]], expected[[2, -1]])
+    _, part, _ = rows.split([3, 4, len(rows) - 7])
+    assert len(part) == 4 and torch.equal(part[1:3], expected[4:6]) and torch.equal(part[[3, 0]], expected[[6, 3]])
+    with pytest.raises(IndexError):
+        part[[4]]
+
+
+def test_a_streamed_round_decodes_into_its_file_without_filling_the_memory_cache(stored, tmp_path, monkeypatch):
+    paths, shas = stored
+    rows = dataset.write_image_file(tmp_path / "images.u8", paths, 32, shas)
+    assert len(get_cache()) == 0
+    assert (tmp_path / "images.u8").stat().st_size == len(paths) * 3 * 32 * 32
+    # The decoded pixels went to the cache's files: another size's file or a later round decodes nothing.
+    no_decoding(monkeypatch)
+    again = dataset.write_image_file(tmp_path / "again.u8", paths, 32, shas)
+    assert torch.equal(again[:], rows[:])

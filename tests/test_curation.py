@@ -346,7 +346,7 @@ def test_cli_lists_and_resolves_suspects_and_lists_duplicate_clusters(session, c
 # --- the measured recall ----------------------------------------------------------------
 
 
-def stand_in_export(model, version, images, on_step=None):
+def stand_in_export(model, version, images, on_step=None, formats=None):
     """Export is tested elsewhere (test_training, test_model_quality); here it
     would be most of the runtime."""
     return [{"format": "ptl", "path": f"mobile_models/model_{version}.ptl", "sha256": "", "size_bytes": 1}]

@@ -94,3 +94,62 @@ def test_phone_uploads_operator_trains_phone_downloads_and_classifies(data_dir, 
     assert torch.isfinite(logits).all()
     label = manifest["classes"][int(logits.argmax())]
     assert label in DEMO_CATEGORIES
+
+
+def test_a_phone_downloads_the_new_version_as_ptl_while_its_pte_is_made_and_never_sees_the_unverified_pte(
+    data_dir, session, monkeypatch
+):
+    import threading
+
+    from fastapi.testclient import TestClient
+    from sqlmodel import Session
+
+    from api.app import app
+    from core import export
+    from core.config import get_settings
+    from core.db import get_engine
+    from core.training.rounds import run_training_round, start_training
+    from tests.factories import add_demo
+
+    monkeypatch.setenv("AUTO_PROMOTE", "always")
+    get_settings.cache_clear()
+    add_demo(session, per_category=10, size=32)
+    phone = add_token(session, "device", label="pixel-7")
+    round_ = start_training({"epochs": 1, "batch_size": 16, "image_size": 32}, session=session)
+    session.commit()
+    written, release = threading.Event(), threading.Event()
+    write_pte = export._write_pte
+
+    def pte_written_then_held(model, example, path):
+        write_pte(model, example, path)  # whole, under its temporary name, not yet checked
+        written.set()
+        assert release.wait(120)
+
+    monkeypatch.setattr(export, "_write_pte", pte_written_then_held)
+
+    def job():
+        with Session(get_engine(), expire_on_commit=False) as own:
+            run_training_round(round_.id, session=own)
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    try:
+        assert written.wait(300)
+        client = TestClient(app)
+        assert client.get(f"/models/training-status/{round_.job_id}/", headers=phone).json()["status"] == "completed"
+        manifest = client.get("/models/latest/", headers=phone).json()
+        assert [a["format"] for a in manifest["artifacts"]] == ["ptl"]
+        ptl = client.get(manifest["artifacts"][0]["url"], headers=phone)
+        assert hashlib.sha256(ptl.content).hexdigest() == manifest["artifacts"][0]["sha256"]
+        assert any(p.suffix == ".tmp" for p in (data_dir / "mobile_models").iterdir())  # the .pte being made
+        refused = client.get(f"/models/download/?version={manifest['version']}&format=pte", headers=phone)
+        assert refused.status_code == 404 and "has no 'pte' file; its formats: ptl" in refused.json()["detail"]
+    finally:
+        release.set()
+        worker.join(300)
+    manifest = client.get("/models/latest/", headers=phone).json()
+    assert [a["format"] for a in manifest["artifacts"]] == ["ptl", "pte"]
+    pte = client.get(manifest["artifacts"][1]["url"], headers=phone)
+    assert hashlib.sha256(pte.content).hexdigest() == manifest["artifacts"][1]["sha256"]
+    version = registry.get_version(manifest["version"], session=session)
+    assert all(a["parity"]["passed"] for a in version.artifacts)

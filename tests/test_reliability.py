@@ -176,8 +176,8 @@ def test_two_jobs_finishing_at_once_get_distinct_versions(data_dir, session, mon
     session.commit()
     real_export = register.export_model
 
-    def export_while_another_job_commits(model, version, images, on_step=None):
-        artifacts = real_export(model, version, images)
+    def export_while_another_job_commits(model, version, images, on_step=None, formats=None):
+        artifacts = real_export(model, version, images, formats=formats)
         with Session(session.get_bind()) as other:  # the other job commits 1.0.0 first
             other.add(
                 ModelVersion(

@@ -212,3 +212,52 @@ def test_parity_check_refuses_an_artifact_whose_logits_drift_beyond_the_toleranc
     drifted = check_parity(path, "ptl", images, shifted)
     assert not drifted.passed and drifted.top1_agreement == 1.0
     assert drifted.threshold == pytest.approx(MAX_LOGIT_DIFF + LOGIT_RTOL * float(shifted.abs().max()))
+
+
+def test_a_round_too_large_for_memory_trains_from_its_image_file_to_the_same_model(session, monkeypatch, ptl_only):
+    from core.config import get_settings
+    from core.registry import load_checkpoint
+    from core.training.progress import round_dir
+    from core.training.rounds import run_training_round
+    from tests.factories import add_demo
+
+    add_demo(session, per_category=12, size=32)
+    params = {"epochs": 1, "batch_size": 16, "image_size": 32, "use_existing_model": False}
+    versions = []
+    for limit in (str(2 * 1024**3), "0"):  # in memory, then streamed
+        monkeypatch.setenv("TRAINING_IMAGES_MAX_BYTES", limit)
+        get_settings.cache_clear()
+        round_ = start_training(params, session=session)
+        session.commit()
+        versions.append(run_training_round(round_.id, session=session))
+        assert versions[-1] is not None, round_.error
+    in_memory, streamed = versions
+    assert any("read from disk batch by batch" in line for line in round_.history)
+    assert not round_dir(round_).exists()  # the image file went with the round's folder
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "confusion_matrix"):
+        assert streamed.metrics[key] == in_memory.metrics[key]
+    weights = load_checkpoint(in_memory)["state_dict"], load_checkpoint(streamed)["state_dict"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_pte_that_fails_after_the_commit_leaves_the_version_downloadable_as_ptl_and_says_why(
+    session, data_dir, monkeypatch
+):
+    from core import export
+    from core.training.rounds import run_training_round
+    from tests.factories import add_demo
+
+    def lowering_fails(model, example, path):
+        path.write_bytes(b"half")
+        raise RuntimeError("XNNPACK lowering failed")
+
+    monkeypatch.setattr(export, "_write_pte", lowering_fails)
+    add_demo(session, per_category=10, size=32)
+    round_ = start_training({"epochs": 1, "batch_size": 16, "image_size": 32}, session=session)
+    session.commit()
+    version = run_training_round(round_.id, session=session)
+    session.refresh(round_)
+    assert round_.status == RoundStatus.completed and version is not None
+    assert [a["format"] for a in version.artifacts] == ["ptl"] and version.artifacts[0]["parity"]["passed"]
+    assert sorted(p.name for p in (data_dir / "mobile_models").iterdir()) == [f"model_{version.version}.ptl"]
+    assert any("has no .pte file" in w and "XNNPACK lowering failed" in w for w in round_.warnings)

@@ -15,6 +15,9 @@ from core.models import ModelVersion
 from core.training.networks import build_model, head
 from core.training.placement import MEMORY_FORMAT, device_of, prepare_batch
 
+# Test images decoded and scored at once by `predict_test_images`.
+PREDICT_CHUNK = 1024
+
 
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, max_images: int = 512, batch_size: int = 64) -> None:
     """Recompute BatchNorm running statistics from the current weights.
@@ -112,6 +115,10 @@ def predict_test_images(version: ModelVersion, test: TestImages) -> dict[int, st
     model = build_model(version.architecture, len(version.classes))
     model.load_state_dict(payload["state_dict"])
     model = model.to(memory_format=MEMORY_FORMAT)
-    x = load_images([test.paths[i] for i in known], version.image_size, [test.shas[i] for i in known])
-    _, logits = evaluate(model, x, torch.zeros(len(known), dtype=torch.long))
-    return {test.ids[i]: version.classes[p] for i, p in zip(known, logits.argmax(1).tolist(), strict=True)}
+    predicted = []
+    # A chunk at a time: a large round's test images need not fit in memory.
+    for start in range(0, len(known), PREDICT_CHUNK):
+        part = known[start : start + PREDICT_CHUNK]
+        x = load_images([test.paths[i] for i in part], version.image_size, [test.shas[i] for i in part])
+        predicted += evaluate(model, x, torch.zeros(len(part), dtype=torch.long))[1].argmax(1).tolist()
+    return {test.ids[i]: version.classes[p] for i, p in zip(known, predicted, strict=True)}

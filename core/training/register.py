@@ -23,13 +23,18 @@ from core.config import get_settings
 from core.dataset import normalize
 from core.export import artifact_path, export_model, remove_files
 from core.faults import crash_point
-from core.models import ModelVersion, RoundStatus, TrainingRound, utcnow
+from core.models import ModelVersion, RoundStatus, TrainingRound, as_utc, utcnow
 from core.training.config import TrainingConfig
 from core.training.evaluation import TestImages, accuracy, misclassified, predict_test_images, summarise
 from core.training.progress import RoundReporter, enter_phase, history_line, round_dir, save_checkpoint
 from core.training.trainers import Split
 
 log = logging.getLogger(__name__)
+
+# Validation images each exported file is checked on against the eager model:
+# every one of a small round's, and a bounded number of a large one's (the
+# check runs them one at a time, and holds them as floats).
+PARITY_IMAGES = 256
 
 
 @dataclass
@@ -132,7 +137,11 @@ def register(round_: TrainingRound, trained: Trained, reporter: RoundReporter, *
     version = registry.next_version(classes, session=session)
     session.rollback()  # release the read transaction while exporting
     reporter.note(f"exporting model {version}")
-    artifacts = export_model(model, version, normalize(trained.data.x_val), on_step=reporter.phase)
+    images = normalize(trained.data.x_val[:PARITY_IMAGES])
+    # The first format makes the version downloadable; the others (the .pte's
+    # lowering takes most of a quick retrain's time) follow the commit.
+    first, later = get_settings().formats[:1], get_settings().formats[1:]
+    artifacts = export_model(model, version, images, on_step=reporter.phase, formats=first)
     ckpt = registry.checkpoint_path(version)
     save_checkpoint(ckpt, {"config": config.to_dict(), "classes": classes, "state_dict": model.state_dict()})
     duration = round_.elapsed_seconds() or 0.0
@@ -163,7 +172,51 @@ def register(round_: TrainingRound, trained: Trained, reporter: RoundReporter, *
         remove_files(candidate.files)
         raise
     shutil.rmtree(round_dir(round_), ignore_errors=True)
+    if later:
+        add_artifacts(mv, model, images, later, reporter, session=session)
     return mv
+
+
+def add_artifacts(
+    mv: ModelVersion,
+    model: nn.Module,
+    images: torch.Tensor,
+    formats: tuple[str, ...],
+    reporter: RoundReporter,
+    *,
+    session: Session,
+) -> None:
+    """Export a committed version to more `formats`, each written, verified
+    in its own runtime and renamed into place before its record joins the
+    version's artifacts: phones are only ever told about verified files, and
+    download the version's first format meanwhile. A failure leaves the
+    version as it was (the round is already completed) and says so in its
+    history."""
+    records = []
+    try:
+        records = export_model(model, mv.version, images, formats=formats)
+        session.refresh(mv)  # a promotion or rollback meanwhile is kept
+        mv.artifacts = [*mv.artifacts, *records]
+        session.add(mv)
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        remove_files([get_settings().data_dir / r["path"] for r in records])
+        log.exception("model %s: adding %s failed", mv.version, formats)
+        reporter.note(f"model {mv.version} has no {' or '.join('.' + f for f in formats)} file: {exc}", warning=True)
+        return
+    reporter.note(f"model {mv.version}: {', '.join('.' + r['format'] for r in records)} verified and added")
+
+
+def formats_pending(round_: TrainingRound, version: ModelVersion) -> bool:
+    """Whether the job that made `version` is still adding its later formats
+    (`add_artifacts`, after the commit): one of EXPORT_FORMATS is missing,
+    the job has not yet said how that went, and its worker is alive."""
+    missing = set(get_settings().formats) - {a["format"] for a in version.artifacts}
+    reported = not round_.history or "completed: model" not in round_.history[-1]
+    beat = as_utc(round_.heartbeat_at)
+    alive = beat is not None and (utcnow() - beat).total_seconds() < get_settings().heartbeat_timeout
+    return bool(missing) and not reported and alive
 
 
 def score_production(test: TestImages, reporter: RoundReporter, *, session: Session) -> ProductionScores:

@@ -15,7 +15,8 @@ from sqlmodel import Session, col, select
 from torch import nn
 
 from core.cache import feature_key, get_cache
-from core.dataset import load_images
+from core.config import get_settings
+from core.dataset import Images, load_images, write_image_file
 from core.errors import UserError
 from core.ingest import image_path
 from core.models import TrainingImage, TrainingRound
@@ -41,16 +42,17 @@ EPOCH_RECALIBRATION_IMAGES = 64
 
 @dataclass
 class Split:
-    """A round's images (uint8), labels, SHA-256s and image ids: training,
-    validation and test, each in the order of the round's snapshot."""
+    """A round's images (uint8, in memory or read from a file as needed),
+    labels, SHA-256s and image ids: training, validation and test, each in
+    the order of the round's snapshot."""
 
-    x_train: torch.Tensor
+    x_train: Images
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: Images
     y_val: torch.Tensor
     sha_train: list[str]
     sha_val: list[str]
-    x_test: torch.Tensor
+    x_test: Images
     y_test: torch.Tensor
     sha_test: list[str]
     ids_train: list[int]
@@ -81,17 +83,26 @@ def load_split(
     parts = split_snapshot([s.get("split_key") for s in snapshot], labels, classes, config.val_split, config.seed)
     for note in parts.notes:
         reporter.note(note)
-    x_all = load_images(paths, config.image_size, shas)
     y_all = torch.tensor(labels, dtype=torch.long)
     train, val, test = parts.train, parts.val, parts.test
+    size = config.image_size
+    # Decoded in training, validation, test order: each part is a run of rows, no copy.
+    order = [*train, *val, *test]
+    ordered = [paths[i] for i in order], size, [shas[i] for i in order]
+    if len(order) * 3 * size * size > get_settings().training_images_max_bytes:
+        rows = write_image_file(round_dir(round_) / f"images_{size}px.u8", *ordered)
+        reporter.note(f"{len(order)} images at {size} px are read from disk batch by batch (TRAINING_IMAGES_MAX_BYTES)")
+    else:
+        rows = load_images(*ordered)
+    x_train, x_val, x_test = rows.split([len(train), len(val), len(test)])
     return Split(
-        x_all[train],
+        x_train,
         y_all[train],
-        x_all[val],
+        x_val,
         y_all[val],
         [shas[i] for i in train],
         [shas[i] for i in val],
-        x_all[test],
+        x_test,
         y_all[test],
         [shas[i] for i in test],
         [ids[i] for i in train],
