@@ -137,7 +137,7 @@ def step_differences(program: bytes, linear: nn.Linear, mu: float, features, lab
     expected, _ = reference(features, labels)
     expected.backward()
     worst = max(float((grads[f"head.{name}"] - getattr(reference.head, name).grad).abs().max()) for name in HEAD_PARAMS)
-    return {"loss": abs(loss - float(expected)), "gradients": worst}
+    return {"loss": abs(loss - float(expected.detach())), "gradients": worst}
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -214,6 +214,7 @@ def run_federated(round_: TrainingRound, reporter: RoundReporter, *, session: Se
     model.load_state_dict(torch.load(start, map_location="cpu", weights_only=True)["state_dict"])
     model.eval().requires_grad_(False)
     data = load_split(round_, config, classes, reporter, session=session)
+    session.rollback()  # a writing session holds SQLite's write lock: none while computing
     identity = f"federated-{file_sha256(start)[:20]}"
     features = lambda x, shas: extract_features(model, x, shas, size=config.image_size, backbone=identity)  # noqa: E731
     server = ServerData(
@@ -269,6 +270,7 @@ def publish_plan(
     first = session.exec(
         select(FederatedPlan).where(FederatedPlan.round_id == round_.id, FederatedPlan.number == 1)
     ).first()
+    session.rollback()  # no transaction (and no lock) during the exports
     if first is not None:
         backbone_file = next(f for f in first.files if f["name"] == "backbone")
     else:
@@ -361,8 +363,8 @@ def wait_for_updates(
             )
             session.commit()
             return False
-        session.rollback()  # a fresh read next time
         reporter.check_cancel()
+        session.rollback()  # no transaction while asleep (a writing one locks SQLite), a fresh read next time
         time.sleep(POLL_SECONDS)
     # Closed to new updates before they are read, so none arrives unaveraged.
     plan.status = "aggregating"
