@@ -560,9 +560,9 @@ def receive_update(
     if plan is None:
         raise NotFoundError(f"No federated plan {plan_id}; GET /api/federated/plan/ gives the current one")
     round_ = session.get(TrainingRound, plan.round_id)
-    start = torch.load(get_settings().data_dir / plan.head_path, map_location="cpu", weights_only=True)
     weights, norm, error = None, None, _refusal(plan, round_, token_id, session=session)
-    if error is None:
+    if error is None:  # an open plan's files are there (a finished round's folder is gone)
+        start = torch.load(get_settings().data_dir / plan.head_path, map_location="cpu", weights_only=True)
         weights, norm, error = _check_arrays(parsed, start, kind)
     update = FederatedUpdate(
         plan_id=plan.id,
