@@ -290,3 +290,37 @@ def production_state() -> dict:
         return registry.load_checkpoint(
             session.exec(select(ModelVersion).where(ModelVersion.version == "1.0.0")).one()
         )["state_dict"]
+
+
+def test_live_metrics_show_a_federated_rounds_phones_refusals_and_accuracy(session):
+    from datetime import timedelta
+
+    from core.models import utcnow
+    from tests.test_pages import app, ok, table
+
+    params = {**TrainingConfig.from_params({**QUICK, "rounds": 2, "min_clients": 3}).to_dict(), "image_size": 32}
+    round_ = TrainingRound(parameters=params, status=RoundStatus.in_progress, started_at=utcnow(), classes=["a", "b"])
+    session.add(round_)
+    session.flush()
+    soon = utcnow() + timedelta(minutes=5)
+    closed = FederatedPlan(round_id=round_.id, number=1, status="closed", deadline_at=soon, head_path="h1.pt",
+                           clients=3, test_accuracy=81.25)  # fmt: skip
+    open_ = FederatedPlan(round_id=round_.id, number=2, deadline_at=soon, head_path="h2.pt")
+    session.add_all([closed, open_])
+    session.flush()
+    session.add_all([
+        FederatedUpdate(plan_id=open_.id, token_id=1, device="api:<b>pixel</b>", status="accepted", num_examples=12,
+                        accepted_token_id=1, metrics={"loss": 0.5, "accuracy": 75.0}),
+        FederatedUpdate(plan_id=open_.id, token_id=2, device="api:iphone", status="refused", num_examples=3,
+                        reason="Update array bias holds 1 value(s) that are not finite (NaN or infinity)"),
+    ])  # fmt: skip
+    session.commit()
+
+    at = ok(app("pages/metrics.py"))
+    rounds = table(at, "reported")
+    assert rounds["status"].tolist() == ["closed", "open"] and rounds["pending"].tolist() == [0, 2]
+    assert rounds["test_accuracy"].tolist()[0] == 81.25
+    updates = table(at, "device")
+    assert updates["device"].tolist() == ["api:<b>pixel</b>", "api:iphone"]
+    assert "not finite" in updates["reason"].tolist()[1] and updates["pictures"].tolist() == [12, 3]
+    assert any("Federated: 2 of 2 rounds published" in m.value for m in at.markdown)

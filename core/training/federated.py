@@ -685,3 +685,49 @@ def _check_metrics(value) -> dict:
             raise UserError(f"metrics value {key!r} must be a finite number (got {number!r})")
         clean[key] = float(number)
     return clean
+
+
+def round_view(round_: TrainingRound, *, session: Session) -> dict:
+    """A federated round for the Live metrics page: one row per plan
+    (status, phones averaged, test accuracy, how many more are needed) and
+    one per update received (device, accepted or refused and why, pictures,
+    local metrics)."""
+    plans = session.exec(
+        select(FederatedPlan).where(FederatedPlan.round_id == round_.id).order_by(FederatedPlan.number)
+    ).all()
+    updates = session.exec(
+        select(FederatedUpdate)
+        .where(col(FederatedUpdate.plan_id).in_([p.id for p in plans]))
+        .order_by(FederatedUpdate.id)
+    ).all()
+    number = {p.id: p.number for p in plans}
+    needed = round_.parameters.get("min_clients") or 0
+    accepted = {p.id: sum(u.plan_id == p.id and u.status == "accepted" for u in updates) for p in plans}
+    return {
+        "rounds": round_.parameters.get("rounds"),
+        "plans": [
+            {
+                "round": p.number,
+                "status": p.status,
+                "reported": accepted[p.id],
+                "pending": max(0, needed - accepted[p.id]) if p.status == "open" else 0,
+                "deadline": as_utc(p.deadline_at).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "test_accuracy": p.test_accuracy,
+                "error": p.error,
+            }
+            for p in plans
+        ],
+        "updates": [
+            {
+                "round": number[u.plan_id],
+                "device": u.device,
+                "status": u.status,
+                "reason": u.reason or "",
+                "pictures": u.num_examples,
+                "local_loss": u.metrics.get("loss"),
+                "local_accuracy": u.metrics.get("accuracy"),
+                "received": as_utc(u.received_at).strftime("%H:%M:%S"),
+            }
+            for u in updates
+        ],
+    }
