@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -216,13 +217,15 @@ def run_federated(round_: TrainingRound, reporter: RoundReporter, *, session: Se
     data = load_split(round_, config, classes, reporter, session=session)
     session.rollback()  # a writing session holds SQLite's write lock: none while computing
     identity = f"federated-{file_sha256(start)[:20]}"
-    features = lambda x, shas: extract_features(model, x, shas, size=config.image_size, backbone=identity)  # noqa: E731
+    features = partial(extract_features, model, size=config.image_size, backbone=identity)
     server = ServerData(
         normalize(data.x_val),
         features(data.x_train, data.sha_train),
         features(data.x_val, data.sha_val),
         features(data.x_test, data.sha_test),
     )
+    # Each aggregate is scored on the test images (the validation ones when a tiny dataset has none).
+    scoring = (server.f_test, data.y_test) if len(data.y_test) else (server.f_val, data.y_val)
     for number in range(1, config.rounds + 1):
         plan = session.exec(
             select(FederatedPlan).where(FederatedPlan.round_id == round_.id, FederatedPlan.number == number)
@@ -234,7 +237,7 @@ def run_federated(round_: TrainingRound, reporter: RoundReporter, *, session: Se
             reporter.phase("waiting for phones")
             if not wait_for_updates(round_, plan, config, reporter, session=session):
                 return None
-            aggregate(round_, plan, model, server, data.y_test if len(data.y_test) else data.y_val, session=session)
+            aggregate(round_, plan, model, *scoring, session=session)
             reporter.note(
                 f"federated round {number} of {config.rounds}: {plan.clients} phones averaged, "
                 f"test accuracy {plan.test_accuracy:.1f}%"
@@ -399,23 +402,22 @@ def aggregate(
     round_: TrainingRound,
     plan: FederatedPlan,
     model: nn.Module,
-    server: ServerData,
-    y_test: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
     *,
     session: Session,
 ) -> None:
     """Average the plan's accepted updates into `model`'s head, score it on
-    the server's test images and close the plan (committed)."""
+    the server's images (`features`, `labels`) and close the plan (committed)."""
     crash_point("federated_aggregation")  # CRASH_AT, for the recovery test
     updates = accepted_updates(plan.id, session=session)
     averaged = fedavg([(from_npz(u.weights), u.num_examples) for u in updates])
     path = aggregate_path(plan)
     save_checkpoint(path, averaged)
     load_head(model, path)
-    f_test = server.f_test if len(y_test) == len(server.f_test) and len(y_test) else server.f_val
     with torch.inference_mode():
-        predicted = head(model)(f_test).argmax(1)
-    plan.test_accuracy = round(100.0 * float((predicted == y_test).float().mean()), 2) if len(y_test) else None
+        predicted = head(model)(features).argmax(1)
+    plan.test_accuracy = round(100.0 * float((predicted == labels).float().mean()), 2) if len(labels) else None
     plan.status, plan.clients, plan.closed_at = "closed", len(updates), utcnow()
     session.add(plan)
     record_audit(
