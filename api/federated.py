@@ -5,7 +5,7 @@ and their updates."""
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -49,7 +49,10 @@ def current_plan(request: Request, caller: Reader, if_none_match: Annotated[str 
     responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Unchanged"}},
 )
 def plan_file(
-    plan_id: int, name: str, caller: Reader, if_none_match: Annotated[str | None, Header()] = None
+    plan_id: Annotated[int, Path(ge=1, le=federated.MAX_ID)],
+    name: str,
+    caller: Reader,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """A plan's `backbone` (inference) or `head` (trainable) `.pte`, with its SHA-256 as ETag."""
     with read_session() as session:
@@ -73,7 +76,7 @@ async def _read_update(request: Request) -> dict:
             metrics = json.loads(form.get("metrics") or "{}")
             num_examples = int(form.get("num_examples", ""))
             plan_id = int(form.get("plan_id", ""))
-        except ValueError:
+        except (ValueError, TypeError):
             raise UserError("plan_id and num_examples must be whole numbers, metrics a JSON object") from None
         arrays = federated.from_npz(await upload.read())
         return {"plan_id": plan_id, "kind": form.get("kind", "weights"), "arrays": arrays,

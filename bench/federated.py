@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-category", type=int, default=60, help="the phones' pictures per category, in all")
+    parser.add_argument("--server-per-category", type=int, default=100, help="the server's own pictures")
     parser.add_argument("--full-epochs", type=int, default=8, help="the production model's training")
     parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
     print(f"load average {load_average():.2f}; data in {data_dir}")
     started = time.perf_counter()
     with session_scope() as session:
-        load_demo_dataset(session=session, per_category=40, size=args.image_size, seed=0)
+        load_demo_dataset(session=session, per_category=args.server_per_category, size=args.image_size, seed=0)
     with session_scope() as session:
         production = start_training(
             {"epochs": args.full_epochs, "image_size": args.image_size, "batch_size": 32}, session=session
@@ -174,7 +175,7 @@ def main() -> None:
         for plan in sorted(plans, key=lambda p: p.number):
             print(f"federated round {plan.number}: test accuracy {plan.test_accuracy}% ({plan.clients} phones)")
         config = TrainingConfig(**done.parameters)
-        data = load_split(done, config, list(done.classes), SilentReporter(), session=session)
+        data = load_split(done, config, list(done.classes), SilentReporter(done), session=session)
         model_file = max(a["size_bytes"] for a in made.artifacts)
         fed_accuracy = made.metrics["test_accuracy"]
         print(f"federated version {made.version}: test accuracy {fed_accuracy}% "

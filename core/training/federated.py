@@ -23,6 +23,7 @@ import io
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,6 +74,8 @@ HEAD_PARAMS = ("weight", "bias")
 # Free-form local metrics a phone may send: this many numbers at most.
 MAX_METRICS = 20
 MAX_EXAMPLES = 10_000_000
+# Ids above this are no plan's (and would overflow SQLite's integers).
+MAX_ID = 2**62
 
 
 class HeadLoss(nn.Module):
@@ -164,7 +167,7 @@ def from_npz(data: bytes) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as found:
             return {k: found[k] for k in found.files}
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"The update file is not a readable .npz of float arrays ({exc})") from None
 
 
@@ -554,6 +557,8 @@ def receive_update(
     change from the plan's head larger than FEDERATED_MAX_UPDATE_NORM. A
     request that names no plan, or whose fields are malformed, raises at
     once and stores nothing."""
+    if isinstance(plan_id, bool) or not isinstance(plan_id, int) or not 1 <= plan_id <= MAX_ID:
+        raise NotFoundError(f"No federated plan {plan_id!r}; GET /api/federated/plan/ gives the current one")
     num_examples = _check_examples(num_examples)
     metrics = _check_metrics(metrics)
     parsed = parse_update(kind, arrays)
