@@ -237,7 +237,7 @@ def run_federated(round_: TrainingRound, reporter: RoundReporter, *, session: Se
             reporter.phase("exporting")
             plan = publish_plan(round_, number, model, config, server, data.y_val, session=session)
         if plan.status != "closed":
-            reporter.phase("waiting for phones")
+            reporter.phase("training")  # on the phones: the worker waits for their updates
             if not wait_for_updates(round_, plan, config, reporter, session=session):
                 return None
             aggregate(round_, plan, model, *scoring, session=session)
