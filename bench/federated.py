@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--fedprox-mu", type=float, default=0.0, help="FedProx's proximal weight (0: FedAvg)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-category", type=int, default=60, help="the phones' pictures per category, in all")
     parser.add_argument("--server-per-category", type=int, default=100, help="the server's own pictures")
@@ -146,7 +147,7 @@ def main() -> None:
         round_ = jobs.submit_training(
             {"training_mode": "federated", "rounds": args.rounds, "min_clients": args.clients,
              "deadline_minutes": 60, "local_epochs": args.local_epochs, "learning_rate": args.learning_rate,
-             "batch_size": args.batch_size},
+             "batch_size": args.batch_size, "fedprox_mu": args.fedprox_mu},
             actor=admin,
         )  # fmt: skip
         round_id, job_id = round_.id, round_.job_id
