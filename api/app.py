@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
 from api.cached import CachedReads
+from api.federated import router as federated_router
 from api.limits import RequestLimits
 from api.routes import router
 from api.schemas import allowed_range
@@ -58,6 +59,7 @@ def create_app() -> FastAPI:
     else:
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, **about)
     app.include_router(router)
+    app.include_router(federated_router)
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)

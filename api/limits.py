@@ -20,8 +20,9 @@ from core.errors import RequestTooLargeError, UserError
 
 # Every JSON body this API takes is a handful of fields.
 JSON_BODY_LIMIT = 16 * 1024
-# Routes whose body is a multipart upload, limited by MAX_REQUEST_BYTES.
-UPLOAD_ROUTES = {"/images/"}
+# Routes whose body is a multipart upload (or a federated update's arrays),
+# limited by MAX_REQUEST_BYTES.
+UPLOAD_ROUTES = {"/images/", "/federated/updates/"}
 # On a refusal the server closes the connection: keeping it open would mean
 # reading (and throwing away) the rest of the body first.
 CLOSE = {"Connection": "close"}

@@ -11,7 +11,14 @@ from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import FINISHED_STATUSES, Automation, RoundStatus
 from core.round_details import load_round_details
-from core.training.config import ARCHITECTURES, AUTO, AUTO_BUDGET_MINUTES, TRAINING_MODES, TrainingConfig
+from core.training.config import (
+    ARCHITECTURES,
+    AUTO,
+    AUTO_BUDGET_MINUTES,
+    FEDERATED_DEFAULTS,
+    TRAINING_MODES,
+    TrainingConfig,
+)
 from core.training.register import formats_pending
 
 
@@ -27,6 +34,7 @@ def _train_params(args) -> dict:
         "training_mode",
         "processes",
         "budget_minutes",
+        *FEDERATED_DEFAULTS,
     )
     params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.use_existing_model is not None:
@@ -226,6 +234,12 @@ def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         help=f"{prefix}default {defaults.processes}; train in N processes (PyTorch DDP), at most "
         f"MAX_TRAINING_PROCESSES ({get_settings().max_training_processes})",
     )
+    federated = f"{prefix}training mode federated only (docs/federated.md): "
+    p.add_argument("--rounds", type=int, help=f"{federated}aggregation rounds in sequence (default 1)")
+    p.add_argument("--local-epochs", type=int, help=f"{federated}passes a phone makes per round (default 1)")
+    p.add_argument("--min-clients", type=int, help=f"{federated}updates that close a round (default 2)")
+    p.add_argument("--deadline-minutes", type=float, help=f"{federated}minutes each round waits (default 60)")
+    p.add_argument("--fedprox-mu", type=float, help=f"{federated}FedProx's proximal weight (default 0: FedAvg)")
     p.add_argument("--use-existing-model", dest="use_existing_model", action="store_true", default=None)
     p.add_argument("--no-existing-model", dest="use_existing_model", action="store_false", help="train from scratch")
 

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     # The most processes (DDP ranks) one job may ask for; on CUDA each needs its own GPU.
     max_training_processes: int = Field(4, ge=1)
 
+    # A federated update (core/training/federated.py) may move the head's
+    # weights this far (L2 norm of the change) in one round; larger ones are
+    # refused as broken or hostile. A few local epochs of SGD at the plan's
+    # learning rate move a head by well under 10.
+    federated_max_update_norm: float = Field(50.0, gt=0)
+
     # Reverse proxies whose X-Forwarded-For is believed (comma-separated
     # addresses or networks, `*` for any): sign-in throttling then counts the
     # visitor's address, not the proxy's. The same variable uvicorn reads;

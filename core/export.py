@@ -138,32 +138,8 @@ def export_model(
     try:
         for fmt in get_settings().formats if formats is None else formats:
             final = artifact_path(version, fmt)
-            tmp = temp_path_for(final)
-            try:
-                on_step("exporting")
-                (_write_ptl if fmt == "ptl" else _write_pte)(model, example, tmp)
-                on_step("checking the phone files")
-                parity = check_parity(tmp, fmt, images, eager)
-                if not parity.passed:
-                    raise ExportError(
-                        f".{fmt} export does not match the trained model: top-1 agreement "
-                        f"{parity.top1_agreement:.1%}, largest logit difference {parity.max_abs_logit_diff:.2e} "
-                        f"(at most {parity.threshold:.2e} allowed)"
-                    )
-                commit_temp(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
+            records.append(publish_artifact(model, fmt, final, images, eager, example, on_step))
             published.append(final)
-            records.append(
-                {
-                    "format": fmt,
-                    "path": final.relative_to(get_settings().data_dir).as_posix(),
-                    "sha256": file_sha256(final),
-                    "size_bytes": final.stat().st_size,
-                    "runtime": runtime_version(fmt),
-                    "parity": parity.as_dict(),
-                }
-            )
     except ExportError:
         remove_files(published)
         raise
@@ -171,6 +147,43 @@ def export_model(
         remove_files(published)
         raise ExportError(f"export of model {version} failed: {exc}") from exc
     return records
+
+
+def publish_artifact(
+    model: nn.Module,
+    fmt: str,
+    final: Path,
+    images: torch.Tensor,
+    eager: torch.Tensor,
+    example: torch.Tensor,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> dict:
+    """Write `model` as `fmt` to `final` (under a temporary name until its
+    outputs on `images` match `eager`) and return its record; ExportError
+    when they do not match. `federated` exports the frozen backbone this way."""
+    tmp = temp_path_for(final)
+    try:
+        on_step("exporting")
+        (_write_ptl if fmt == "ptl" else _write_pte)(model, example, tmp)
+        on_step("checking the phone files")
+        parity = check_parity(tmp, fmt, images, eager)
+        if not parity.passed:
+            raise ExportError(
+                f".{fmt} export does not match the trained model: top-1 agreement "
+                f"{parity.top1_agreement:.1%}, largest logit difference {parity.max_abs_logit_diff:.2e} "
+                f"(at most {parity.threshold:.2e} allowed)"
+            )
+        commit_temp(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "format": fmt,
+        "path": final.relative_to(get_settings().data_dir).as_posix(),
+        "sha256": file_sha256(final),
+        "size_bytes": final.stat().st_size,
+        "runtime": runtime_version(fmt),
+        "parity": parity.as_dict(),
+    }
 
 
 def try_model(version: ModelVersion, data: bytes, *, top: int = 5) -> list[tuple[str, float]]:

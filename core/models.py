@@ -353,3 +353,51 @@ class BrowserSession(SQLModel, table=True):
 class ChangeStamp(SQLModel, table=True):
     kind: str = Field(primary_key=True, max_length=20)
     counter: int = 0
+
+
+# One aggregation round of a federated training round (core/federated.py):
+# the plan the phones fetch, open until its deadline or its aggregation.
+class FederatedPlan(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("round_id", "number"),)
+    id: int | None = Field(default=None, primary_key=True)
+    round_id: int = Field(foreign_key="traininground.id", index=True)
+    # 1..rounds: each starts from the aggregate of the one before.
+    number: int
+    # open | aggregating | closed | failed
+    status: str = Field(default="open", index=True)
+    deadline_at: datetime
+    # [{"name": "backbone"|"head", "path", "sha256", "size_bytes"}], paths under DATA_DIR.
+    files: list = _json(list)
+    # The head the phones start from ({"weight", "bias"} as a .pt under DATA_DIR).
+    head_path: str
+    # Set at aggregation: accepted updates averaged, the head's accuracy on
+    # the server's test images (percent), and why a plan failed.
+    clients: int = 0
+    test_accuracy: float | None = None
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    closed_at: datetime | None = None
+
+
+# One update a phone sent for a plan, accepted (its weights kept until the
+# plan is aggregated) or refused (with the reason the phone was given).
+class FederatedUpdate(SQLModel, table=True):
+    # At most one accepted update per device and plan, enforced by the
+    # database: `accepted_token_id` is the token's id when accepted, else NULL.
+    __table_args__ = (UniqueConstraint("plan_id", "accepted_token_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    plan_id: int = Field(foreign_key="federatedplan.id", index=True)
+    token_id: int = Field(index=True)
+    device: str
+    accepted_token_id: int | None = None
+    # accepted | refused
+    status: str = Field(index=True)
+    reason: str | None = None
+    num_examples: int = 0
+    # What the phone measured on its own pictures (loss, accuracy, seconds).
+    metrics: dict = _json(dict)
+    # The head's new weights as .npz bytes (`weight`, `bias`); None when refused.
+    weights: bytes | None = None
+    # L2 distance from the plan's starting head.
+    update_norm: float | None = None
+    received_at: datetime = Field(default_factory=utcnow)

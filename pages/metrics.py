@@ -8,6 +8,8 @@ import streamlit as st
 from core import image_views, quality_views, registry, round_views
 from core.db import read_session
 from core.models import FINISHED_STATUSES
+from core.training import federated
+from core.training.config import FEDERATED
 from core.training.rounds import epoch_metrics, get_round, list_rounds
 from pages._common import current_user, format_seconds, linked, md, show_thumbnail
 
@@ -110,7 +112,32 @@ def live(round_id: int) -> None:
         st.caption(f"Device: {md(round_.device)}")
     if round_.trials:
         trials(round_views.trial_rows(round_))
-    curves(metrics)
+    if round_.parameters.get("training_mode") == FEDERATED:
+        phones(round_)
+    else:
+        curves(metrics)
+
+
+def phones(round_) -> None:
+    """A federated round: each aggregation round and the phones' updates (core/training/federated.py)."""
+    with read_session() as session:
+        view = federated.round_view(round_, session=session)
+    st.markdown(
+        f"**Federated: {len(view['plans'])} of {view['rounds']} rounds published.** Phones train the head on "
+        "their own pictures; the server averages their updates and scores the result on its test images."
+    )
+    if view["plans"]:
+        st.dataframe(
+            pd.DataFrame(view["plans"]),
+            hide_index=True,
+            key="federated_rounds_table",
+            column_config={"test_accuracy": st.column_config.NumberColumn("test accuracy (%)", format="%.1f")},
+        )
+    if view["updates"]:
+        st.markdown("**Updates from the phones** (refused ones with the reason the phone was given)")
+        st.dataframe(pd.DataFrame(view["updates"]), hide_index=True, key="federated_updates_table")
+    else:
+        st.caption("No phone has sent an update yet.")
 
 
 def trials(rows: list[dict]) -> None:

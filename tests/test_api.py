@@ -747,6 +747,9 @@ def test_openapi_document_lists_every_route_with_bearer_auth(client):
         "/images/",
         "/categories/",
         "/health/",
+        "/federated/plan/",
+        "/federated/plans/{plan_id}/files/{name}",
+        "/federated/updates/",
     }
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     train = document["components"]["schemas"]["TrainRequest"]["properties"]

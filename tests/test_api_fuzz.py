@@ -31,7 +31,7 @@ def test_generated_requests_never_fail_with_5xx_nor_get_in_without_a_token(data_
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 9
+    assert len(operations) == 12
 
     for operation in operations:
         fuzz(operation, admin)

@@ -35,7 +35,7 @@ def train(session, **params):
 
 
 def test_an_unknown_training_mode_is_refused_naming_the_choices():
-    with pytest.raises(UserError, match="training_mode must be one of full, head, auto \\(got 'fast'\\)"):
+    with pytest.raises(UserError, match="training_mode must be one of full, head, auto, federated \\(got 'fast'\\)"):
         TrainingConfig.from_params({"training_mode": "fast"})
 
 

@@ -18,8 +18,19 @@ AUTO = "auto"
 # `full` trains every layer; `head` freezes a pretrained backbone, computes its
 # features once per image and trains only the classifier (a quick retrain);
 # `auto` searches architecture, learning rate and image size within
-# `budget_minutes`, then trains the winner as `full` (core/training/auto.py).
-TRAINING_MODES = ("full", "head", AUTO)
+# `budget_minutes`, then trains the winner as `full` (core/training/auto.py);
+# `federated`: phones train the production model's head on their own pictures
+# and the server averages their updates (core/federated.py).
+FEDERATED = "federated"
+TRAINING_MODES = ("full", "head", AUTO, FEDERATED)
+# A federated round's own parameters and their defaults (other modes take none).
+FEDERATED_DEFAULTS = {
+    "rounds": 1,
+    "local_epochs": 1,
+    "min_clients": 2,
+    "deadline_minutes": 60.0,
+    "fedprox_mu": 0.0,
+}
 # Auto mode's time budget when none is given.
 AUTO_BUDGET_MINUTES = 10.0
 # What "auto" may choose: a multiple of 32 between these (224 is what the
@@ -48,9 +59,23 @@ class TrainingConfig:
     processes: int = 1
     # training_mode "auto" only: minutes for the search and the winner's training.
     budget_minutes: float | None = None
+    # training_mode "federated" only (FEDERATED_DEFAULTS): aggregation rounds
+    # in sequence, the phones' passes over their pictures per round, updates
+    # needed before the deadline (minutes after each plan is published), and
+    # FedProx's proximal weight mu (0: plain FedAvg). `learning_rate` and
+    # `batch_size` are the phones' (plain SGD on the head).
+    rounds: int | None = None
+    local_epochs: int | None = None
+    min_clients: int | None = None
+    deadline_minutes: float | None = None
+    fedprox_mu: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Rounds of other modes keep the parameters they always had.
+        values = asdict(self)
+        if self.training_mode != FEDERATED:
+            values = {k: v for k, v in values.items() if k not in FEDERATED_DEFAULTS}
+        return values
 
     @classmethod
     def from_params(cls, params: Mapping | None) -> "TrainingConfig":
@@ -71,6 +96,19 @@ class TrainingConfig:
             raise UserError(
                 f"A time budget applies to training mode auto only (got training mode {config.training_mode}): "
                 "leave the budget out, or choose training mode auto"
+            )
+        federated = sorted(k for k in FEDERATED_DEFAULTS if getattr(config, k) is not None)
+        if config.training_mode == FEDERATED:
+            config = replace(config, **{k: v for k, v in FEDERATED_DEFAULTS.items() if getattr(config, k) is None})
+            if config.processes > 1:
+                raise UserError(
+                    f"Training mode federated trains on the phones; the server runs it in one process. "
+                    f"Set processes to 1 (got {config.processes})"
+                )
+        elif federated:
+            raise UserError(
+                f"{', '.join(federated)} apply to training mode federated only (got training mode "
+                f"{config.training_mode}): leave them out, or choose training mode federated"
             )
         if config.training_mode == AUTO and config.budget_minutes is None:
             config = replace(config, budget_minutes=AUTO_BUDGET_MINUTES)
@@ -95,6 +133,12 @@ PARAM_RANGES: dict[str, tuple[type, float, float]] = {
     "processes": (int, 1, 1),
     # Fractions allowed: a tenth of a minute lets tests run Auto mode in seconds.
     "budget_minutes": (float, 0.1, 24 * 60),
+    "rounds": (int, 1, 1000),
+    "local_epochs": (int, 1, 100),
+    "min_clients": (int, 1, 100_000),
+    # Fractions allowed: tests wait seconds, not minutes.
+    "deadline_minutes": (float, 0.01, 7 * 24 * 60),
+    "fedprox_mu": (float, 0.0, 10.0),
 }
 
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
+from core import registry
 from core.config import get_settings
-from core.models import Category, ImageStatus, TrainingImage
-from core.training.config import AUTO, AUTO_IMAGE_SIZE_RANGE, TrainingConfig
+from core.models import Category, ImageStatus, ModelVersion, TrainingImage
+from core.training.config import AUTO, AUTO_IMAGE_SIZE_RANGE, FEDERATED, TrainingConfig
 from core.training.networks import existing_model_notice, find_backbone, no_backbone_reason
 
 
@@ -76,9 +77,30 @@ def preflight(config: TrainingConfig | None = None, *, session: Session) -> Pref
             problems.append(no_backbone_reason(config, session=session))
         else:
             notices.append(f"Head mode: {backbone.describe()} is frozen; only the classifier is trained.")
+    elif config is not None and config.training_mode == FEDERATED:
+        problem = federated_problem(sorted(per_category), registry.production_version(session=session))
+        if problem:
+            problems.append(problem)
     elif config is not None and config.use_existing_model:
         notices.extend(existing_model_notice(config, sorted(per_category), session=session))
     return Preflight(len(rows), per_category, problems, notices, image_size)
+
+
+def federated_problem(classes: list[str], production: ModelVersion | None) -> str | None:
+    """Why a federated round cannot start (it fine-tunes production's head on
+    the phones, keeping production's network and categories), or None."""
+    if production is None:
+        return (
+            "Training mode federated fine-tunes the production model's classifier on the phones, but no model "
+            "is in production yet: train one in training mode full or head first, and promote it"
+        )
+    if list(production.classes) != classes:
+        return (
+            f"Training mode federated keeps the production model's categories, but production model "
+            f"{production.version} knows {', '.join(production.classes)} and the dataset has {', '.join(classes)}: "
+            "train in training mode full or head for a new class list"
+        )
+    return None
 
 
 def choose_image_size(sizes: list[tuple[int, int]]) -> tuple[int, str]:

@@ -16,12 +16,14 @@ from datetime import timedelta
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select, update
 
+from core import registry
 from core.config import get_settings
 from core.errors import ConflictError, NotFoundError, TrainingCancelled, UserError
 from core.models import FINISHED_STATUSES, EpochMetric, ModelVersion, RoundStatus, TrainingRound, as_utc, utcnow
 from core.splits import assign_splits
 from core.training import auto
-from core.training.config import AUTO, TrainingConfig
+from core.training.config import AUTO, FEDERATED, TrainingConfig
+from core.training.federated import run_federated
 from core.training.loop import train_and_register
 from core.training.placement import Placement
 from core.training.preflight import preflight, validated_images
@@ -48,7 +50,11 @@ def start_training(
     if not check.ok:
         raise UserError(" ".join(check.problems))
     requested = config.to_dict()
-    if config.image_size == AUTO:
+    if config.training_mode == FEDERATED:
+        # The phones fine-tune production's head: its network and input size.
+        production = registry.production_version(session=session)
+        config = replace(config, architecture=production.architecture, image_size=production.image_size)
+    elif config.image_size == AUTO:
         config = replace(config, image_size=check.image_size)
     assign_splits(session=session)  # images stored before split keys existed
     rows = validated_images(session=session)
@@ -203,6 +209,8 @@ def run_training_round(round_id: int, *, session: Session, task_id: str | None =
             if round_.parameters.get("processes", 1) > 1:
                 return _train_in_ranks(round_, session=session)
             reporter = RoundReporter(round_, session)
+            if round_.parameters.get("training_mode") == FEDERATED:
+                return run_federated(round_, reporter, session=session)
             return train_and_register(round_, reporter, Placement.local(), session=session)
     except TrainingCancelled:
         session.rollback()

@@ -1,0 +1,1 @@
+"""Reference clients: programs that talk to the server as a phone app does."""
