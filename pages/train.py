@@ -14,6 +14,8 @@ from core.training.config import (
     ARCHITECTURES,
     AUTO,
     AUTO_BUDGET_MINUTES,
+    FEDERATED,
+    FEDERATED_DEFAULTS,
     TrainingConfig,
     asked_parameters,
     last_parameters,
@@ -40,6 +42,20 @@ LABELS = {
     "training_mode": "Training mode",
     "processes": "Processes",
     "budget_minutes": "Time budget (minutes)",
+    "rounds": "Federated rounds",
+    "local_epochs": "Local epochs on each phone",
+    "min_clients": "Phones per round",
+    "deadline_minutes": "Deadline per round (minutes)",
+    "fedprox_mu": "FedProx mu",
+}
+# What each federated field means (docs/federated.md).
+FEDERATED_HELP = {
+    "rounds": "Plans published one after the other, each starting from the last average.",
+    "local_epochs": "Passes each phone makes over its own pictures before it sends its update.",
+    "min_clients": "The round averages as soon as this many phones have sent an accepted update.",
+    "deadline_minutes": "A round with fewer phones by then fails, and nothing is registered.",
+    "fedprox_mu": "0: plain FedAvg. Above 0, FedProx's proximal term keeps each phone near the published "
+    "head, which helps when phones hold very different pictures.",
 }
 # Auto first: the recommended choice for operators who do not know which
 # learning rate or architecture suits their pictures.
@@ -47,6 +63,8 @@ MODES = {
     AUTO: "Auto (recommended): finds the architecture, learning rate and image size within a time budget",
     "full": "Full: train every layer with the parameters below",
     "head": "Head: train only the classifier on a frozen pretrained backbone (a quick retrain)",
+    FEDERATED: "Federated: phones fine-tune the production model's classifier on their own pictures, "
+    "which never leave them",
 }
 
 
@@ -64,7 +82,12 @@ def load_parameters(parameters: dict) -> None:
 with read_session() as session:
     remembered = last_parameters(actor.name, session=session) or {}
 # Someone who never trained starts from Auto mode.
-fresh = {**TrainingConfig().to_dict(), "training_mode": AUTO, "budget_minutes": AUTO_BUDGET_MINUTES}
+fresh = {
+    **TrainingConfig().to_dict(),
+    **FEDERATED_DEFAULTS,
+    "training_mode": AUTO,
+    "budget_minutes": AUTO_BUDGET_MINUTES,
+}
 # A manual round has no budget: the default stays for a switch to Auto.
 for name, value in {**fresh, **{k: v for k, v in remembered.items() if v is not None}}.items():
     if name in LABELS:
@@ -92,6 +115,23 @@ with form:
             "Auto chooses the architecture, learning rate, image size and epochs; the batch size, validation "
             "split, seed and use of the existing model below still apply. Live metrics shows every trial."
         )
+    federated = {}
+    if training_mode == FEDERATED:
+        st.caption(
+            "Builds on the production model (its architecture and categories). Each round publishes a plan; "
+            "phones with a device token train its head on their own pictures with the learning rate and "
+            "batch size below and send back only the head's change (docs/federated.md)."
+        )
+        f1, f2 = st.columns(2)
+        for column, name in zip((f1, f2, f1, f2, f1), FEDERATED_DEFAULTS, strict=True):
+            kind = param_range(name)[0]
+            federated[name] = column.number_input(
+                LABELS[name],
+                value=None,
+                step=0.1 if kind is float else 1,
+                key=name,
+                help=f"{FEDERATED_HELP[name]} Between {param_range(name)[1]:g} and {param_range(name)[2]:g}.",
+            )
     manual = st.expander("Manual parameters", expanded=training_mode != AUTO)
     c1, c2 = manual.columns(2)
     epochs = c1.number_input(LABELS["epochs"], value=None, step=1, key="epochs")
@@ -142,6 +182,7 @@ params = {
 }
 if training_mode == AUTO:
     params["budget_minutes"] = budget_minutes
+params.update(federated)
 field_problems = list(param_problems(params, LABELS).values())
 
 with check:

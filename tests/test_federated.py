@@ -324,3 +324,41 @@ def test_live_metrics_show_a_federated_rounds_phones_refusals_and_accuracy(sessi
     assert updates["device"].tolist() == ["api:<b>pixel</b>", "api:iphone"]
     assert "not finite" in updates["reason"].tolist()[1] and updates["pictures"].tolist() == [12, 3]
     assert any("Federated: 2 of 2 rounds published" in m.value for m in at.markdown)
+
+
+def test_the_train_page_starts_a_federated_round_with_its_own_fields_and_checks_them(session, monkeypatch):
+    from tests.conftest import _clear_caches
+    from tests.test_pages import app, ok
+
+    monkeypatch.setenv("MIN_TRAINING_IMAGES", "20")
+    _clear_caches()
+    add_demo(session, per_category=4, size=32)
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    ok(at.radio(key="training_mode").set_value("federated"))
+    # No production model yet: the preflight says so and Train stays off.
+    assert at.button(key="train").disabled
+    assert any("no model is in production yet" in e.value for e in at.error)
+    values = {w.key: w.value for w in at.number_input}
+    assert [values[k] for k in ("rounds", "local_epochs", "min_clients", "deadline_minutes", "fedprox_mu")] == [
+        1,
+        1,
+        2,
+        60.0,
+        0.0,
+    ]
+
+    classes = sorted(set(federated_classes(session)))
+    session.add(version_row("1.0.0", classes, is_production=True, metrics={"val_accuracy": 20.0}, artifacts=[]))
+    session.commit()
+    at = ok(app("pages/train.py", "operator", "Grace"))
+    ok(at.radio(key="training_mode").set_value("federated"))
+    ok(at.number_input(key="min_clients").set_value(0))
+    assert at.button(key="train").disabled
+    assert any("Phones per round must be between 1 and 100,000 (got 0)" in e.value for e in at.error)
+    ok(at.number_input(key="min_clients").set_value(5))
+    ok(at.number_input(key="rounds").set_value(3))
+    ok(at.button(key="train").click())
+    job = session.exec(select(TrainingRound)).one()
+    assert job.parameters["training_mode"] == "federated"
+    assert (job.parameters["rounds"], job.parameters["min_clients"], job.parameters["local_epochs"]) == (3, 5, 1)
+    assert job.parameters["architecture"] == "mobilenet_v3_small"  # production's, as the round keeps it
