@@ -4,7 +4,12 @@ or three categories) take part in R rounds through the real server and API
 with the reference client, against central training of the same head on the
 union of their pictures.
 
-    .venv/bin/python -m bench.federated [--clients 10] [--rounds 10] [--alpha 0.3]
+    .venv/bin/python -m bench.federated [--clients 10] [--rounds 10] [--alpha 0.3] [--kind demo|digits|glyphs]
+
+`--kind` picks the pictures: the demo shapes (default), or 10 categories of
+scikit-learn's handwritten digits or of letters rendered in the installed
+fonts (bench/datasets.py, as bench.auto_mode draws them), the server's
+and the phones' taken apart from one shuffled set.
 
 The server trains a `full` model on its own pictures first (production), then
 runs one federated round with `rounds` R and `min_clients` N. Printed: the
@@ -84,6 +89,7 @@ def main() -> None:
         "--full-epochs", type=int, default=2, help="the production model's training (short: room to improve)"
     )
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--kind", choices=("demo", "digits", "glyphs"), default="demo")
     args = parser.parse_args()
     data_dir = fresh_data_dir("federated")
     os.environ["AUTO_PROMOTE"] = "always"
@@ -109,8 +115,16 @@ def main() -> None:
 
     print(f"load average {load_average():.2f}; data in {data_dir}")
     started = time.perf_counter()
-    with session_scope() as session:
-        load_demo_dataset(session=session, per_category=args.server_per_category, size=args.image_size, seed=0)
+    if args.kind == "demo":
+        with session_scope() as session:
+            load_demo_dataset(session=session, per_category=args.server_per_category, size=args.image_size, seed=0)
+    else:
+        from bench.auto_mode import pictures, store
+
+        real = pictures(args.kind, 10 * (args.server_per_category + args.per_category))
+        server_n = 10 * args.server_per_category
+        store(real[:server_n])
+        phone_pairs = real[server_n:]
     with session_scope() as session:
         production = start_training(
             {"epochs": args.full_epochs, "image_size": args.image_size, "batch_size": 32}, session=session
@@ -122,16 +136,24 @@ def main() -> None:
 
     # The phones' pictures: drawn apart from the server's (another seed), dealt out non-IID.
     rng = random.Random(1)
-    names = [c for c in DEMO_CATEGORIES for _ in range(args.per_category)]
+    if args.kind == "demo":
+        names = [c for c in DEMO_CATEGORIES for _ in range(args.per_category)]
+    else:
+        names = [label for _, label in phone_pairs]
+    categories = sorted(set(names))
     shares = deal_non_iid(names, args.clients, args.alpha, seed=1)
     folders = []
     for client, share in enumerate(shares):
         folder = data_dir / "phones" / f"phone{client}"
         for i in share:
             (folder / names[i]).mkdir(parents=True, exist_ok=True)
-            draw_demo_image(names[i], rng, args.image_size).save(folder / names[i] / f"{i}.png")
+            if args.kind == "demo":
+                picture = draw_demo_image(names[i], rng, args.image_size)
+            else:
+                picture = phone_pairs[i][0].convert("RGB")
+            picture.save(folder / names[i] / f"{i}.png")
         folders.append(folder)
-        held = {c: sum(names[i] == c for i in share) for c in DEMO_CATEGORIES}
+        held = {c: sum(names[i] == c for i in share) for c in categories}
         print(f"phone {client}: {len(share)} pictures " + ", ".join(f"{c} {n}" for c, n in held.items() if n))
 
     admin = Actor("bench", "admin")
