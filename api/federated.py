@@ -10,17 +10,13 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Reader, Uploader
+from api.etags import etag_headers, not_modified
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.training import federated
 
 router = APIRouter(prefix="/federated", tags=["federated"])
-
-
-def _etag_matches(if_none_match: str | None, tag: str) -> bool:
-    tags = {t.strip().removeprefix("W/").strip('"') for t in (if_none_match or "").split(",")}
-    return "*" in tags or tag in tags
 
 
 @router.get("/plan/", responses={304: {"description": "The plan matches If-None-Match: nothing changed"}})
@@ -36,11 +32,10 @@ def current_plan(request: Request, caller: Reader, if_none_match: Annotated[str 
     with read_session() as session:
         plan, round_ = federated.current_plan(session=session)
         tag = federated.plan_etag(plan)
-        headers = {"ETag": f'"{tag}"', "Cache-Control": "no-cache"}
-        if _etag_matches(if_none_match, tag):
-            return Response(status_code=304, headers=headers)
+        if unchanged := not_modified(if_none_match, tag):
+            return unchanged
         document = federated.plan_document(plan, round_, file_url)
-    return Response(json.dumps(document), media_type="application/json", headers=headers)
+    return Response(json.dumps(document), media_type="application/json", headers=etag_headers(tag))
 
 
 @router.get(
@@ -57,10 +52,11 @@ def plan_file(
     """A plan's `backbone` (inference) or `head` (trainable) `.pte`, with its SHA-256 as ETag."""
     with read_session() as session:
         path, sha256 = federated.plan_file(plan_id, name, session=session)
-    headers = {"ETag": f'"{sha256}"', "Cache-Control": "no-cache"}
-    if _etag_matches(if_none_match, sha256):
-        return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.pte", headers=headers)
+    if unchanged := not_modified(if_none_match, sha256):
+        return unchanged
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"{name}.pte", headers=etag_headers(sha256)
+    )
 
 
 async def _read_update(request: Request) -> dict:

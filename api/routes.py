@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 import jobs
 from api.deps import JsonObject, Reader, Trainer, Uploader
+from api.etags import etag_headers, not_modified
 from api.schemas import (
     CancelResponse,
     CategoryList,
@@ -140,11 +141,6 @@ def latest_model(request: Request, caller: Reader) -> ModelManifest:
     return ModelManifest.model_validate(manifest.model_manifest(version, download_url=download_url))
 
 
-def _etag_matches(if_none_match: str, sha256: str) -> bool:
-    tags = {tag.strip().removeprefix("W/").strip('"') for tag in if_none_match.split(",")}
-    return "*" in tags or sha256 in tags
-
-
 @router.get(
     "/models/download/",
     response_class=FileResponse,
@@ -164,11 +160,13 @@ def download_model(
     with read_session() as session:
         model = manifest.resolve_version(version, session=session)
     artifact = manifest.artifact_file(model, fmt)
-    headers = {"ETag": f'"{artifact.sha256}"', "Cache-Control": "no-cache"}
-    if if_none_match and _etag_matches(if_none_match, artifact.sha256):
-        return Response(status_code=304, headers=headers)
+    if unchanged := not_modified(if_none_match, artifact.sha256):
+        return unchanged
     return FileResponse(
-        artifact.path, media_type="application/octet-stream", filename=artifact.filename, headers=headers
+        artifact.path,
+        media_type="application/octet-stream",
+        filename=artifact.filename,
+        headers=etag_headers(artifact.sha256),
     )
 
 
