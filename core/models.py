@@ -371,9 +371,11 @@ class FederatedPlan(SQLModel, table=True):
     # The head the phones start from ({"weight", "bias"} as a .pt under DATA_DIR).
     head_path: str
     # Set at aggregation: accepted updates averaged, the head's accuracy on
-    # the server's test images (percent), and why a plan failed.
+    # the server's test images (percent) and how many they were, and why a
+    # plan failed.
     clients: int = 0
     test_accuracy: float | None = None
+    test_images: int = 0
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     closed_at: datetime | None = None

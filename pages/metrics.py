@@ -131,7 +131,13 @@ def phones(round_) -> None:
             pd.DataFrame(view["plans"]),
             hide_index=True,
             key="federated_rounds_table",
-            column_config={"test_accuracy": st.column_config.NumberColumn("test accuracy (%)", format="%.1f")},
+            column_config={
+                "test_accuracy": st.column_config.NumberColumn("test accuracy (%)", format="%.1f"),
+                "test_images": st.column_config.NumberColumn(
+                    "n", help="the server's test images the average was scored on"
+                ),
+                "test_interval": st.column_config.TextColumn("95% CI", help="Wilson interval of the accuracy"),
+            },
         )
     if view["updates"]:
         st.markdown("**Updates from the phones** (refused ones with the reason the phone was given)")

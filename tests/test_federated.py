@@ -304,7 +304,7 @@ def test_live_metrics_show_a_federated_rounds_phones_refusals_and_accuracy(sessi
     session.flush()
     soon = utcnow() + timedelta(minutes=5)
     closed = FederatedPlan(round_id=round_.id, number=1, status="closed", deadline_at=soon, head_path="h1.pt",
-                           clients=3, test_accuracy=81.25)  # fmt: skip
+                           clients=3, test_accuracy=81.25, test_images=16)  # fmt: skip
     open_ = FederatedPlan(round_id=round_.id, number=2, deadline_at=soon, head_path="h2.pt")
     session.add_all([closed, open_])
     session.flush()
@@ -320,6 +320,8 @@ def test_live_metrics_show_a_federated_rounds_phones_refusals_and_accuracy(sessi
     rounds = table(at, "reported")
     assert rounds["status"].tolist() == ["closed", "open"] and rounds["pending"].tolist() == [0, 2]
     assert rounds["test_accuracy"].tolist()[0] == 81.25
+    # The accuracy with the images behind it and its 95 % interval (13 of 16).
+    assert rounds["test_images"].tolist()[0] == 16 and rounds["test_interval"].tolist()[0] == "57.0–93.4%"
     updates = table(at, "device")
     assert updates["device"].tolist() == ["api:<b>pixel</b>", "api:iphone"]
     assert "not finite" in updates["reason"].tolist()[1] and updates["pictures"].tolist() == [12, 3]

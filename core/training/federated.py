@@ -54,6 +54,7 @@ from core.models import (
     as_utc,
     utcnow,
 )
+from core.quality_views import wilson_interval
 from core.storage import commit_temp, temp_path_for
 from core.training.config import TrainingConfig
 from core.training.networks import build_model, head, set_head
@@ -243,7 +244,7 @@ def run_federated(round_: TrainingRound, reporter: RoundReporter, *, session: Se
             aggregate(round_, plan, model, *scoring, session=session)
             reporter.note(
                 f"federated round {number} of {config.rounds}: {plan.clients} phones averaged, "
-                f"test accuracy {plan.test_accuracy:.1f}%"
+                f"test accuracy {plan.test_accuracy:.1f}% (n = {plan.test_images})"
             )
         else:
             load_head(model, aggregate_path(plan))
@@ -421,6 +422,7 @@ def aggregate(
     with torch.inference_mode():
         predicted = head(model)(features).argmax(1)
     plan.test_accuracy = round(100.0 * float((predicted == labels).float().mean()), 2) if len(labels) else None
+    plan.test_images = len(labels)
     plan.status, plan.clients, plan.closed_at = "closed", len(updates), utcnow()
     session.add(plan)
     record_audit(
@@ -435,6 +437,7 @@ def aggregate(
             "clients": plan.clients,
             "examples": sum(u.num_examples for u in updates),
             "test_accuracy": plan.test_accuracy,
+            "test_images": plan.test_images,
         },
     )
     session.commit()
@@ -694,9 +697,18 @@ def _check_metrics(value) -> dict:
     return clean
 
 
+def _interval_text(accuracy: float | None, images: int) -> str | None:
+    """The 95 % Wilson interval of a plan's test accuracy, e.g. "70.1–88.2%"."""
+    if accuracy is None or not images:
+        return None
+    low, high = wilson_interval(round(accuracy * images / 100), images)
+    return f"{low:.1f}–{high:.1f}%"
+
+
 def round_view(round_: TrainingRound, *, session: Session) -> dict:
     """A federated round for the Live metrics page: one row per plan
-    (status, phones averaged, test accuracy, how many more are needed) and
+    (status, phones averaged, test accuracy with its images and 95 %
+    interval, how many more are needed) and
     one per update received (device, accepted or refused and why, pictures,
     local metrics)."""
     plans = session.exec(
@@ -720,6 +732,8 @@ def round_view(round_: TrainingRound, *, session: Session) -> dict:
                 "pending": max(0, needed - accepted[p.id]) if p.status == "open" else 0,
                 "deadline": as_utc(p.deadline_at).strftime("%Y-%m-%d %H:%M:%S UTC"),
                 "test_accuracy": p.test_accuracy,
+                "test_images": p.test_images or None,
+                "test_interval": _interval_text(p.test_accuracy, p.test_images),
                 "error": p.error,
             }
             for p in plans

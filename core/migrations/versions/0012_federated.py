@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("head_path", sqlmodel.AutoString(), nullable=False),
         sa.Column("clients", sa.Integer(), nullable=False),
         sa.Column("test_accuracy", sa.Float(), nullable=True),
+        sa.Column("test_images", sa.Integer(), nullable=False),
         sa.Column("error", sqlmodel.AutoString(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("closed_at", sa.DateTime(), nullable=True),
