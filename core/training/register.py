@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # every one of a small round's, and a bounded number of a large one's (the
 # check runs them one at a time, and holds them as floats).
 PARITY_IMAGES = 256
+# How a round's history says it committed its version: the last line until
+# `add_artifacts` says how the later formats went (`formats_pending` reads it).
+COMPLETED = "completed: model"
 
 
 @dataclass
@@ -213,7 +216,7 @@ def formats_pending(round_: TrainingRound, version: ModelVersion) -> bool:
     (`add_artifacts`, after the commit): one of EXPORT_FORMATS is missing,
     the job has not yet said how that went, and its worker is alive."""
     missing = set(get_settings().formats) - {a["format"] for a in version.artifacts}
-    reported = not round_.history or "completed: model" not in round_.history[-1]
+    reported = not round_.history or COMPLETED not in round_.history[-1]
     beat = as_utc(round_.heartbeat_at)
     alive = beat is not None and (utcnow() - beat).total_seconds() < get_settings().heartbeat_timeout
     return bool(missing) and not reported and alive
@@ -278,7 +281,7 @@ def _commit_version(
     round_.history = [
         *round_.history,
         history_line(f"{n_suspects} suspected mislabels among {len(scores.image_ids)} images"),
-        history_line(f"completed: model {version} ({outcome_text})"),
+        history_line(f"{COMPLETED} {version} ({outcome_text})"),
     ]
     session.add(round_)
     session.commit()
