@@ -398,9 +398,12 @@ def _adopt(winner: dict, run: Search, stopped: bool) -> None:
         epochs=epochs,
     )
     counts = {state: sum(row["state"] == state for row in rows) for state in ("kept", "pruned", "failed")}
+    best = max((row["val_accuracy"] for row in rows if row["val_accuracy"] is not None), default=None)
+    among = " of the trials the time left trains further" if best != winner["val_accuracy"] else ""
     why = (
         f"Auto: chose {config.architecture}, learning rate {config.learning_rate:.2g}, {config.image_size} px "
-        f"(trial {winner['number']}): the best validation accuracy, {winner['val_accuracy']:.1f}% after "
+        f"(trial {winner['number']}): the best validation accuracy{among}, {winner['val_accuracy']:.1f}% of "
+        f"{winner.get('val_images') or 'an unknown number of'} validation images after "
         f"{winner['epochs']} epoch(s), of {len(rows)} trials ({counts['kept']} kept, {counts['pruned']} pruned "
         f"by successive halving, {counts['failed']} failed) in {spent(rows) / 60:.1f} of "
         f"{run.search_s / 60:.1f} search minutes{' (stopped on request)' if stopped else ''}; it trains "
