@@ -31,12 +31,11 @@ KINDS = {
 Stamps = dict[str, int]
 
 
-def _bump(session: Session, kinds: Iterable[str]) -> None:
-    # Sorted, so two transactions bumping several kinds lock the rows in one order.
-    for kind in sorted(set(kinds)):
-        session.connection().execute(
-            update(ChangeStamp).where(ChangeStamp.kind == kind).values(counter=ChangeStamp.counter + 1)
-        )
+_PENDING = "changes.pending_kinds"
+
+
+def _note(session: Session, kinds: Iterable[str]) -> None:
+    session.info.setdefault(_PENDING, set()).update(kinds)
 
 
 def _kind(instance) -> str | None:
@@ -45,17 +44,38 @@ def _kind(instance) -> str | None:
 
 @event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, _flush: UOWTransaction) -> None:
-    changed = {_kind(obj) for obj in (*session.new, *session.dirty, *session.deleted)} - {None}
-    _bump(session, changed)
+    _note(session, {_kind(obj) for obj in (*session.new, *session.dirty, *session.deleted)} - {None})
 
 
 @event.listens_for(Session, "do_orm_execute")
 def _bulk_statement(state) -> None:
-    # `session.exec(update(TrainingRound)...)` flushes nothing: bump here.
+    # `session.exec(update(TrainingRound)...)` flushes nothing: note it here.
     if (state.is_update or state.is_delete) and state.statement.table is not None:
         kind = KINDS.get(state.statement.table.name)
         if kind is not None:
-            _bump(state.session, [kind])
+            _note(state.session, [kind])
+
+
+@event.listens_for(Session, "before_commit")
+def _bump(session: Session) -> None:
+    """Bump the noted kinds as the transaction's last statements. Taken
+    earlier (at each flush), a stamp's row lock was held while the
+    transaction went on to lock rows, and a heartbeat (its UPDATE noted
+    before it ran) took the two in the other order: PostgreSQL found
+    deadlocks between a job's progress and its own heartbeat. Last, and in
+    sorted order, a stamp lock is only ever waited for by transactions that
+    are committing, so it takes part in no cycle."""
+    session.flush()
+    kinds = session.info.pop(_PENDING, set())
+    for kind in sorted(kinds):
+        session.connection().execute(
+            update(ChangeStamp).where(ChangeStamp.kind == kind).values(counter=ChangeStamp.counter + 1)
+        )
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget(session: Session) -> None:
+    session.info.pop(_PENDING, None)
 
 
 def read_stamps(dbapi_connection) -> Stamps:

@@ -83,7 +83,7 @@ def test_two_consumers_run_each_job_once_and_one_takes_over_a_killed_ones_job(sc
     done = wait_for(all_done, timeout=600, interval=0.5, message="all jobs to finish on the second consumer")
     assert [r.status for r in done] == [RoundStatus.completed] * 4, [r.error for r in done]
     killed, others = done[0], done[1:]
-    assert killed.id == long_job.id and killed.attempts == 2
+    assert killed.id == long_job.id and killed.attempts == 2, "\n".join(killed.history)
     assert any("worker lost during attempt 1" in line for line in killed.history)
     assert any("resumed from the checkpoint" in line for line in killed.history)
     assert [r.attempts for r in others] == [1, 1, 1]  # each ran exactly once
@@ -95,3 +95,44 @@ def test_two_consumers_run_each_job_once_and_one_takes_over_a_killed_ones_job(sc
     assert versions == ["1.0.0", "1.1.0", "1.2.0", "1.3.0"]
     time.sleep(0.1)
     second.stop()
+
+
+def test_a_jobs_progress_and_its_heartbeat_never_deadlock_on_the_change_stamps(scaled_out):
+    """A worker's main thread writes the round's progress (an ORM flush) while
+    its heartbeat thread stamps the same row (a bulk UPDATE). Each also bumps
+    the 'rounds' change stamp; taken in opposite orders, PostgreSQL found a
+    deadlock and failed the job (seen in CI)."""
+    import threading
+
+    from sqlmodel import Session, update
+
+    from core.db import get_engine, session_scope
+    from core.models import utcnow
+
+    with session_scope() as session:
+        session.add(TrainingRound())
+    engine = get_engine()
+    progress = Session(engine)
+    round_ = progress.get(TrainingRound, 1)
+    # The round's row is locked (an UPDATE the stamps' hooks do not see) ...
+    progress.connection().execute(update(TrainingRound.__table__).where(TrainingRound.id == 1).values(total_batches=9))
+    errors = []
+
+    def heartbeat():
+        try:
+            with Session(engine) as beat:
+                beat.exec(update(TrainingRound).where(TrainingRound.id == 1).values(heartbeat_at=utcnow()))
+                beat.commit()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=heartbeat)
+    thread.start()
+    time.sleep(0.5)  # ... so the heartbeat waits for it
+    round_.current_batch = 3
+    progress.commit()  # an ORM flush, then the commit
+    thread.join(timeout=30)
+    progress.close()
+    assert not thread.is_alive() and errors == []
+    with read_session() as session:
+        assert session.get(TrainingRound, 1).current_batch == 3
