@@ -29,6 +29,9 @@ KINDS = {
 }
 
 Stamps = dict[str, int]
+# Not a kind: which database the stamps were read from (core.db.current_stamps),
+# part of every cached answer's stamps.
+DATABASE = "database"
 
 
 _PENDING = "changes.pending_kinds"
@@ -103,7 +106,7 @@ class StampedCache:
         # A kind without its row (a database not migrated here) is never bumped: nothing is cached then.
         if any(kind not in stamps for kind in kinds):
             return None
-        return tuple(stamps[kind] for kind in kinds)
+        return (stamps.get(DATABASE), *(stamps[kind] for kind in kinds))
 
     def get(self, key: Hashable, stamps: Stamps, kinds: tuple[str, ...]):
         """The answer stored under `key` if its kinds have not changed since, else None."""

@@ -1,5 +1,6 @@
 """Engines and sessions. One engine per URL per process."""
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -88,13 +89,22 @@ def read_engine(url: str | None = None) -> Engine:
 
 
 def current_stamps(url: str | None = None) -> changes.Stamps:
-    """The change stamps now (core/changes.py): one small read, no write lock."""
+    """The change stamps now (core/changes.py): one small read, no write lock.
+    With them, which database they are of (`changes.DATABASE`): two databases
+    can have the same counters, and a process may be pointed at another one
+    (the tests do, one per test)."""
+    url = url or get_settings().db_url
     connection = read_engine(url).raw_connection()
     try:
-        return changes.read_stamps(connection)
+        return {**changes.read_stamps(connection), changes.DATABASE: _database_id(url)}
     finally:
         # Back to the pool, which ends the (read-only) transaction PostgreSQL opened.
         connection.close()
+
+
+@lru_cache
+def _database_id(url: str) -> int:
+    return int.from_bytes(hashlib.sha256(url.encode()).digest()[:8], "big")
 
 
 def clear_engines() -> None:

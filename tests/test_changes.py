@@ -10,7 +10,7 @@ from tests.factories import add_fake_version, add_token
 
 def test_stamps_move_with_the_rows_they_watch_and_not_on_a_rollback(session):
     start = current_stamps()
-    assert set(start) == {"models", "rounds", "tokens"}
+    assert set(start) == {"models", "rounds", "tokens", "database"}
     session.add(TrainingRound())
     session.commit()
     assert current_stamps()["rounds"] > start["rounds"]
@@ -35,6 +35,8 @@ def test_a_cached_answer_lasts_while_its_kinds_do_not_change():
     cache.put("a", {"models": 1, "rounds": 5}, ("models",), "answer")
     assert cache.get("a", {"models": 1, "rounds": 6}, ("models",)) == "answer"
     assert cache.get("a", {"models": 2, "rounds": 6}, ("models",)) is None
+    # Another database with the same counters (a test's, or one the process was pointed at) is not this one.
+    assert cache.get("a", {"database": 7, "models": 1}, ("models",)) is None
     cache.put("b", {}, ("models",), "never kept")  # a database without the stamps: nothing is cached
     assert cache.get("b", {}, ("models",)) is None
     cache.put("b", {"models": 1}, ("models",), "b")
