@@ -8,6 +8,7 @@ from core import registry
 from core.config import get_settings
 from core.db import session_scope
 from core.ingest import remove_orphan_images
+from core.training.register import finish_interrupted_exports
 from core.training.rounds import active_rounds
 from jobs.queue import enqueue_missing_rounds, huey, requeue_stale_rounds
 
@@ -40,9 +41,13 @@ def run_worker(workers: int = 1) -> None:
 
 def _recover() -> None:
     """Re-enqueue jobs whose worker died and queued jobs the queue does not
-    hold; remove image files an interrupted upload left without a row."""
+    hold; add the phone files a job that died after committing its version
+    had not added yet; remove image files an interrupted upload left without
+    a row."""
     requeue_stale_rounds()
     enqueue_missing_rounds()
+    with session_scope() as session:
+        finish_interrupted_exports(session=session)
     with session_scope() as session:
         removed = remove_orphan_images(session=session)
     for path in removed:

@@ -110,6 +110,36 @@ def test_worker_killed_between_artifacts_and_commit_leaves_no_orphans_or_duplica
     assert sorted(p.name for p in (data_dir / "checkpoints").iterdir()) == ["model_1.0.0.pt"]
 
 
+def test_a_version_whose_worker_died_before_its_pte_gets_it_from_the_next_worker(
+    data_dir, session, worker_factory, fast_recovery
+):
+    add_demo(session, per_category=10, size=32)
+    round_ = submit_training({"epochs": 1, "batch_size": 16, "image_size": 32}, actor=as_actor("test"))
+    crashing = worker_factory(CRASH_AT="after_commit")  # committed with its .ptl, then the machine went away
+    crashing.proc.wait(timeout=240)
+    assert crashing.proc.returncode == -signal.SIGKILL
+    [version] = versions()
+    assert [a["format"] for a in version.artifacts] == ["ptl"]  # downloadable meanwhile, without the .pte
+    assert get_round(round_.id).status == RoundStatus.completed
+
+    time.sleep(float(FAST_RECOVERY["HEARTBEAT_TIMEOUT"]) + 0.5)
+    worker = worker_factory()
+    wait_for(
+        lambda: "model 1.0.0: .pte verified and added" in get_round(round_.id).history[-1],
+        timeout=240,
+        message="the .pte added by recovery",
+    )
+    [version] = versions()
+    pte = next(a for a in version.artifacts if a["format"] == "pte")
+    assert pte["parity"]["passed"] and pte["parity"]["images"] > 0
+    assert model_files(data_dir) == ["model_1.0.0.pte", "model_1.0.0.ptl"]
+    history = get_round(round_.id).history
+    time.sleep(2 * float(FAST_RECOVERY["HEARTBEAT_TIMEOUT"]))  # later recoveries leave it alone
+    assert get_round(round_.id).history == history and len(versions()[0].artifacts) == 2
+    worker.stop()
+    assert "adding it now" in worker.output()
+
+
 def test_lost_job_without_attempts_left_is_failed_with_the_reason(data_dir, session, fast_recovery, monkeypatch):
     from core.models import utcnow
 

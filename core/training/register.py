@@ -10,23 +10,27 @@ The epoch loop hands over one `Trained`; `register` turns it into a
 import logging
 import shutil
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from sqlalchemy import or_
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col, select, update
 from torch import nn
 
 from core import gate, registry, suspects
 from core.access import SYSTEM_ACTOR
 from core.config import get_settings
-from core.dataset import normalize
+from core.dataset import load_images, normalize
 from core.export import artifact_path, export_model, remove_files
 from core.faults import crash_point
-from core.models import ModelVersion, RoundStatus, TrainingRound, as_utc, utcnow
+from core.ingest import image_path
+from core.models import ModelVersion, RoundStatus, TestPrediction, TrainingImage, TrainingRound, as_utc, utcnow
 from core.training.config import TrainingConfig
 from core.training.evaluation import TestImages, accuracy, misclassified, predict_test_images, summarise
-from core.training.progress import RoundReporter, enter_phase, history_line, round_dir, save_checkpoint
+from core.training.networks import build_model
+from core.training.progress import Heartbeat, RoundReporter, enter_phase, history_line, round_dir, save_checkpoint
 from core.training.trainers import Split
 
 log = logging.getLogger(__name__)
@@ -175,6 +179,7 @@ def register(round_: TrainingRound, trained: Trained, reporter: RoundReporter, *
         remove_files(candidate.files)
         raise
     shutil.rmtree(round_dir(round_), ignore_errors=True)
+    crash_point("after_commit")
     if later:
         add_artifacts(mv, model, images, later, reporter, session=session)
     return mv
@@ -206,7 +211,7 @@ def add_artifacts(
         session.rollback()
         remove_files([get_settings().data_dir / r["path"] for r in records])
         log.exception("model %s: adding %s failed", mv.version, formats)
-        reporter.note(f"model {mv.version} has no {' or '.join('.' + f for f in formats)} file: {exc}", warning=True)
+        reporter.note(f"model {mv.version} has no {_names(formats)} file: {exc}", warning=True)
         return
     reporter.note(f"model {mv.version}: {', '.join('.' + r['format'] for r in records)} verified and added")
 
@@ -220,6 +225,83 @@ def formats_pending(round_: TrainingRound, version: ModelVersion) -> bool:
     beat = as_utc(round_.heartbeat_at)
     alive = beat is not None and (utcnow() - beat).total_seconds() < get_settings().heartbeat_timeout
     return bool(missing) and not reported and alive
+
+
+def finish_interrupted_exports(*, session: Session, recent: int = 20) -> list[str]:
+    """Add the later formats of versions whose job died after committing them
+    and before `add_artifacts` said how those went (its worker's heartbeat is
+    stale): from the version's checkpoint, checked on up to PARITY_IMAGES of
+    its test images, exactly as the job would have. Looks at the `recent`
+    newest completed rounds; a round is claimed by stamping its heartbeat
+    (compare-and-set), so of several workers recovering at once one does it.
+    Returns the versions it completed or reported on."""
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout)
+    newest = session.exec(
+        select(TrainingRound, ModelVersion)
+        .join(ModelVersion, col(ModelVersion.id) == col(TrainingRound.model_version_id))
+        .where(TrainingRound.status == RoundStatus.completed)
+        .order_by(col(TrainingRound.finished_at).desc())
+        .limit(recent)
+    ).all()
+    interrupted = [
+        (round_, mv)
+        for round_, mv in newest
+        if round_.history
+        and COMPLETED in round_.history[-1]
+        and set(settings.formats) - {a["format"] for a in mv.artifacts}
+        and (round_.heartbeat_at is None or as_utc(round_.heartbeat_at) < cutoff)
+    ]
+    session.rollback()
+    done = []
+    for round_, mv in interrupted:
+        claimed = session.exec(
+            update(TrainingRound)
+            .where(
+                col(TrainingRound.id) == round_.id,
+                or_(col(TrainingRound.heartbeat_at).is_(None), col(TrainingRound.heartbeat_at) < cutoff),
+            )
+            .values(heartbeat_at=utcnow())
+        ).rowcount
+        session.commit()
+        if not claimed:
+            continue
+        session.refresh(round_)
+        session.refresh(mv)
+        missing = tuple(f for f in settings.formats if f not in {a["format"] for a in mv.artifacts})
+        reporter = RoundReporter(round_, session)
+        with Heartbeat(round_.id, session.get_bind(), settings.heartbeat_interval):
+            log.warning("model %s: its job's worker was lost before its %s; adding it now", mv.version, missing)
+            try:
+                model = build_model(mv.architecture, len(mv.classes))
+                model.load_state_dict(registry.load_checkpoint(mv)["state_dict"])
+                images = normalize(_parity_images(mv, session=session))
+            except Exception as exc:
+                session.rollback()
+                log.exception("model %s: could not prepare the missing formats", mv.version)
+                reporter.note(f"model {mv.version} has no {_names(missing)} file: {exc}", warning=True)
+            else:
+                add_artifacts(mv, model, images, missing, reporter, session=session)
+        done.append(mv.version)
+    return done
+
+
+def _names(formats) -> str:
+    return " or ".join("." + f for f in formats)
+
+
+def _parity_images(mv: ModelVersion, *, session: Session) -> torch.Tensor:
+    """Up to PARITY_IMAGES of the images `mv` was tested on, at its size."""
+    images = session.exec(
+        select(TrainingImage)
+        .join(TestPrediction, col(TestPrediction.image_id) == col(TrainingImage.id))
+        .where(TestPrediction.version_id == mv.id)
+        .order_by(col(TrainingImage.id))
+        .limit(PARITY_IMAGES)
+    ).all()
+    if not images:
+        raise ValueError("it has no test images to check the file on")
+    return load_images([image_path(i) for i in images], mv.image_size, [i.sha256 for i in images])
 
 
 def score_production(test: TestImages, reporter: RoundReporter, *, session: Session) -> ProductionScores:
