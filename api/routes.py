@@ -48,7 +48,7 @@ QUEUE_STATUS = {
 @router.post("/models/train/", status_code=202, tags=["training"])
 def start_training(caller: Trainer, _: JsonObject, body: TrainRequest | None = None) -> TrainResponse:
     """Queue a training job on all validated images."""
-    round_ = jobs.submit_training((body or TrainRequest()).model_dump(), actor=caller.actor)
+    round_ = jobs.submit_training((body or TrainRequest()).model_dump(exclude_unset=True), actor=caller.actor)
     return TrainResponse(
         job_id=round_.job_id,
         training_round_id=round_.id,

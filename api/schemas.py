@@ -58,7 +58,8 @@ class TrainRequest(BaseModel):
     batch_size: int = _param("batch_size", "Images per optimisation step")
     learning_rate: float = _param(
         "learning_rate",
-        "Base learning rate: AdamW warms up to 3x it, then a cosine to zero (README, How training works)",
+        "Base learning rate: AdamW warms up to 3x it, then a cosine to zero (README, How training works); "
+        "training_mode `federated`: the phones' SGD step, 0.05 when not given",
     )
     use_existing_model: bool = _param(
         "use_existing_model", "Fine-tune the production model when its classes and architecture match"

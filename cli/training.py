@@ -16,6 +16,7 @@ from core.training.config import (
     AUTO,
     AUTO_BUDGET_MINUTES,
     FEDERATED_DEFAULTS,
+    FEDERATED_LEARNING_RATE,
     TRAINING_MODES,
     TrainingConfig,
 )
@@ -205,7 +206,11 @@ def _add_training_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     defaults = TrainingConfig()
     p.add_argument("--epochs", type=int, help=f"{prefix}default {defaults.epochs}")
     p.add_argument("--batch-size", type=int, help=f"{prefix}default {defaults.batch_size}")
-    p.add_argument("--learning-rate", type=float, help=f"{prefix}default {defaults.learning_rate}")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        help=f"{prefix}default {defaults.learning_rate} (training mode federated: {FEDERATED_LEARNING_RATE})",
+    )
     p.add_argument("--architecture", choices=ARCHITECTURES, help=f"{prefix}default {defaults.architecture}")
     p.add_argument(
         "--image-size",

@@ -16,6 +16,7 @@ from core.training.config import (
     AUTO_BUDGET_MINUTES,
     FEDERATED,
     FEDERATED_DEFAULTS,
+    FEDERATED_LEARNING_RATE,
     TrainingConfig,
     asked_parameters,
     last_parameters,
@@ -97,9 +98,23 @@ for name, value in {**fresh, **{k: v for k, v in remembered.items() if v is not 
 st.title("Train")
 form, check = st.columns([3, 2], gap="large")
 
+
+def mode_changed() -> None:
+    """The learning rate follows the mode while it holds the other mode's
+    default: the phones' plain SGD needs a larger one than AdamW."""
+    central, phones = TrainingConfig().learning_rate, FEDERATED_LEARNING_RATE
+    rate = st.session_state.get("learning_rate")
+    if st.session_state["training_mode"] == FEDERATED and rate == central:
+        st.session_state["learning_rate"] = phones
+    elif st.session_state["training_mode"] != FEDERATED and rate == phones:
+        st.session_state["learning_rate"] = central
+
+
 with form:
     st.subheader("Parameters")
-    training_mode = st.radio(LABELS["training_mode"], list(MODES), format_func=MODES.get, key="training_mode")
+    training_mode = st.radio(
+        LABELS["training_mode"], list(MODES), format_func=MODES.get, key="training_mode", on_change=mode_changed
+    )
     budget_minutes = None
     if training_mode == AUTO:
         budget_minutes = st.number_input(
@@ -119,8 +134,9 @@ with form:
     if training_mode == FEDERATED:
         st.caption(
             "Builds on the production model (its architecture and categories). Each round publishes a plan; "
-            "phones with a device token train its head on their own pictures with the learning rate and "
-            "batch size below and send back only the head's change (docs/federated.md)."
+            "phones with a device token train its head on their own pictures with the learning rate "
+            f"(plain SGD: {FEDERATED_LEARNING_RATE:g} by default) and batch size below and send back only the "
+            "head's change (docs/federated.md)."
         )
         f1, f2 = st.columns(2)
         for column, name in zip((f1, f2, f1, f2, f1), FEDERATED_DEFAULTS, strict=True):

@@ -75,6 +75,10 @@ def federated_classes(session) -> list[str]:
 def test_federated_parameters_are_checked_and_belong_to_federated_mode_only():
     config = TrainingConfig.from_params({"training_mode": "federated"})
     assert (config.rounds, config.local_epochs, config.min_clients, config.fedprox_mu) == (1, 1, 2, 0.0)
+    # The phones' plain SGD gets its own default learning rate; a given one wins, other modes keep 0.001.
+    assert config.learning_rate == 0.05
+    assert TrainingConfig.from_params({"training_mode": "federated", "learning_rate": 0.2}).learning_rate == 0.2
+    assert TrainingConfig.from_params({"training_mode": "head"}).learning_rate == 0.001
     assert "rounds" not in TrainingConfig().to_dict()  # other modes keep their parameters
     with pytest.raises(UserError, match="min_clients must be between 1 and 100,000 \\(got 0\\)"):
         TrainingConfig.from_params({"training_mode": "federated", "min_clients": 0})
@@ -348,6 +352,10 @@ def test_the_train_page_starts_a_federated_round_with_its_own_fields_and_checks_
         60.0,
         0.0,
     ]
+    assert values["learning_rate"] == 0.05  # the phones' SGD default replaces the central one ...
+    ok(at.radio(key="training_mode").set_value("full"))
+    assert at.number_input(key="learning_rate").value == 0.001  # ... and gives it back
+    ok(at.radio(key="training_mode").set_value("federated"))
 
     classes = sorted(set(federated_classes(session)))
     session.add(version_row("1.0.0", classes, is_production=True, metrics={"val_accuracy": 20.0}, artifacts=[]))
@@ -364,3 +372,22 @@ def test_the_train_page_starts_a_federated_round_with_its_own_fields_and_checks_
     assert job.parameters["training_mode"] == "federated"
     assert (job.parameters["rounds"], job.parameters["min_clients"], job.parameters["local_epochs"]) == (3, 5, 1)
     assert job.parameters["architecture"] == "mobilenet_v3_small"  # production's, as the round keeps it
+    assert job.parameters["learning_rate"] == 0.05  # left empty: the phones' default
+
+
+def test_the_api_gives_a_federated_round_the_phones_learning_rate_unless_one_is_sent(session, production):
+    from fastapi.testclient import TestClient
+
+    from api.app import app
+
+    operator = add_token(session, "operator")
+    with TestClient(app) as client:
+        queued = client.post("/models/train/", json={"training_mode": "federated"}, headers=operator)
+        assert queued.status_code == 202, queued.text
+        assert queued.json()["parameters"]["learning_rate"] == 0.05
+        sent = client.post(
+            "/models/train/", json={"training_mode": "federated", "learning_rate": 0.01}, headers=operator
+        )
+        assert sent.json()["parameters"]["learning_rate"] == 0.01
+        central = client.post("/models/train/", json={}, headers=operator)
+        assert central.json()["parameters"]["learning_rate"] == 0.001  # the seed contract's default
