@@ -49,9 +49,14 @@ def plan_file(
     caller: Reader,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """A plan's `backbone` (inference) or `head` (trainable) `.pte`, with its SHA-256 as ETag."""
+    """A plan's `backbone` (inference) or `head` (trainable) `.pte`, with its
+    SHA-256 as ETag. Fetching the head (or asking whether it changed) marks
+    the phone as working on the plan."""
     with read_session() as session:
         path, sha256 = federated.plan_file(plan_id, name, session=session)
+    if name == "head":
+        with session_scope() as session:
+            federated.record_fetch(plan_id, caller.token_id, caller.name, session=session)
     if unchanged := not_modified(if_none_match, sha256):
         return unchanged
     return FileResponse(

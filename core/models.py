@@ -381,6 +381,17 @@ class FederatedPlan(SQLModel, table=True):
     closed_at: datetime | None = None
 
 
+# A phone that fetched a plan's trainable head: it is working on the plan
+# until its update arrives (Live metrics names it among the pending ones).
+class FederatedFetch(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("plan_id", "token_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    plan_id: int = Field(foreign_key="federatedplan.id", index=True)
+    token_id: int
+    device: str
+    fetched_at: datetime = Field(default_factory=utcnow)
+
+
 # One update a phone sent for a plan, accepted (its weights kept until the
 # plan is aggregated) or refused (with the reason the phone was given).
 class FederatedUpdate(SQLModel, table=True):

@@ -137,6 +137,10 @@ def phones(round_) -> None:
                     "n", help="the server's test images the average was scored on"
                 ),
                 "test_interval": st.column_config.TextColumn("95% CI", help="Wilson interval of the accuracy"),
+                "pending": st.column_config.NumberColumn("pending", help="updates still needed to close the round"),
+                "working": st.column_config.TextColumn(
+                    "working on it", help="phones that fetched this round's head and have not sent their update yet"
+                ),
             },
         )
     if view["updates"]:

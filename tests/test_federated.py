@@ -22,6 +22,7 @@ from core.errors import UserError
 from core.models import (
     AuditEvent,
     Category,
+    FederatedFetch,
     FederatedPlan,
     FederatedUpdate,
     ModelVersion,
@@ -317,12 +318,16 @@ def test_live_metrics_show_a_federated_rounds_phones_refusals_and_accuracy(sessi
                         accepted_token_id=1, metrics={"loss": 0.5, "accuracy": 75.0}),
         FederatedUpdate(plan_id=open_.id, token_id=2, device="api:iphone", status="refused", num_examples=3,
                         reason="Update array bias holds 1 value(s) that are not finite (NaN or infinity)"),
+        FederatedFetch(plan_id=open_.id, token_id=1, device="api:<b>pixel</b>"),
+        FederatedFetch(plan_id=open_.id, token_id=3, device="api:galaxy"),
     ])  # fmt: skip
     session.commit()
 
     at = ok(app("pages/metrics.py"))
     rounds = table(at, "reported")
     assert rounds["status"].tolist() == ["closed", "open"] and rounds["pending"].tolist() == [0, 2]
+    # The phone that fetched the head and has not answered yet, by name.
+    assert rounds["working"].tolist() == ["", "api:galaxy"]
     assert rounds["test_accuracy"].tolist()[0] == 81.25
     # The accuracy with the images behind it and its 95 % interval (13 of 16).
     assert rounds["test_images"].tolist()[0] == 16 and rounds["test_interval"].tolist()[0] == "57.0–93.4%"
@@ -391,3 +396,41 @@ def test_the_api_gives_a_federated_round_the_phones_learning_rate_unless_one_is_
         assert sent.json()["parameters"]["learning_rate"] == 0.01
         central = client.post("/models/train/", json={}, headers=operator)
         assert central.json()["parameters"]["learning_rate"] == 0.001  # the seed contract's default
+
+
+def test_a_phone_fetching_the_head_is_named_as_working_on_the_plan_until_it_answers(session, data_dir):
+    from datetime import timedelta
+
+    from fastapi.testclient import TestClient
+
+    from api.app import app
+    from core.db import read_session
+    from core.models import utcnow
+
+    params = {**TrainingConfig.from_params({**QUICK, "min_clients": 2}).to_dict(), "image_size": 32}
+    round_ = TrainingRound(parameters=params, status=RoundStatus.in_progress, started_at=utcnow(), classes=["a", "b"])
+    session.add(round_)
+    session.flush()
+    head_file = data_dir / "head.pte"
+    head_file.write_bytes(b"a trainable head")
+    sha = federated.file_sha256(head_file)
+    plan = FederatedPlan(round_id=round_.id, number=1, deadline_at=utcnow() + timedelta(minutes=5), head_path="h.pt",
+                         files=[{"name": "head", "path": "head.pte", "sha256": sha, "size_bytes": 16}])  # fmt: skip
+    session.add(plan)
+    session.commit()
+    pixel, iphone = add_token(session, "device", label="pixel"), add_token(session, "device", label="iphone")
+    with TestClient(app) as client:
+        url = f"/federated/plans/{plan.id}/files/head"
+        assert client.get(url, headers=pixel).content == b"a trainable head"
+        assert client.get(url, headers=pixel).status_code == 200  # again: still one record
+        assert client.get(url, headers={**iphone, "If-None-Match": f'"{sha}"'}).status_code == 304
+    with read_session() as reader:
+        view = federated.round_view(reader.get(TrainingRound, round_.id), session=reader)
+        assert view["plans"][0]["working"] == "api:pixel, api:iphone"
+        assert len(reader.exec(select(FederatedFetch)).all()) == 2
+    session.add(FederatedUpdate(plan_id=plan.id, token_id=1, device="api:pixel", status="accepted", num_examples=5,
+                                accepted_token_id=1))  # fmt: skip
+    session.commit()
+    with read_session() as reader:
+        view = federated.round_view(reader.get(TrainingRound, round_.id), session=reader)
+        assert view["plans"][0]["working"] == "api:iphone"

@@ -46,6 +46,7 @@ from core.export import ExportError, publish_artifact
 from core.faults import crash_point
 from core.ingest import file_sha256
 from core.models import (
+    FederatedFetch,
     FederatedPlan,
     FederatedUpdate,
     ModelVersion,
@@ -515,6 +516,21 @@ def plan_file(plan_id: int, name: str, *, session: Session) -> tuple[Path, str]:
     return path, record["sha256"]
 
 
+def record_fetch(plan_id: int, token_id: int, device: str, *, session: Session) -> None:
+    """A phone fetched the plan's head: it is working on the plan, and the
+    Live metrics page names it as pending until its update arrives. Written
+    once per phone and plan (a later fetch, or one racing it, changes nothing)."""
+    if session.exec(
+        select(FederatedFetch.id).where(FederatedFetch.plan_id == plan_id, FederatedFetch.token_id == token_id)
+    ).first():
+        return
+    session.add(FederatedFetch(plan_id=plan_id, token_id=token_id, device=device))
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+
+
 @dataclass(frozen=True)
 class Receipt:
     """What became of an update: stored accepted or refused, and, when
@@ -708,7 +724,7 @@ def _interval_text(accuracy: float | None, images: int) -> str | None:
 def round_view(round_: TrainingRound, *, session: Session) -> dict:
     """A federated round for the Live metrics page: one row per plan
     (status, phones averaged, test accuracy with its images and 95 %
-    interval, how many more are needed) and
+    interval, how many more are needed, the phones working on it by name) and
     one per update received (device, accepted or refused and why, pictures,
     local metrics)."""
     plans = session.exec(
@@ -719,8 +735,13 @@ def round_view(round_: TrainingRound, *, session: Session) -> dict:
         .where(col(FederatedUpdate.plan_id).in_([p.id for p in plans]))
         .order_by(FederatedUpdate.id)
     ).all()
+    fetches = session.exec(
+        select(FederatedFetch).where(col(FederatedFetch.plan_id).in_([p.id for p in plans])).order_by(FederatedFetch.id)
+    ).all()
     number = {p.id: p.number for p in plans}
     needed = round_.parameters.get("min_clients") or 0
+    sent = {(u.plan_id, u.token_id) for u in updates}
+    working = {p.id: [f.device for f in fetches if f.plan_id == p.id and (p.id, f.token_id) not in sent] for p in plans}
     accepted = {p.id: sum(u.plan_id == p.id and u.status == "accepted" for u in updates) for p in plans}
     return {
         "rounds": round_.parameters.get("rounds"),
@@ -730,6 +751,8 @@ def round_view(round_: TrainingRound, *, session: Session) -> dict:
                 "status": p.status,
                 "reported": accepted[p.id],
                 "pending": max(0, needed - accepted[p.id]) if p.status == "open" else 0,
+                # Phones that fetched the plan's head and have not sent an update yet.
+                "working": ", ".join(working[p.id]) if p.status == "open" else "",
                 "deadline": as_utc(p.deadline_at).strftime("%Y-%m-%d %H:%M:%S UTC"),
                 "test_accuracy": p.test_accuracy,
                 "test_images": p.test_images or None,
