@@ -211,9 +211,11 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def frame_of(rows: list[dict]) -> pd.DataFrame:
-    """Rows for `st.dataframe`, where a missing text shows as a blank cell rather than "None"."""
+    """Rows for `st.dataframe`, where a missing text shows as a blank cell rather than "None".
+    A yes/no column with gaps (e.g. "near chance" of a version recorded before
+    the counts) keeps them: "" among booleans cannot be sent to the browser."""
     frame = pd.DataFrame(rows)
-    text = frame.select_dtypes("object").columns
+    text = [c for c in frame.select_dtypes("object").columns if not frame[c].map(lambda v: isinstance(v, bool)).any()]
     frame[text] = frame[text].fillna("")
     return frame
 

@@ -859,6 +859,24 @@ def test_models_page_with_one_version_offers_no_comparison_with_itself(session):
     assert "Only 1.0.0 so far: train another version to compare them." in [c.value for c in at.caption]
 
 
+def test_models_page_keeps_near_chance_yes_no_beside_a_version_recorded_before_the_counts(session):
+    from tests.factories import add_fake_version
+
+    add_fake_version(session, "1.0.0")  # no test counts: near chance unknown
+    counted = add_fake_version(session, "1.1.0", production=False)
+    counted.metrics = {**counted.metrics, "test_accuracy": 50.0, "test_images": 40, "test_correct": 20,
+                       "test_majority": 20}  # fmt: skip
+    session.add(counted)
+    session.commit()
+    at = ok(app("pages/models.py", "viewer"))
+    versions = table(at, "near_chance").set_index("version")["near_chance"]
+    # A checkbox column: True for the counted one, a blank (not "") for the other.
+    import pandas as pd
+
+    assert bool(versions["1.1.0"]) is True
+    assert pd.isna(versions["1.0.0"])
+
+
 # --- sign-in, roles, admin and audit pages --------------------------------------
 
 
