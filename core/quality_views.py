@@ -28,6 +28,15 @@ def wilson_interval(correct: int, images: int) -> tuple[float, float] | None:
     return round(100 * float(interval.low), 1), round(100 * float(interval.high), 1)
 
 
+def interval_text(accuracy: float | None, images: int | None) -> str | None:
+    """The 95 % Wilson interval of `accuracy` (percent) on `images`, as text
+    ("70.1–88.2%"); None without an accuracy or images."""
+    if accuracy is None or not images:
+        return None
+    low, high = wilson_interval(round(accuracy * images / 100), images)
+    return f"{low:.1f}–{high:.1f}%"
+
+
 def accuracy_counts(metrics: Mapping, split: str = "test") -> tuple[int, int] | None:
     """(right answers, images) behind a version's `test` or `val` accuracy, or
     None when it has none. Versions made before the counts were recorded give

@@ -19,7 +19,7 @@ from core.models import (
     as_utc,
     utcnow,
 )
-from core.quality_views import wilson_interval
+from core.quality_views import interval_text
 
 
 def phase_seconds(round_: TrainingRound, now: datetime | None = None) -> dict[str, float]:
@@ -187,10 +187,6 @@ def trial_rows(round_: TrainingRound) -> list[dict]:
     a point or two apart on a small validation part are not told apart."""
     rows = []
     for row in round_.trials:
-        accuracy, images = row.get("val_accuracy"), row.get("val_images")
-        interval = None
-        if accuracy is not None and images:
-            low, high = wilson_interval(round(accuracy * images / 100), images)
-            interval = f"{low:.1f}–{high:.1f}%"
-        rows.append({**row, "val_images": images, "val_interval": interval})
+        images = row.get("val_images")
+        rows.append({**row, "val_images": images, "val_interval": interval_text(row.get("val_accuracy"), images)})
     return rows

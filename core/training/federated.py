@@ -55,7 +55,7 @@ from core.models import (
     as_utc,
     utcnow,
 )
-from core.quality_views import wilson_interval
+from core.quality_views import interval_text
 from core.storage import commit_temp, temp_path_for
 from core.training.config import TrainingConfig
 from core.training.networks import build_model, head, set_head
@@ -713,14 +713,6 @@ def _check_metrics(value) -> dict:
     return clean
 
 
-def _interval_text(accuracy: float | None, images: int) -> str | None:
-    """The 95 % Wilson interval of a plan's test accuracy, e.g. "70.1–88.2%"."""
-    if accuracy is None or not images:
-        return None
-    low, high = wilson_interval(round(accuracy * images / 100), images)
-    return f"{low:.1f}–{high:.1f}%"
-
-
 def round_view(round_: TrainingRound, *, session: Session) -> dict:
     """A federated round for the Live metrics page: one row per plan
     (status, phones averaged, test accuracy with its images and 95 %
@@ -756,7 +748,7 @@ def round_view(round_: TrainingRound, *, session: Session) -> dict:
                 "deadline": as_utc(p.deadline_at).strftime("%Y-%m-%d %H:%M:%S UTC"),
                 "test_accuracy": p.test_accuracy,
                 "test_images": p.test_images or None,
-                "test_interval": _interval_text(p.test_accuracy, p.test_images),
+                "test_interval": interval_text(p.test_accuracy, p.test_images),
                 "error": p.error,
             }
             for p in plans

@@ -220,11 +220,21 @@ def formats_pending(round_: TrainingRound, version: ModelVersion) -> bool:
     """Whether the job that made `version` is still adding its later formats
     (`add_artifacts`, after the commit): one of EXPORT_FORMATS is missing,
     the job has not yet said how that went, and its worker is alive."""
-    missing = set(get_settings().formats) - {a["format"] for a in version.artifacts}
-    reported = not round_.history or COMPLETED not in round_.history[-1]
-    beat = as_utc(round_.heartbeat_at)
-    alive = beat is not None and (utcnow() - beat).total_seconds() < get_settings().heartbeat_timeout
-    return bool(missing) and not reported and alive
+    return bool(_unreported_formats(round_.history, version.artifacts)) and _alive(round_.heartbeat_at)
+
+
+def _unreported_formats(history: list[str], artifacts: list[dict]) -> tuple[str, ...]:
+    """EXPORT_FORMATS the version lacks while its round's history still ends
+    at the commit (`add_artifacts` has not said how they went)."""
+    if not history or COMPLETED not in history[-1]:
+        return ()
+    present = {a["format"] for a in artifacts}
+    return tuple(f for f in get_settings().formats if f not in present)
+
+
+def _alive(heartbeat_at) -> bool:
+    beat = as_utc(heartbeat_at)
+    return beat is not None and (utcnow() - beat).total_seconds() < get_settings().heartbeat_timeout
 
 
 def finish_interrupted_exports(*, session: Session, recent: int = 20) -> list[str]:
@@ -232,33 +242,32 @@ def finish_interrupted_exports(*, session: Session, recent: int = 20) -> list[st
     and before `add_artifacts` said how those went (its worker's heartbeat is
     stale): from the version's checkpoint, checked on up to PARITY_IMAGES of
     its test images, exactly as the job would have. Looks at the `recent`
-    newest completed rounds; a round is claimed by stamping its heartbeat
+    newest completed rounds, reading only the columns it judges by (every
+    worker runs this every HEARTBEAT_TIMEOUT/2, and a round's snapshot of a
+    large dataset is megabytes); a round is claimed by stamping its heartbeat
     (compare-and-set), so of several workers recovering at once one does it.
     Returns the versions it completed or reported on."""
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout)
     newest = session.exec(
-        select(TrainingRound, ModelVersion)
+        select(TrainingRound.id, TrainingRound.history, TrainingRound.heartbeat_at, ModelVersion.artifacts)
         .join(ModelVersion, col(ModelVersion.id) == col(TrainingRound.model_version_id))
         .where(TrainingRound.status == RoundStatus.completed)
         .order_by(col(TrainingRound.finished_at).desc())
         .limit(recent)
     ).all()
     interrupted = [
-        (round_, mv)
-        for round_, mv in newest
-        if round_.history
-        and COMPLETED in round_.history[-1]
-        and set(settings.formats) - {a["format"] for a in mv.artifacts}
-        and (round_.heartbeat_at is None or as_utc(round_.heartbeat_at) < cutoff)
+        round_id
+        for round_id, history, heartbeat_at, artifacts in newest
+        if _unreported_formats(history, artifacts) and not _alive(heartbeat_at)
     ]
     session.rollback()
     done = []
-    for round_, mv in interrupted:
+    for round_id in interrupted:
         claimed = session.exec(
             update(TrainingRound)
             .where(
-                col(TrainingRound.id) == round_.id,
+                col(TrainingRound.id) == round_id,
                 or_(col(TrainingRound.heartbeat_at).is_(None), col(TrainingRound.heartbeat_at) < cutoff),
             )
             .values(heartbeat_at=utcnow())
@@ -266,9 +275,11 @@ def finish_interrupted_exports(*, session: Session, recent: int = 20) -> list[st
         session.commit()
         if not claimed:
             continue
-        session.refresh(round_)
-        session.refresh(mv)
-        missing = tuple(f for f in settings.formats if f not in {a["format"] for a in mv.artifacts})
+        round_ = session.get(TrainingRound, round_id)
+        mv = session.get(ModelVersion, round_.model_version_id)
+        missing = _unreported_formats(round_.history, mv.artifacts)
+        if not missing:  # added or reported between the look and the claim
+            continue
         reporter = RoundReporter(round_, session)
         with Heartbeat(round_.id, session.get_bind(), settings.heartbeat_interval):
             log.warning("model %s: its job's worker was lost before its %s; adding it now", mv.version, missing)
