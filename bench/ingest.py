@@ -28,7 +28,7 @@ def main() -> None:
     print(f"load average {load_average():.2f}")
     started = time.perf_counter()
     with session_scope() as session:
-        report = import_folder(folder, session=session)
+        report = import_folder(folder, session=session, parallel=True)
     seconds = time.perf_counter() - started
     print(
         f"{report.summary()} in {seconds:.2f} s: {report.count('stored') / seconds:.0f} images/s; load average {load_average():.2f}"

@@ -50,7 +50,7 @@ def import_pictures(n: int, chunks: int, size: int) -> list[tuple[int, float]]:
         generate_demo_folder(folder, per_category=per_chunk // len(CLASSES), size=size, seed=chunk)
         started, cpu = time.perf_counter(), time.process_time()
         with session_scope() as session:
-            report = import_folder(folder, session=session)
+            report = import_folder(folder, session=session, parallel=True)
         seconds = time.perf_counter() - started
         shutil.rmtree(folder)
         cpu = time.process_time() - cpu

@@ -24,7 +24,8 @@ def cmd_demo(args) -> int:
 def cmd_import(args) -> int:
     status = ImageStatus.validated if args.validated else ImageStatus.pending
     with session_scope() as session:
-        report = uploads.import_directory(Path(args.folder), session=session, actor=WHO, status=status)
+        # On every core: `python -m cli` is a guarded main (core.ingest.checker).
+        report = uploads.import_directory(Path(args.folder), session=session, actor=WHO, status=status, parallel=True)
     print(f"Imported from {args.folder}: {report.summary()} ({status.value}).")
     for result in report.refused:
         print(f"  refused {result.reason}")

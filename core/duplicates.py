@@ -50,11 +50,13 @@ bit set: all such pictures hash alike whatever their colour, so they never
 match (`featureless`).
 """
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+import faiss
 import imagehash
 import numpy as np
 from PIL import Image
@@ -67,6 +69,7 @@ from core.models import Category, ImageStatus, LookAlikeThumb, TrainingImage
 
 HASH_SIZE = 16
 WORDS = HASH_SIZE * HASH_SIZE // 64
+CODE_BYTES = HASH_SIZE * HASH_SIZE // 8
 # All planted copies of glyphs, documents and photos, and 98 % of those of
 # digits, were within 64 of 256 bits (BENCHMARKS.md, section 7).
 MAX_DISTANCE = 64
@@ -220,37 +223,103 @@ def similarity(a: bytes, b: bytes) -> float:
     return best
 
 
+def codes(hashes: Iterable[str]) -> np.ndarray:
+    """Hex hashes as an (n, 32) array of bytes: faiss's binary codes."""
+    return np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes), dtype=np.uint8).reshape(-1, CODE_BYTES)
+
+
+def _index(rows: np.ndarray) -> faiss.IndexBinaryFlat:
+    index = faiss.IndexBinaryFlat(HASH_SIZE * HASH_SIZE)
+    if len(rows):
+        index.add(rows)
+    return index
+
+
+@dataclass
+class _Loaded:
+    """The representatives of one database as last read by this process
+    (`Representatives.load`): all those up to `last_id`, featureless ones
+    counted in `rows` but not kept."""
+
+    rows: int
+    last_id: int
+    last_hash: str
+    ids: list[int]
+    codes: np.ndarray
+
+
+_loaded: dict[str, _Loaded] = {}
+_loaded_lock = threading.Lock()
+
+
 @dataclass
 class Representatives:
-    """Representatives' ids and hashes (the first `len(ids)` rows of
-    `hashes`), growing as new representatives are found; their thumbnails are fetched (`thumbs_of`) only when a candidate
-    needs confirming, and kept."""
+    """Representatives' ids and hashes (in a faiss index, the same order),
+    growing as new representatives are found; their thumbnails are fetched
+    (`thumbs_of`) only when a candidate needs confirming, and kept.
+
+    The nearest hashes are found by faiss's exhaustive binary index (the
+    exact Hamming distances, as numpy gave them, with SIMD popcounts): 0.5 ms
+    for a picture against 200,000 representatives, where numpy took 9 ms
+    and an import of 200,000 pictures spent most of its time there."""
 
     ids: list[int]
-    hashes: np.ndarray
+    index: faiss.IndexBinaryFlat
     thumbs_of: Callable[[list[int]], dict[int, bytes | None]]
     thumbs: dict[int, bytes | None] = field(default_factory=dict)
 
     @classmethod
+    def empty(cls, thumbs_of: Callable[[list[int]], dict[int, bytes | None]]) -> "Representatives":
+        return cls([], _index(np.zeros((0, CODE_BYTES), np.uint8)), thumbs_of)
+
+    @classmethod
     def load(cls, *, session: Session, thumbs_of: Callable[[list[int]], dict[int, bytes | None]]) -> "Representatives":
-        rows = [
-            row
-            for row in session.exec(
-                select(TrainingImage.id, TrainingImage.phash)
-                .where(TrainingImage.representative_id == TrainingImage.id, col(TrainingImage.phash).is_not(None))
-                .order_by(TrainingImage.id)
+        """The database's representatives. Read once per process and database,
+        then only those added since: an upload to 200,000 images would read
+        and parse every hash again. What was read is checked first (how many
+        representatives up to the newest one read, and its hash), so rows
+        rolled back, re-keyed or another database at the same address make
+        it read everything again."""
+        url = session.get_bind().url.render_as_string(hide_password=False)
+        reps = (TrainingImage.representative_id == TrainingImage.id) & col(TrainingImage.phash).is_not(None)
+        with _loaded_lock:
+            known = _loaded.get(url)
+        if known is not None:
+            rows, last = session.exec(
+                select(func.count(TrainingImage.id), func.max(TrainingImage.id)).where(
+                    reps, TrainingImage.id <= known.last_id
+                )
+            ).one()
+            last_hash = session.exec(select(TrainingImage.phash).where(TrainingImage.id == known.last_id)).first()
+            if (rows, last or -1, last_hash or "") != (known.rows, known.last_id, known.last_hash):
+                known = None
+        since = -1 if known is None else known.last_id
+        new = session.exec(
+            select(TrainingImage.id, TrainingImage.phash)
+            .where(reps, TrainingImage.id > since)
+            .order_by(TrainingImage.id)
+        ).all()
+        if known is None or new:
+            kept = [row for row in new if not featureless(row[1])]
+            known = _Loaded(
+                rows=(0 if known is None else known.rows) + len(new),
+                last_id=new[-1][0] if new else since,
+                last_hash=new[-1][1] if new else "",
+                ids=([] if known is None else known.ids) + [row[0] for row in kept],
+                codes=np.concatenate(
+                    [np.zeros((0, CODE_BYTES), np.uint8) if known is None else known.codes, codes(r[1] for r in kept)]
+                ),
             )
-            if not featureless(row[1])
-        ]
-        return cls([r[0] for r in rows], as_array(r[1] for r in rows), thumbs_of)
+            with _loaded_lock:
+                _loaded[url] = known
+        return cls(list(known.ids), _index(known.codes), thumbs_of)
 
     def match(self, phash: str | None, thumb: bytes | None) -> int | None:
         """The id of the representative the picture with `phash` and `thumb` is a copy of, or None."""
         if phash is None or thumb is None or featureless(phash) or not self.ids:
             return None
-        found = distances(phash, self.hashes[: len(self.ids)])
-        nearest = np.argpartition(found, min(CANDIDATES, len(found)) - 1)[:CANDIDATES]
-        near = [int(i) for i in nearest if found[i] <= MAX_DISTANCE]
+        found, nearest = self.index.search(codes([phash]), CANDIDATES)
+        near = [int(i) for d, i in zip(found[0], nearest[0], strict=True) if i >= 0 and d <= MAX_DISTANCE]
         missing = [self.ids[i] for i in near if self.ids[i] not in self.thumbs]
         if missing:
             self.thumbs |= self.thumbs_of(missing)
@@ -262,9 +331,7 @@ class Representatives:
 
     def add(self, image_id: int, phash: str | None, thumb: bytes | None) -> None:
         if phash is not None and not featureless(phash):
-            if len(self.ids) == len(self.hashes):  # room doubled, not copied on every add
-                self.hashes = np.concatenate([self.hashes, np.zeros((max(64, len(self.hashes)), WORDS), np.uint64)])
-            self.hashes[len(self.ids)] = as_array([phash])[0]
+            self.index.add(codes([phash]))
             self.ids.append(image_id)
             self.thumbs[image_id] = thumb
 
@@ -281,7 +348,7 @@ def group(pictures: Sequence[tuple[str | None, bytes | None]]) -> list[int]:
     representative (itself when it matches no earlier representative): the
     rule applied on ingest, for a list of pictures at once (the benchmark,
     the migration)."""
-    reps = Representatives([], np.zeros((0, WORDS), dtype=np.uint64), thumbs_of=dict.fromkeys)
+    reps = Representatives.empty(thumbs_of=dict.fromkeys)
     out = []
     with one_blas_thread():
         for i, (phash, thumb) in enumerate(pictures):

@@ -2,25 +2,34 @@
 
 import hashlib
 import io
+import multiprocessing
 import os
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sqlmodel import Session, func, select
+from sqlalchemy import insert
+from sqlmodel import Session, col, func, select
 
 from core.config import get_settings
 from core.duplicates import image_hash, image_thumb
 from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded_text
 from core.faults import crash_point
-from core.models import Category, ImageSource, ImageStatus, LookAlikeThumb, TrainingImage
+from core.models import Category, ImageSource, ImageStatus, LookAlikeThumb, TrainingImage, utcnow
 from core.splits import assign_splits
 from core.storage import sync_files, write_atomic
 
+# Files checked, looked up and inserted together (`ingest_files`).
+BATCH = 256
+# Fewer files than this are checked in the calling process (`checker`).
+PARALLEL_FROM = 64
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _FORMAT_SUFFIX = {
     "JPEG": ".jpg",
@@ -166,32 +175,51 @@ def ingest_files(
     device_id: str | None = None,
     uploaded_by: str | None = None,
     create_category: bool = True,
+    parallel: bool = False,
 ) -> IngestReport:
     """Check and store each file (bad ones are refused, not raised), then give
     the new images their splits, once for the batch (`assign_splits`). A result
-    decided before (an archive entry refused) goes into the report as it is."""
+    decided before (an archive entry refused) goes into the report as it is.
+
+    Files go in `BATCH` at a time: checked together (with `parallel`, by a
+    process per core: `checker`), looked up by SHA-256 in one query and
+    inserted in one flush, which is what an import of 200,000 pictures needs
+    (BENCHMARKS.md, "Scale")."""
     report = IngestReport()
-    # New files are written without an fsync each, then made durable together
-    # before the caller commits: one fsync per file was an import's largest cost.
-    written: list[Path] = []
-    categories: dict[str, Category] = {}  # looked up once per batch
-    for item in files:
-        if isinstance(item, NewFile):
-            item = _store(
-                item,
-                session=session,
-                status=status,
-                source=source,
-                device_id=device_id,
-                uploaded_by=uploaded_by,
-                create_category=create_category,
-                written=written,
-                categories=categories,
+    categories: dict[str, Category] = {}  # looked up once per import
+    options = {
+        "status": status,
+        "source": source,
+        "device_id": device_id,
+        "uploaded_by": uploaded_by,
+        "create_category": create_category,
+    }
+    remaining = iter(files)
+    # New files are written without an fsync each and made durable batch by
+    # batch in a thread while the next batch goes on, all before the caller
+    # commits: one fsync per file in line was an import's largest cost.
+    with checker(parallel) as check, ThreadPoolExecutor(1, thread_name_prefix="ingest-fsync") as syncer:
+        synced = []
+        batch = list(islice(remaining, BATCH))
+        checked = check(_to_check(batch))
+        while batch:
+            # The next batch is read and checked (by the pool) while this one is stored.
+            following = list(islice(remaining, BATCH))
+            checked_next = check(_to_check(following))
+            written: list[Path] = []
+            report.results.extend(
+                _store_batch(batch, checked(), session=session, written=written, categories=categories, **options)
             )
-        report.results.append(item)
-    sync_files(written)
+            synced.append(syncer.submit(sync_files, written))
+            batch, checked = following, checked_next
+        for future in synced:
+            future.result()
     assign_splits(session=session)
     return report
+
+
+def _to_check(batch: list[NewFile | IngestResult]) -> list[tuple[bytes, str]]:
+    return [(item.data, safe_filename(item.filename)) for item in batch if isinstance(item, NewFile)]
 
 
 def ingest_bytes(data: bytes, filename: str, *, session: Session, category: str, **options) -> IngestResult:
@@ -199,8 +227,54 @@ def ingest_bytes(data: bytes, filename: str, *, session: Session, category: str,
     return ingest_files([NewFile(data, filename, category)], session=session, **options).results[0]
 
 
-def _store(
-    file: NewFile,
+def _checked_or_error(data: bytes, filename: str) -> CheckedImage | InvalidImageError:
+    try:
+        return check_image(data, filename)
+    except InvalidImageError as exc:
+        return exc
+
+
+Checked = list[CheckedImage | InvalidImageError]
+
+
+@contextmanager
+def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Callable[[], Checked]]]:
+    """A function that starts checking (`check_image`) a list of (bytes, file
+    name) and gives a function that returns each one's CheckedImage or
+    InvalidImageError, in order, when they are ready.
+
+    Decoding and hashing are most of an import's work. With `parallel`, a list
+    of `PARALLEL_FROM` files or more is checked by a pool of processes, one
+    per core, started at the first such list and kept for the rest of the
+    call; shorter lists are checked here, with nothing to start. Only for
+    callers whose `__main__` is guarded (the command line, the benchmarks):
+    a spawned process imports the caller's main script again, and under
+    Streamlit that is the page itself, so the dashboard and the API check
+    their (small) uploads in their own process."""
+    pool: ProcessPoolExecutor | None = None
+
+    def check(items: list[tuple[bytes, str]]) -> Callable[[], Checked]:
+        nonlocal pool
+        workers = os.cpu_count() or 1
+        if not parallel or len(items) < PARALLEL_FROM or workers < 2:
+            return lambda: [_checked_or_error(data, name) for data, name in items]
+        if pool is None:
+            # Spawned, not forked: the server that calls this runs threads.
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        datas, names = zip(*items, strict=True)
+        results = pool.map(_checked_or_error, datas, names, chunksize=max(1, len(items) // (4 * workers)))
+        return lambda: list(results)
+
+    try:
+        yield check
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _store_batch(
+    batch: list[NewFile | IngestResult],
+    checks: Checked,
     *,
     session: Session,
     status: ImageStatus,
@@ -210,48 +284,80 @@ def _store(
     create_category: bool,
     written: list[Path],
     categories: dict[str, Category],
-) -> IngestResult:
-    name = safe_filename(file.filename)
-    try:
-        checked = check_image(file.data, name)
-    except InvalidImageError as exc:
-        return IngestResult(name, "refused", reason=str(exc))
-    digest = hashlib.sha256(file.data).hexdigest()
-    existing = session.exec(select(TrainingImage).where(TrainingImage.sha256 == digest)).first()
-    if existing is not None:
-        return IngestResult(name, "duplicate", image_id=existing.id)
-    cat = categories.get(file.category) or get_or_create_category(
-        file.category, session=session, create=create_category
+) -> list[IngestResult]:
+    """The results of one batch, in its order; the new images are flushed, with their thumbnails."""
+    files = [(i, item, safe_filename(item.filename)) for i, item in enumerate(batch) if isinstance(item, NewFile)]
+    checked = dict(zip([i for i, _, _ in files], checks, strict=True))
+    digests = {i: hashlib.sha256(f.data).hexdigest() for i, f, _ in files if isinstance(checked[i], CheckedImage)}
+    known = dict(
+        session.exec(
+            select(TrainingImage.sha256, TrainingImage.id).where(col(TrainingImage.sha256).in_(set(digests.values())))
+        ).all()
     )
-    categories[file.category] = cat
+    results: list[IngestResult | None] = [item if isinstance(item, IngestResult) else None for item in batch]
+    new: dict[str, dict] = {}  # this batch's new rows by SHA-256
+    # Filled in once the flush has given the images their ids: (position, name, SHA-256).
+    stored: list[tuple[int, str, str]] = []
     settings = get_settings()
-    target = settings.images_dir / digest[:2] / f"{digest}{_FORMAT_SUFFIX[checked.format]}"
-    if target.exists():
-        # A file without a row (yet) is swept once it is old: this one is in use again.
-        os.utime(target)
-    else:
-        write_atomic(target, file.data, durable=False)
-        written.append(target)
-    crash_point("ingest.file_written")
-    image = TrainingImage(
-        sha256=digest,
-        # Relative to DATA_DIR, so the data folder can move.
-        path=target.relative_to(settings.data_dir).as_posix(),
-        original_filename=name,
-        category_id=cat.id,
-        status=status,
-        source=source,
-        device_id=device_id,
-        width=checked.width,
-        height=checked.height,
-        size_bytes=len(file.data),
-        uploaded_by=uploaded_by,
-        phash=checked.phash,
-    )
-    session.add(image)
-    session.flush()
-    session.add(LookAlikeThumb(image_id=image.id, pixels=checked.thumb))
-    return IngestResult(name, "stored", image_id=image.id)
+    for i, file, name in files:
+        outcome = checked[i]
+        if isinstance(outcome, InvalidImageError):
+            results[i] = IngestResult(name, "refused", reason=str(outcome))
+            continue
+        digest = digests[i]
+        if digest in known:
+            results[i] = IngestResult(name, "duplicate", image_id=known[digest])
+            continue
+        stored.append((i, name, digest))
+        if digest in new:  # a second copy of a file this batch stores: a duplicate of it
+            continue
+        cat = categories.get(file.category) or get_or_create_category(
+            file.category, session=session, create=create_category
+        )
+        categories[file.category] = cat
+        target = settings.images_dir / digest[:2] / f"{digest}{_FORMAT_SUFFIX[outcome.format]}"
+        if target.exists():
+            # A file without a row (yet) is swept once it is old: this one is in use again.
+            os.utime(target)
+        else:
+            write_atomic(target, file.data, durable=False)
+            written.append(target)
+        crash_point("ingest.file_written")
+        new[digest] = {
+            "sha256": digest,
+            # Relative to DATA_DIR, so the data folder can move.
+            "path": target.relative_to(settings.data_dir).as_posix(),
+            "original_filename": name,
+            "category_id": cat.id,
+            "status": status,
+            "source": source,
+            "device_id": device_id,
+            "width": outcome.width,
+            "height": outcome.height,
+            "size_bytes": len(file.data),
+            "uploaded_at": utcnow(),
+            "uploaded_by": uploaded_by,
+            "phash": outcome.phash,
+            "thumb": outcome.thumb,
+        }
+    ids: dict[str, int] = {}
+    if new:
+        # One INSERT for the batch, rows rather than objects: building 256
+        # model objects cost more than inserting them.
+        rows = [{k: v for k, v in row.items() if k != "thumb"} for row in new.values()]
+        inserted = session.scalars(
+            insert(TrainingImage).returning(TrainingImage.id, sort_by_parameter_order=True), rows
+        ).all()
+        ids = dict(zip(new, inserted, strict=True))
+        session.execute(
+            insert(LookAlikeThumb), [{"image_id": ids[digest], "pixels": row["thumb"]} for digest, row in new.items()]
+        )
+    first: set[str] = set()
+    for i, name, digest in stored:
+        outcome = "duplicate" if digest in first else "stored"
+        first.add(digest)
+        results[i] = IngestResult(name, outcome, image_id=ids[digest])
+    return results
 
 
 def import_folder(
@@ -261,8 +367,10 @@ def import_folder(
     status: ImageStatus = ImageStatus.pending,
     source: ImageSource = ImageSource.import_,
     uploaded_by: str | None = None,
+    parallel: bool = False,
 ) -> IngestReport:
-    """Import `folder/<category>/<image>` (torchvision's ImageFolder layout)."""
+    """Import `folder/<category>/<image>` (torchvision's ImageFolder layout);
+    `parallel` as for `ingest_files`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder")
@@ -274,7 +382,9 @@ def import_folder(
         for sub in subdirs
         for path in sorted(p for p in sub.rglob("*") if p.is_file() and not p.name.startswith("."))
     )
-    return ingest_files(files, session=session, status=status, source=source, uploaded_by=uploaded_by)
+    return ingest_files(
+        files, session=session, status=status, source=source, uploaded_by=uploaded_by, parallel=parallel
+    )
 
 
 def _check_archive_size(entries: list[zipfile.ZipInfo]) -> None:

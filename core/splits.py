@@ -79,9 +79,7 @@ def _assign(todo: list[TrainingImage], *, session: Session) -> None:
             image.phash = file_fingerprint(get_settings().data_dir / image.path)[0]
     thumbs = stored_thumbs([image.id for image in todo], session=session)
     reps = Representatives.load(session=session, thumbs_of=lambda ids: stored_thumbs(ids, session=session))
-    keys = dict(
-        session.exec(select(TrainingImage.id, TrainingImage.split_key).where(col(TrainingImage.id).in_(reps.ids))).all()
-    )
+    keys: dict[int, float] = {}  # representatives' keys, read as they are matched
     used = dict(
         session.exec(
             select(TrainingImage.category_id, func.count(TrainingImage.id))
@@ -89,7 +87,8 @@ def _assign(todo: list[TrainingImage], *, session: Session) -> None:
             .group_by(TrainingImage.category_id)
         ).all()
     )
-    with one_blas_thread():
+    # No flush of the images set so far before each read of a key or thumbnail.
+    with one_blas_thread(), session.no_autoflush:
         for image in todo:
             found = reps.match(image.phash, thumbs.get(image.id))
             if found is None:
@@ -98,6 +97,8 @@ def _assign(todo: list[TrainingImage], *, session: Session) -> None:
                 image.representative_id, image.split_key = image.id, sequence_key(image.category_id, position)
                 reps.add(image.id, image.phash, thumbs.get(image.id))
             else:
+                if found not in keys:
+                    keys[found] = session.exec(select(TrainingImage.split_key).where(TrainingImage.id == found)).one()
                 image.representative_id, image.split_key = found, keys[found]
             keys[image.id] = image.split_key
             session.add(image)

@@ -93,11 +93,16 @@ def _unpacked(name: str, data: bytes, category: str | None) -> Iterator[NewFile 
 
 
 def import_directory(
-    folder: Path, *, session: Session, actor: Actor, status: ImageStatus = ImageStatus.pending
+    folder: Path,
+    *,
+    session: Session,
+    actor: Actor,
+    status: ImageStatus = ImageStatus.pending,
+    parallel: bool = False,
 ) -> IngestReport:
-    """Import `folder/<category>/<image>` from the server's disk."""
+    """Import `folder/<category>/<image>` from the server's disk (`parallel`: see `ingest_files`)."""
     _require(actor, status)
-    report = import_folder(folder, session=session, status=status, uploaded_by=actor.name)
+    report = import_folder(folder, session=session, status=status, uploaded_by=actor.name, parallel=parallel)
     return _audit(report, session=session, actor=actor)
 
 

@@ -8,7 +8,7 @@ from sqlmodel import select
 from core.errors import UserError
 from core.ingest import check_image, import_folder, import_zip, ingest_bytes
 from core.models import Category, ImageSource, ImageStatus, TrainingImage
-from tests.factories import image_bytes, png_with_size
+from tests.factories import distinct_images, image_bytes, png_with_size
 
 
 def stored(session):
@@ -180,3 +180,89 @@ def test_a_zip_entry_with_a_bad_crc_is_refused_and_leaves_no_file(session, data_
     assert "cat/bad.png: damaged" in report.refused[0].reason and "CRC" in report.refused[0].reason
     files = [p for p in (data_dir / "images").rglob("*") if p.is_file()]
     assert [p.name for p in files] == [p.name for p in (data_dir / i.path for i in stored(session))]
+
+
+def _batch_of_files(n: int) -> list:
+    """n different pictures with, among them, a repeat of the first and a file
+    that is not an image, so that every outcome crosses a batch boundary."""
+    from core.ingest import NewFile
+
+    files = [NewFile(data, f"{i}.png", "cat" if i % 2 else "dog") for i, data in enumerate(distinct_images(n))]
+    files.insert(n // 2, NewFile(files[0].data, "again.png", "cat"))
+    files.insert(n // 2 + 1, NewFile(b"not an image", "notes.txt", "cat"))
+    return files
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_files_in_several_batches_keep_their_order_outcomes_and_ids(session, data_dir, monkeypatch, parallel):
+    """Batches of 8, checked here or by a real pool of processes: every file's
+    outcome in its place, copies point at the image stored first, each image
+    has its file, its thumbnail and a split key."""
+    from core import ingest
+    from core.models import LookAlikeThumb
+
+    monkeypatch.setattr(ingest, "BATCH", 8)
+    monkeypatch.setattr(ingest, "PARALLEL_FROM", 4)
+    files = _batch_of_files(30)
+    report = ingest.ingest_files(files, session=session, parallel=parallel)
+    session.commit()
+    outcomes = [r.outcome for r in report.results]
+    assert len(outcomes) == 32
+    assert outcomes.count("stored") == 30 and outcomes[15:17] == ["duplicate", "refused"]
+    assert report.results[15].image_id == report.results[0].image_id
+    assert "not an image" in report.results[16].reason
+    assert [r.filename for r in report.results] == [f.filename for f in files]
+    images = {image.id: image for image in stored(session)}
+    assert len(images) == 30
+    for result, file in zip(report.results, files, strict=True):
+        if result.outcome == "stored":
+            image = images[result.image_id]
+            assert (data_dir / image.path).read_bytes() == file.data
+            assert session.get(LookAlikeThumb, image.id) is not None
+            assert image.split_key is not None and image.phash is not None
+
+
+def test_a_copy_within_one_batch_is_a_duplicate_of_the_first(session):
+    from core.ingest import NewFile, ingest_files
+
+    data = image_bytes()
+    report = ingest_files([NewFile(data, "a.png", "cat"), NewFile(data, "b.png", "dog")], session=session)
+    assert [r.outcome for r in report.results] == ["stored", "duplicate"]
+    assert report.results[1].image_id == report.results[0].image_id
+    assert len(stored(session)) == 1
+
+
+def test_the_representatives_read_before_are_read_again_when_the_database_changed_under_them(session, data_dir):
+    """The process keeps the look-alike index between imports; a rolled-back
+    representative whose id a different picture then takes must not stay in it."""
+    import faiss
+    import numpy as np
+
+    from core import duplicates
+    from bench import datasets
+
+    pictures, _ = datasets.photos()
+    loaded = lambda: duplicates.Representatives.load(session=session, thumbs_of=dict.fromkeys)  # noqa: E731
+
+    def indexed(reps):
+        return [reps.ids, faiss.vector_to_array(reps.index.xb).reshape(-1, duplicates.CODE_BYTES).tolist()]
+
+    def in_database():
+        rows = session.exec(
+            select(TrainingImage.id, TrainingImage.phash)
+            .where(TrainingImage.representative_id == TrainingImage.id)
+            .order_by(TrainingImage.id)
+        ).all()
+        rows = [r for r in rows if not duplicates.featureless(r[1])]
+        return [[r[0] for r in rows], duplicates.codes(r[1] for r in rows).tolist()]
+
+    ingest_bytes(datasets.png(pictures[0]), "0.png", session=session, category="photo")
+    session.commit()
+    assert indexed(loaded()) == in_database()
+    ingest_bytes(datasets.png(pictures[1]), "1.png", session=session, category="photo")
+    assert indexed(loaded()) == in_database()  # read again with the new one
+    session.rollback()
+    ingest_bytes(datasets.png(pictures[2]), "2.png", session=session, category="photo")  # takes the same id
+    session.commit()
+    assert indexed(loaded()) == in_database()
+    assert np.array_equal(np.array(in_database()[0]), np.array([1, 2]))
