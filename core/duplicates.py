@@ -53,7 +53,8 @@ match (`featureless`).
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
+from itertools import islice
 from pathlib import Path
 
 import faiss
@@ -85,14 +86,20 @@ CROP_STEP = 0.01
 # Measured from 0.985 to 0.994 (BENCHMARKS.md, section 7): lower lets
 # near-identical different digits match, higher loses cropped copies of text.
 MIN_SIMILARITY = 0.993
+# Representatives' thumbnails kept in memory during an import (4 KB each),
+# counted at each batch (`Representatives.prefetch`).
+KEPT_THUMBS = 50_000
 # A hash with at most this many bits set, or unset, comes from a picture with
 # next to no detail: such pictures all hash alike.
 FEATURELESS_BITS = 16
 
 
 def image_hash(image: Image.Image) -> str:
-    """The 256-bit perceptual hash of `image` (already EXIF-transposed), as 64 hex digits."""
-    return str(imagehash.phash(image.convert("L"), hash_size=HASH_SIZE))
+    """The 256-bit perceptual hash of `image` (already EXIF-transposed), as 64
+    hex digits: imagehash's text, written by numpy (imagehash's own `str`
+    joins the bits one by one, a third of the hash's time)."""
+    bits = imagehash.phash(image.convert("L"), hash_size=HASH_SIZE).hash
+    return np.packbits(bits.ravel()).tobytes().hex()
 
 
 def image_thumb(image: Image.Image) -> bytes:
@@ -174,17 +181,36 @@ def _crop_matrices(crops: tuple[tuple[float, float], ...]) -> np.ndarray:
     return np.concatenate([_area_matrix(start * THUMB, THUMB - end * THUMB) for start, end in crops])
 
 
+@cache
+def _crop_parts(
+    crops: tuple[tuple[float, float], ...],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For `_best_crop`: the crops' stacked area matrices, their transpose,
+    each crop's column sums (k, THUMB) and the (k * COMPARE, k) matrix that
+    adds up each crop's `COMPARE` rows."""
+    stacked = _crop_matrices(crops)
+    k = len(crops)
+    sums = stacked.reshape(k, COMPARE, THUMB).sum(axis=1)
+    return stacked, np.ascontiguousarray(stacked.T), sums, np.kron(np.eye(k), np.ones((COMPARE, 1)))
+
+
 def _best_crop(
     big: np.ndarray, target: np.ndarray, rows: tuple[tuple[float, float], ...], cols: tuple[tuple[float, float], ...]
 ) -> tuple[float, tuple[float, float], tuple[float, float]]:
     """The highest correlation of `big` cropped by any of `rows` x `cols` with
     the (normalised) `target`, and the crops that gave it."""
     k, m = len(rows), len(cols)
-    # Every crop of rows (i) and of columns (j) at once: (i, s, j, t).
-    cropped = (_crop_matrices(rows) @ big @ _crop_matrices(cols).T).reshape(k, COMPARE, m, COMPARE)
+    row_matrices, _, row_sums, row_groups = _crop_parts(rows)
+    _, col_matrices_t, col_sums, col_groups = _crop_parts(cols)
+    # Every crop of rows (i) and of columns (j) at once: cell (i * COMPARE + s, j * COMPARE + t).
+    cropped = row_matrices @ big @ col_matrices_t
+    # Per crop (i, j), the sums over its cells (s, t), as products with the
+    # 0/1 grouping matrices: several times faster than numpy's reductions here.
+    per_crop = lambda cells: row_groups.T @ cells @ col_groups  # noqa: E731
     # The target is centred, so its product with a crop is the crop's centred product.
-    products = np.einsum("isjt,st->ij", cropped, target.reshape(COMPARE, COMPARE))
-    spread = np.sqrt(np.maximum((cropped**2).sum(axis=(1, 3)) - cropped.sum(axis=(1, 3)) ** 2 / COMPARE**2, 1e-18))
+    products = per_crop(cropped * np.tile(target.reshape(COMPARE, COMPARE), (k, m)))
+    sums = row_sums @ big @ col_sums.T
+    spread = np.sqrt(np.maximum(per_crop(cropped * cropped) - sums**2 / COMPARE**2, 1e-18))
     scores = products / spread
     i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
     return float(scores[i, j]), rows[i], cols[j]
@@ -210,17 +236,24 @@ def similarity(a: bytes, b: bytes) -> float:
     searched coarse to fine (none, half of `MAX_CROP` or all of it at each
     end, then one `CROP_STEP` around the best), and not at all when the
     uncropped thumbnails already match (most copies)."""
-    whole = _area_matrix(0, THUMB)
-    pictures = [np.frombuffer(x, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float64) for x in (a, b)]
-    best = -1.0
-    for big, small in (pictures, pictures[::-1]):
-        target = _normalised(whole @ small @ whole.T)
-        best = max(best, float(_normalised(whole @ big @ whole.T) @ target))
+    (big_a, small_a), (big_b, small_b) = _picture(a), _picture(b)
+    best = float(small_a @ small_b)  # uncropped: the same both ways
+    for big, target in ((big_a, small_b), (big_b, small_a)):
         if best >= MIN_SIMILARITY:
             return best
         _, rows, cols = _best_crop(big, target, COARSE, COARSE)
         best = max(best, _best_crop(big, target, _around(rows), _around(cols))[0])
     return best
+
+
+@lru_cache(maxsize=4096)
+def _picture(thumb: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A thumbnail as numbers, and at `COMPARE` x `COMPARE` normalised
+    (`_normalised`); kept for the next pair it is in (an import compares a
+    representative with many pictures)."""
+    whole = _crop_matrices(((0.0, 0.0),))
+    big = np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float64)
+    return big, _normalised(whole @ big @ whole.T)
 
 
 def codes(hashes: Iterable[str]) -> np.ndarray:
@@ -313,6 +346,24 @@ class Representatives:
             with _loaded_lock:
                 _loaded[url] = known
         return cls(list(known.ids), _index(known.codes), thumbs_of)
+
+    def prefetch(self, hashes: Sequence[str | None]) -> None:
+        """Fetch at once the thumbnails of every candidate these pictures can
+        have among the representatives now: one query for a batch instead of
+        one per picture. (A representative added after this keeps its own.)"""
+        if len(self.thumbs) > KEPT_THUMBS:  # the oldest half goes (fetched again when needed)
+            for image_id in list(islice(self.thumbs, len(self.thumbs) // 2)):
+                del self.thumbs[image_id]
+        hashes = [h for h in hashes if h is not None and not featureless(h)]
+        if not hashes or not self.ids:
+            return
+        found, nearest = self.index.search(codes(hashes), CANDIDATES)
+        wanted = {
+            self.ids[i] for d, i in zip(found.ravel(), nearest.ravel(), strict=True) if i >= 0 and d <= MAX_DISTANCE
+        }
+        missing = sorted(wanted - self.thumbs.keys())
+        if missing:
+            self.thumbs |= self.thumbs_of(missing)
 
     def match(self, phash: str | None, thumb: bytes | None) -> int | None:
         """The id of the representative the picture with `phash` and `thumb` is a copy of, or None."""

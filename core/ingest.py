@@ -15,7 +15,7 @@ from itertools import islice
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlmodel import Session, col, func, select
 
 from core.config import get_settings
@@ -23,7 +23,7 @@ from core.duplicates import image_hash, image_thumb
 from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded_text
 from core.faults import crash_point
 from core.models import Category, ImageSource, ImageStatus, LookAlikeThumb, TrainingImage, utcnow
-from core.splits import assign_splits
+from core.splits import KeyAssigner, assign_splits
 from core.storage import sync_files, write_atomic
 
 # Files checked, looked up and inserted together (`ingest_files`).
@@ -177,9 +177,10 @@ def ingest_files(
     create_category: bool = True,
     parallel: bool = False,
 ) -> IngestReport:
-    """Check and store each file (bad ones are refused, not raised), then give
-    the new images their splits, once for the batch (`assign_splits`). A result
-    decided before (an archive entry refused) goes into the report as it is.
+    """Check and store each file (bad ones are refused, not raised), each new
+    image with its representative and split key (`KeyAssigner`), then
+    `assign_splits`. A result decided before (an archive entry refused) goes
+    into the report as it is.
 
     Files go in `BATCH` at a time: checked together (with `parallel`, by a
     process per core: `checker`), looked up by SHA-256 in one query and
@@ -187,6 +188,7 @@ def ingest_files(
     (BENCHMARKS.md, "Scale")."""
     report = IngestReport()
     categories: dict[str, Category] = {}  # looked up once per import
+    splits: list[KeyAssigner] = []  # made at the first new image
     options = {
         "status": status,
         "source": source,
@@ -208,12 +210,22 @@ def ingest_files(
             checked_next = check(_to_check(following))
             written: list[Path] = []
             report.results.extend(
-                _store_batch(batch, checked(), session=session, written=written, categories=categories, **options)
+                _store_batch(
+                    batch,
+                    checked(),
+                    session=session,
+                    written=written,
+                    categories=categories,
+                    splits=splits,
+                    **options,
+                )
             )
             synced.append(syncer.submit(sync_files, written))
             batch, checked = following, checked_next
         for future in synced:
             future.result()
+    # The new images have their keys; this gives the rest theirs (images
+    # stored before keys existed) and test images to a category without any.
     assign_splits(session=session)
     return report
 
@@ -227,42 +239,74 @@ def ingest_bytes(data: bytes, filename: str, *, session: Session, category: str,
     return ingest_files([NewFile(data, filename, category)], session=session, **options).results[0]
 
 
-def _checked_or_error(data: bytes, filename: str) -> CheckedImage | InvalidImageError:
+@dataclass(frozen=True)
+class Prepared:
+    """One file checked (`check_image`) or refused, with its SHA-256 and, when
+    the check was made by the pool (`checker`), its stored file: written
+    there (`written`) or found there already."""
+
+    checked: CheckedImage | InvalidImageError
+    sha256: str = ""
+    stored: Path | None = None
+    written: bool = False
+
+
+def _target(digest: str, checked: CheckedImage) -> Path:
+    """Where a file with this SHA-256 is stored (content-addressed)."""
+    return get_settings().images_dir / digest[:2] / f"{digest}{_FORMAT_SUFFIX[checked.format]}"
+
+
+def _keep(target: Path, data: bytes) -> bool:
+    """Store `data` at `target` unless it is there; whether it was written."""
+    if target.exists():
+        # A file without a row (yet) is swept once it is old: this one is in use again.
+        os.utime(target)
+        return False
+    write_atomic(target, data, durable=False)
+    return True
+
+
+def _prepare(data: bytes, filename: str, store: bool = False) -> Prepared:
     try:
-        return check_image(data, filename)
+        checked = check_image(data, filename)
     except InvalidImageError as exc:
-        return exc
-
-
-Checked = list[CheckedImage | InvalidImageError]
+        return Prepared(exc)
+    digest = hashlib.sha256(data).hexdigest()
+    if not store:
+        return Prepared(checked, digest)
+    target = _target(digest, checked)
+    return Prepared(checked, digest, target, _keep(target, data))
 
 
 @contextmanager
-def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Callable[[], Checked]]]:
-    """A function that starts checking (`check_image`) a list of (bytes, file
-    name) and gives a function that returns each one's CheckedImage or
-    InvalidImageError, in order, when they are ready.
+def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Callable[[], list[Prepared]]]]:
+    """A function that starts checking (`_prepare`) a list of (bytes, file
+    name) and gives a function that returns each one's `Prepared`, in
+    order, when they are ready.
 
-    Decoding and hashing are most of an import's work. With `parallel`, a list
-    of `PARALLEL_FROM` files or more is checked by a pool of processes, one
-    per core, started at the first such list and kept for the rest of the
-    call; shorter lists are checked here, with nothing to start. Only for
-    callers whose `__main__` is guarded (the command line, the benchmarks):
-    a spawned process imports the caller's main script again, and under
-    Streamlit that is the page itself, so the dashboard and the API check
-    their (small) uploads in their own process."""
+    Decoding, hashing and writing files are most of an import's work. With
+    `parallel`, a list of `PARALLEL_FROM` files or more is checked, and its
+    good files stored, by a pool of processes, one per core, started at the
+    first such list and kept for the rest of the call (an orphan file of a
+    call that fails is swept like any other: `remove_orphan_images`);
+    shorter lists are checked here, with nothing to start, and stored as
+    their rows are made. Only for callers whose `__main__` is guarded (the
+    command line, the benchmarks): a spawned process imports the caller's
+    main script again, and under Streamlit that is the page itself, so the
+    dashboard and the API check their (small) uploads in their own process."""
     pool: ProcessPoolExecutor | None = None
 
-    def check(items: list[tuple[bytes, str]]) -> Callable[[], Checked]:
+    def check(items: list[tuple[bytes, str]]) -> Callable[[], list[Prepared]]:
         nonlocal pool
         workers = os.cpu_count() or 1
         if not parallel or len(items) < PARALLEL_FROM or workers < 2:
-            return lambda: [_checked_or_error(data, name) for data, name in items]
+            return lambda: [_prepare(data, name) for data, name in items]
         if pool is None:
             # Spawned, not forked: the server that calls this runs threads.
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         datas, names = zip(*items, strict=True)
-        results = pool.map(_checked_or_error, datas, names, chunksize=max(1, len(items) // (4 * workers)))
+        chunk = max(1, len(items) // (4 * workers))
+        results = pool.map(_prepare, datas, names, [True] * len(items), chunksize=chunk)
         return lambda: list(results)
 
     try:
@@ -274,7 +318,7 @@ def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Call
 
 def _store_batch(
     batch: list[NewFile | IngestResult],
-    checks: Checked,
+    checks: list[Prepared],
     *,
     session: Session,
     status: ImageStatus,
@@ -284,11 +328,13 @@ def _store_batch(
     create_category: bool,
     written: list[Path],
     categories: dict[str, Category],
+    splits: list[KeyAssigner],
 ) -> list[IngestResult]:
-    """The results of one batch, in its order; the new images are flushed, with their thumbnails."""
+    """The results of one batch, in its order; the new images are flushed,
+    with their thumbnails, representatives and split keys."""
     files = [(i, item, safe_filename(item.filename)) for i, item in enumerate(batch) if isinstance(item, NewFile)]
-    checked = dict(zip([i for i, _, _ in files], checks, strict=True))
-    digests = {i: hashlib.sha256(f.data).hexdigest() for i, f, _ in files if isinstance(checked[i], CheckedImage)}
+    prepared = dict(zip([i for i, _, _ in files], checks, strict=True))
+    digests = {i: p.sha256 for i, p in prepared.items() if isinstance(p.checked, CheckedImage)}
     known = dict(
         session.exec(
             select(TrainingImage.sha256, TrainingImage.id).where(col(TrainingImage.sha256).in_(set(digests.values())))
@@ -300,7 +346,7 @@ def _store_batch(
     stored: list[tuple[int, str, str]] = []
     settings = get_settings()
     for i, file, name in files:
-        outcome = checked[i]
+        outcome = prepared[i].checked
         if isinstance(outcome, InvalidImageError):
             results[i] = IngestResult(name, "refused", reason=str(outcome))
             continue
@@ -315,12 +361,13 @@ def _store_batch(
             file.category, session=session, create=create_category
         )
         categories[file.category] = cat
-        target = settings.images_dir / digest[:2] / f"{digest}{_FORMAT_SUFFIX[outcome.format]}"
-        if target.exists():
-            # A file without a row (yet) is swept once it is old: this one is in use again.
-            os.utime(target)
+        target = prepared[i].stored
+        if target is None:
+            target = _target(digest, outcome)
+            wrote = _keep(target, file.data)
         else:
-            write_atomic(target, file.data, durable=False)
+            wrote = prepared[i].written  # by the pool
+        if wrote:
             written.append(target)
         crash_point("ingest.file_written")
         new[digest] = {
@@ -351,6 +398,16 @@ def _store_batch(
         ids = dict(zip(new, inserted, strict=True))
         session.execute(
             insert(LookAlikeThumb), [{"image_id": ids[digest], "pixels": row["thumb"]} for digest, row in new.items()]
+        )
+        if not splits:
+            splits.append(KeyAssigner(session=session))
+        placed = splits[0].place([(ids[d], row["category_id"], row["phash"], row["thumb"]) for d, row in new.items()])
+        session.execute(
+            update(TrainingImage),
+            [
+                {"id": ids[digest], "representative_id": representative_id, "split_key": key}
+                for digest, (representative_id, key) in zip(new, placed, strict=True)
+            ],
         )
     first: set[str] = set()
     for i, name, digest in stored:

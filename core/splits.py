@@ -78,31 +78,54 @@ def _assign(todo: list[TrainingImage], *, session: Session) -> None:
         if image.phash is None:
             image.phash = file_fingerprint(get_settings().data_dir / image.path)[0]
     thumbs = stored_thumbs([image.id for image in todo], session=session)
-    reps = Representatives.load(session=session, thumbs_of=lambda ids: stored_thumbs(ids, session=session))
-    keys: dict[int, float] = {}  # representatives' keys, read as they are matched
-    used = dict(
-        session.exec(
-            select(TrainingImage.category_id, func.count(TrainingImage.id))
-            .where(TrainingImage.representative_id == TrainingImage.id, col(TrainingImage.split_key).is_not(None))
-            .group_by(TrainingImage.category_id)
-        ).all()
+    placed = KeyAssigner(session=session).place(
+        [(image.id, image.category_id, image.phash, thumbs.get(image.id)) for image in todo]
     )
-    # No flush of the images set so far before each read of a key or thumbnail.
-    with one_blas_thread(), session.no_autoflush:
-        for image in todo:
-            found = reps.match(image.phash, thumbs.get(image.id))
-            if found is None:
-                position = used.get(image.category_id, 0)
-                used[image.category_id] = position + 1
-                image.representative_id, image.split_key = image.id, sequence_key(image.category_id, position)
-                reps.add(image.id, image.phash, thumbs.get(image.id))
-            else:
-                if found not in keys:
-                    keys[found] = session.exec(select(TrainingImage.split_key).where(TrainingImage.id == found)).one()
-                image.representative_id, image.split_key = found, keys[found]
-            keys[image.id] = image.split_key
-            session.add(image)
+    for image, (representative_id, key) in zip(todo, placed, strict=True):
+        image.representative_id, image.split_key = representative_id, key
+        session.add(image)
     session.flush()
+
+
+class KeyAssigner:
+    """Gives new images, in the order of their ids, their representative and
+    key (see the module's docstring). One serves a whole import, batch after
+    batch (`core.ingest.ingest_files`), so the representatives are loaded
+    once and the matching of a batch overlaps the checking of the next."""
+
+    def __init__(self, *, session: Session):
+        self.session = session
+        self.reps = Representatives.load(session=session, thumbs_of=lambda ids: stored_thumbs(ids, session=session))
+        self.keys: dict[int, float] = {}  # representatives' keys, read as they are matched
+        # How many representatives each category has: the next one's position in its sequence.
+        self.used = dict(
+            session.exec(
+                select(TrainingImage.category_id, func.count(TrainingImage.id))
+                .where(TrainingImage.representative_id == TrainingImage.id, col(TrainingImage.split_key).is_not(None))
+                .group_by(TrainingImage.category_id)
+            ).all()
+        )
+
+    def place(self, images: list[tuple[int, int, str | None, bytes | None]]) -> list[tuple[int, float]]:
+        """(representative id, key) for each (id, category id, hash, thumbnail)."""
+        out = []
+        # No flush of the caller's changes before each read of a key or thumbnail.
+        with one_blas_thread(), self.session.no_autoflush:
+            self.reps.prefetch([phash for _, _, phash, _ in images])
+            for image_id, category_id, phash, thumb in images:
+                found = self.reps.match(phash, thumb)
+                if found is None:
+                    position = self.used.get(category_id, 0)
+                    self.used[category_id] = position + 1
+                    found, key = image_id, sequence_key(category_id, position)
+                    self.reps.add(image_id, phash, thumb)
+                else:
+                    key = self.keys.get(found)
+                    if key is None:
+                        key = self.session.exec(select(TrainingImage.split_key).where(TrainingImage.id == found)).one()
+                self.keys[image_id] = key
+                out.append((found, key))
+        return out
 
 
 def trained_image_ids(*, session: Session) -> set[int]:
