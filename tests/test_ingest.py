@@ -238,8 +238,8 @@ def test_the_representatives_read_before_are_read_again_when_the_database_change
     import faiss
     import numpy as np
 
-    from core import duplicates
     from bench import datasets
+    from core import duplicates
 
     pictures, _ = datasets.photos()
     loaded = lambda: duplicates.Representatives.load(session=session, thumbs_of=dict.fromkeys)  # noqa: E731

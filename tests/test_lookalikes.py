@@ -184,3 +184,34 @@ def test_a_category_without_test_images_gets_them_only_from_images_no_version_le
     moved = [r for r in rows if split_of(r.split_key, 0.2) == "test"]
     assert moved and not {r.id for r in moved} & {r.id for r in learnt}
     assert len(rows) >= MIN_FOR_TEST and ensure_test_images(session=session) == 0  # once is enough
+
+
+@pytest.mark.parametrize("kind", ["digits", "photos"])
+def test_an_import_in_batches_groups_as_the_rule_does_one_picture_at_a_time(session, monkeypatch, kind):
+    """The import's batches (nearest representatives looked up per batch,
+    those added since searched apart, thumbnails fetched ahead) give every
+    picture the representative `group` gives it, across two imports (the
+    second starts from the representatives the first committed)."""
+    from core import ingest
+
+    monkeypatch.setattr(ingest, "BATCH", 16)
+    images, _ = datasets.KINDS[kind]()
+    images = images[:150]
+    rng = random.Random(2)
+    copied = dict(zip(rng.sample(range(len(images)), 40), datasets.COPIES * 10, strict=False))
+    files = []
+    for n, image in enumerate(images):  # a copy right after its original: mostly in the same batch
+        files.append(datasets.png(image))
+        if n in copied:
+            files.append(datasets.copy_bytes(image, copied[n], rng))
+    ids = []
+    for part in (files[:100], files[100:]):
+        report = ingest_files([NewFile(data, f"{n}.png", kind) for n, data in enumerate(part)], session=session)
+        session.commit()
+        assert report.count("stored") == len(part)
+        ids += [r.image_id for r in report.results]
+    rows = {i: session.get(TrainingImage, i) for i in ids}
+    thumbs = duplicates.stored_thumbs(ids, session=session)
+    expected = duplicates.group([(rows[i].phash, thumbs[i]) for i in ids])
+    assert [rows[i].representative_id for i in ids] == [ids[position] for position in expected]
+    assert sum(rows[i].representative_id != i for i in ids) >= 30  # the copies did join their originals
