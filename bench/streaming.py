@@ -3,8 +3,14 @@ training a round on N pictures at 224 px with the images held in memory
 against read from the round's image file batch by batch, and the training
 throughput of each (the round's own epoch timings, validation included).
 
-    .venv/bin/python -m bench.streaming --n 50000                 # the issue's figure (not run here)
+    .venv/bin/python -m bench.streaming --n 50000                 # the issue's figure, trained in full
     .venv/bin/python -m bench.streaming --n 2000 --n 6000         # two sizes: what each picture adds
+    .venv/bin/python -m bench.streaming --n 50000 --modes streamed --batches 200
+
+`--batches K` cancels each round once it has trained K batches of its
+first epoch: the peak memory of the set-up (every picture decoded into the
+round's image file) and of steady training, where a full epoch of 40,000
+pictures at 224 px would take hours on 2 cores; no epoch timing then.
 
 For each N: N demo pictures (5 categories) are imported, then one round per
 mode runs in its own process (`run_training_round`, as a worker runs it),
@@ -19,6 +25,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 from bench.common import ROOT, fresh_data_dir, load_average
@@ -26,20 +33,33 @@ from bench.common import ROOT, fresh_data_dir, load_average
 MODES = {"in memory": str(2**62), "streamed": "0"}
 
 
-def child(round_id: int) -> None:
+def child(round_id: int, batches: int | None) -> None:
     from core.db import session_scope
+    from core.models import TrainingRound
     from core.training.rounds import run_training_round
 
+    def cancel_after_batches() -> None:
+        while True:
+            time.sleep(1)
+            with session_scope() as session:
+                round_ = session.get(TrainingRound, round_id)
+                if (round_.current_batch or 0) >= batches:
+                    round_.cancel_requested = True
+                    return
+
+    if batches:
+        threading.Thread(target=cancel_after_batches, daemon=True).start()
     started = time.perf_counter()
     with session_scope() as session:
         version = run_training_round(round_id, session=session)
-        assert version is not None, "the round failed"
+        assert version is not None or batches, "the round failed"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"RESULT {peak:.0f} {time.perf_counter() - started:.1f}", flush=True)
 
 
-def measure(data_dir, params: dict, limit: str, threads: int) -> tuple[float, float, float]:
-    """(peak resident MB, images/s over the epochs, seconds of the whole job) of one round in its own process."""
+def measure(data_dir, params: dict, limit: str, threads: int, batches: int | None) -> tuple[float, float, float]:
+    """(peak resident MB, images/s over the epochs (NaN when stopped early),
+    seconds of the whole job) of one round in its own process."""
     from sqlmodel import select
 
     from core.db import session_scope
@@ -57,13 +77,15 @@ def measure(data_dir, params: dict, limit: str, threads: int) -> tuple[float, fl
         "TORCH_THREADS": str(threads),
     }
     out = subprocess.run(
-        [sys.executable, "-m", "bench.streaming", "--child", str(round_id)],
+        [sys.executable, "-m", "bench.streaming", "--child", str(round_id), "--batches", str(batches or 0)],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"the training process failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     peak, wall = map(float, line.split()[1:])
+    if batches:
+        return peak, float("nan"), wall
     with session_scope() as session:
         epochs = session.exec(select(EpochMetric).where(EpochMetric.round_id == round_id)).all()
         version = session.exec(select(ModelVersion).where(ModelVersion.round_id == round_id)).one()
@@ -79,10 +101,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--architecture", default="mobilenet_v3_small")
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the training process")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--batches", type=int, help="cancel each round after this many batches (memory only)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child)
+        child(args.child, args.batches)
         return
     params = {"epochs": args.epochs, "image_size": args.size, "batch_size": 32,
               "architecture": args.architecture, "use_existing_model": False}  # fmt: skip
@@ -95,8 +119,8 @@ def main() -> None:
         with session_scope() as session:
             load_demo_dataset(session=session, per_category=n // 5, size=args.picture_size)
         print(f"{n} pictures imported in {time.perf_counter() - started:.0f} s; load average {load_average():.2f}")
-        for mode, limit in MODES.items():
-            peak, rate, wall = measure(data_dir, params, limit, args.threads)
+        for mode in args.modes:
+            peak, rate, wall = measure(data_dir, params, MODES[mode], args.threads, args.batches)
             print(
                 f"  {n} pictures at {args.size} px, {mode:9}: peak resident {peak:6.0f} MB, "
                 f"{rate:5.1f} training images/s over the epochs (validation included), job {wall:.0f} s; "

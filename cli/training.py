@@ -1,16 +1,17 @@
-"""Commands about training and versions: train, status, cancel, automation, versions, promote, rollback."""
+"""Commands about training and versions: train, status, cancel, automation, versions, promote, rollback.
+
+What torch, torchvision or scipy bring in is imported by the command that
+needs it, so that the light commands start in a second, not several."""
 
 import argparse
 import sys
 import time
 
-from core import automation, quality_views, registry
 from core.access import CLI_ACTOR as WHO
 from core.config import get_settings
 from core.db import read_session, session_scope
 from core.errors import UserError
 from core.models import FINISHED_STATUSES, Automation, RoundStatus
-from core.round_details import load_round_details
 from core.training.config import (
     ARCHITECTURES,
     AUTO,
@@ -20,7 +21,6 @@ from core.training.config import (
     TRAINING_MODES,
     TrainingConfig,
 )
-from core.training.register import formats_pending
 
 
 def _train_params(args) -> dict:
@@ -57,6 +57,9 @@ def cmd_train(args) -> int:
 
 
 def _wait(job_id: str) -> int:
+    from core.round_details import load_round_details
+    from core.training.register import formats_pending
+
     last = None
     while True:
         with session_scope() as session:
@@ -82,6 +85,8 @@ def _wait(job_id: str) -> int:
 
 
 def _quality(version) -> str:
+    from core import quality_views
+
     return (
         f"test accuracy {quality_views.accuracy_text(version.metrics)}, "
         f"validation accuracy {quality_views.accuracy_text(version.metrics, 'val')}"
@@ -89,6 +94,8 @@ def _quality(version) -> str:
 
 
 def cmd_status(args) -> int:
+    from core.round_details import load_round_details
+
     with session_scope() as session:
         details = load_round_details(args.job_id, session=session)
     round_, metrics, version = details.round, details.epochs, details.version
@@ -152,6 +159,8 @@ def _automation_changes(args, current: Automation) -> dict:
 
 
 def cmd_automation(args) -> int:
+    from core import automation
+
     with session_scope() as session:
         changes = _automation_changes(args, automation.get_automation(session=session))
         if changes:
@@ -166,6 +175,8 @@ def cmd_automation(args) -> int:
 
 
 def cmd_versions(args) -> int:
+    from core import quality_views, registry
+
     with session_scope() as session:
         versions = registry.list_versions(session=session)
     if not versions:
@@ -182,6 +193,8 @@ def cmd_versions(args) -> int:
 
 
 def cmd_promote(args) -> int:
+    from core import registry
+
     with session_scope() as session:
         version = registry.promote(args.version, session=session, actor=WHO, reason=args.reason)
     print(f"Model {version.version} is now in production.")
@@ -189,6 +202,8 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
+    from core import registry
+
     with session_scope() as session:
         version = registry.rollback(session=session, actor=WHO)
     print(f"Rolled back: model {version.version} is in production again.")

@@ -12,8 +12,8 @@ later rounds while the label is unchanged) or reject the image.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from sqlalchemy import and_, or_
 from sqlmodel import Session, col, func, select
 
@@ -23,6 +23,9 @@ from core.audit import record_audit
 from core.errors import NotFoundError, UserError
 from core.models import Category, ImageStatus, SuspectScore, TrainingImage, utcnow
 
+if TYPE_CHECKING:  # the scores come from a job; the pages and the command line need no torch
+    import torch
+
 # What a curator can decide about a suspect, and the resolution it records.
 ACTIONS = {"accept": "accepted", "keep": "kept", "reject": "rejected"}
 
@@ -31,7 +34,7 @@ def record_scores(
     version: str,
     image_ids: Sequence[int],
     labels: Sequence[str],
-    probabilities: torch.Tensor,
+    probabilities: "torch.Tensor",
     classes: Sequence[str],
     *,
     session: Session,

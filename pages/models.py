@@ -59,8 +59,11 @@ MAIN = [
     "size_mb",
 ]
 DETAILS = ["version", "train_accuracy", "round", "classes", "architecture", "image_size", "snapshot_hash", "job_id"]
+# The gate's decisions (dicts) are shown in words below: kept out of the frame,
+# which Arrow cannot send when a version without one sits beside one with.
+shown = frame_of([{k: v for k, v in row.items() if k != "gate_decision"} for row in table])
 st.dataframe(
-    frame_of(table),
+    shown,
     hide_index=True,
     key="versions_table",
     column_order=MAIN,
@@ -68,7 +71,7 @@ st.dataframe(
 )
 with st.expander("More about each version (round, classes, architecture, dataset snapshot)"):
     st.dataframe(
-        frame_of(table),
+        shown,
         hide_index=True,
         key="versions_details",
         column_order=DETAILS,

@@ -877,6 +877,24 @@ def test_models_page_keeps_near_chance_yes_no_beside_a_version_recorded_before_t
     assert pd.isna(versions["1.0.0"])
 
 
+def test_models_page_sends_no_gate_decisions_beside_a_version_made_before_the_gate(session):
+    """A version without a gate decision beside one with: the dicts stay out
+    of the table (Arrow cannot send them beside blanks; seen at fleet scale)."""
+    from tests.factories import add_fake_version
+
+    add_fake_version(session, "1.0.0")
+    gated = add_fake_version(session, "1.1.0", production=False)
+    gated.gate = {"passed": False, "production": "1.0.0", "compared_on": 40, "reasons": ["not better"]}
+    session.add(gated)
+    session.commit()
+    at = ok(app("pages/models.py", "viewer"))
+    versions = table(at, "near_chance")
+    assert "gate_decision" not in versions.columns
+    assert dict(zip(versions["version"], versions["gate"], strict=True)) == {"1.0.0": "—", "1.1.0": "held back"}
+    reasons = table(at, "why").set_index("version")["why"]
+    assert reasons["1.1.0"] == "not better"
+
+
 # --- sign-in, roles, admin and audit pages --------------------------------------
 
 
