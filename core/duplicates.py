@@ -86,6 +86,16 @@ CROP_STEP = 0.01
 # Measured from 0.985 to 0.994 (BENCHMARKS.md, section 7): lower lets
 # near-identical different digits match, higher loses cropped copies of text.
 MIN_SIMILARITY = 0.993
+# One thread for faiss's searches: beside an import's checking processes on
+# two cores, its second OpenMP thread mostly waited (0.58 ms a search of
+# 200,000 hashes in an import against 0.51 ms with one thread alone).
+faiss.omp_set_num_threads(1)
+# The most the fine pass of `similarity` may add to the coarse pass's best
+# correlation for it to be tried: measured at most 0.032 (scanned text, whose
+# crops matter most), 0.010 on photos and drawings, 0.008 on letters and
+# 0.002 on digits, over 8,000 candidate pairs of five kinds (BENCHMARKS.md,
+# section 9c); three times the largest.
+FINE_GAIN = 0.1
 # Representatives' thumbnails kept in memory during an import (4 KB each),
 # counted at each batch (`Representatives.prefetch`).
 KEPT_THUMBS = 50_000
@@ -235,14 +245,25 @@ def similarity(a: bytes, b: bytes) -> float:
     grid of crops is a few small matrix products in numpy. The crops are
     searched coarse to fine (none, half of `MAX_CROP` or all of it at each
     end, then one `CROP_STEP` around the best), and not at all when the
-    uncropped thumbnails already match (most copies)."""
+    uncropped thumbnails already match (most copies).
+
+    The fine pass is left out where the coarse one ended more than
+    `FINE_GAIN` below `MIN_SIMILARITY`: it cannot reach the bar from there,
+    so no decision changes (only the score of a pair that fails anyway),
+    and an import's most common pair, two different pictures, costs half."""
+    return _similarity(a, b, FINE_GAIN)
+
+
+def _similarity(a: bytes, b: bytes, fine_gain: float) -> float:
     (big_a, small_a), (big_b, small_b) = _picture(a), _picture(b)
     best = float(small_a @ small_b)  # uncropped: the same both ways
     for big, target in ((big_a, small_b), (big_b, small_a)):
         if best >= MIN_SIMILARITY:
             return best
-        _, rows, cols = _best_crop(big, target, COARSE, COARSE)
-        best = max(best, _best_crop(big, target, _around(rows), _around(cols))[0])
+        coarse, rows, cols = _best_crop(big, target, COARSE, COARSE)
+        best = max(best, coarse)
+        if coarse >= MIN_SIMILARITY - fine_gain:
+            best = max(best, _best_crop(big, target, _around(rows), _around(cols))[0])
     return best
 
 

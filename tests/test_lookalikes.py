@@ -215,3 +215,39 @@ def test_an_import_in_batches_groups_as_the_rule_does_one_picture_at_a_time(sess
     expected = duplicates.group([(rows[i].phash, thumbs[i]) for i in ids])
     assert [rows[i].representative_id for i in ids] == [ids[position] for position in expected]
     assert sum(rows[i].representative_id != i for i in ids) >= 30  # the copies did join their originals
+
+
+@pytest.mark.parametrize("kind", ["glyphs", "documents"])
+def test_leaving_out_the_fine_pass_far_below_the_bar_changes_no_decision(kind):
+    """`similarity` skips its fine pass where the coarse one ended more than
+    FINE_GAIN below the bar: on these pictures and their planted copies (text
+    gains most from the fine pass) every pair's match or no match is the
+    same as with the fine pass always run, and the fine pass never adds more
+    than half of FINE_GAIN."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    images, _ = datasets.KINDS[kind]()
+    images = images[:200]
+    rng = random.Random(3)
+    copies = [
+        ImageOps.exif_transpose(Image.open(io.BytesIO(datasets.copy_bytes(images[i], kind_, rng))))
+        for i, kind_ in zip(rng.sample(range(len(images)), 40), datasets.COPIES * 10, strict=False)
+    ]
+    thumbs = [duplicates.image_thumb(picture) for picture in images + copies]
+    hashes = duplicates.codes(duplicates.image_hash(picture) for picture in images + copies)
+    index = duplicates._index(hashes)
+    found, nearest = index.search(hashes, 4)
+    pairs = {(min(a, int(b)), max(a, int(b))) for a in range(len(thumbs)) for d, b in zip(found[a], nearest[a], strict=True)
+             if b != a and d <= duplicates.MAX_DISTANCE}  # fmt: skip
+    assert len(pairs) >= 30
+    always = [duplicates._similarity(thumbs[a], thumbs[b], float("inf")) for a, b in pairs]
+    skipped = [duplicates.similarity(thumbs[a], thumbs[b]) for a, b in pairs]
+    bar = duplicates.MIN_SIMILARITY
+    assert [s >= bar for s in skipped] == [s >= bar for s in always]
+    assert [s for s in skipped if s >= bar] == [s for s in always if s >= bar]
+    assert sum(s >= bar for s in always) >= 30  # the copies are among the pairs
+    for (a, b), score in zip(pairs, always, strict=True):
+        coarse = duplicates._similarity(thumbs[a], thumbs[b], -1.0)  # the fine pass never run
+        assert score - coarse <= duplicates.FINE_GAIN / 2
