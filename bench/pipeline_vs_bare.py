@@ -14,6 +14,7 @@ as a retrain is: pixels from the cache).
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -106,6 +107,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads for all three (0: the product's default)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="warm product rounds and best loops, interleaved: medians (noisy machines)",
+    )
     args = parser.parse_args()
     from core.config import get_settings
 
@@ -131,11 +138,50 @@ def main() -> None:
         time.sleep(8)  # an idle consumer, imports done
         trained, done, epochs = product_run(params)
         warm, _, warm_epochs = product_run(params)
+        data = training_data(args)
+
+        def best_loop() -> float:
+            return loop_run(args.architecture, *data, args.epochs, args.batch_size, best=True)
+
+        # Interleaved, so that a slower spell of a shared machine hits both alike.
+        pairs = [(warm_epochs, best_loop())]
+        pairs += [(product_run(params)[2], best_loop()) for _ in range(args.repeats - 1)]
     finally:
         stop(worker)
 
-    # The same images and split, decoded once into memory for the loops.
+    classes, *tensors = data
+    plain = loop_run(args.architecture, classes, *tensors, args.epochs, args.batch_size, best=False)
+    best = statistics.median(b for _, b in pairs)
+    load_after = load_average()
+
+    n = len(tensors[1]) * args.epochs
+    a, warm_a, b, c = n / trained, n / warm, n / plain, n / best
+    print(
+        f"{args.architecture} {args.size}px, {len(tensors[1])} train + {len(tensors[3])} val images, "
+        f"{args.epochs} epochs, batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
+    print(f"(a) product  {a:7.1f} img/s  ({trained:.1f} s to the last epoch; {done - trained:.1f} s more to export)")
+    print(f"(a) warm     {warm_a:7.1f} img/s  ({warm:.1f} s, the same job again on the same consumer)")
+    print(f"(b) plain    {b:7.1f} img/s  ({plain:.1f} s)")
+    print(f"(c) best     {c:7.1f} img/s  ({best:.1f} s; median of {len(pairs)})")
+    own = n / epochs
+    ratios = [(n / product) / (n / loop) for product, loop in pairs]
+    print(
+        f"(a) epochs   {own:7.1f} img/s cold; warm rounds' own epoch timings against the best loop run beside each: "
+        + ", ".join(f"{n / product:.1f} / {n / loop:.1f}" for product, loop in pairs)
+    )
+    print(
+        f"cold a/b {a / b:.2f} a/c {a / c:.2f}; warm a/b {warm_a / b:.2f} a/c {warm_a / c:.2f}; "
+        f"epoch timings / best loop, pair by pair: {', '.join(f'{r:.2f}' for r in ratios)} "
+        f"(median {statistics.median(ratios):.2f}); load average {load_before:.2f} -> {load_after:.2f}"
+    )
+
+
+def training_data(args) -> tuple:
+    """(classes, x_train, y_train, x_val, y_val): the images and split of the
+    product's round, decoded once into memory for the loops."""
     from core.dataset import load_images, normalize
+    from core.db import session_scope
     from core.splits import split_snapshot
     from core.training.preflight import validated_images
 
@@ -152,28 +198,7 @@ def main() -> None:
     train_idx, val_idx = split.train, split.val
     x = normalize(load_images(paths, args.size))
     y = torch.tensor(labels)
-    data = (x[train_idx], y[train_idx], x[val_idx], y[val_idx])
-    plain = loop_run(args.architecture, len(classes), *data, args.epochs, args.batch_size, best=False)
-    best = loop_run(args.architecture, len(classes), *data, args.epochs, args.batch_size, best=True)
-    load_after = load_average()
-
-    n = len(train_idx) * args.epochs
-    a, warm_a, b, c = n / trained, n / warm, n / plain, n / best
-    print(
-        f"{args.architecture} {args.size}px, {len(train_idx)} train + {len(val_idx)} val images, "
-        f"{args.epochs} epochs, batch {args.batch_size}, {torch.get_num_threads()} threads"
-    )
-    print(f"(a) product  {a:7.1f} img/s  ({trained:.1f} s to the last epoch; {done - trained:.1f} s more to export)")
-    print(f"(a) warm     {warm_a:7.1f} img/s  ({warm:.1f} s, the same job again on the same consumer)")
-    print(f"(b) plain    {b:7.1f} img/s  ({plain:.1f} s)")
-    print(f"(c) best     {c:7.1f} img/s  ({best:.1f} s)")
-    own, warm_own = n / epochs, n / warm_epochs
-    print(f"(a) epochs   {own:7.1f} / {warm_own:.1f} img/s  (cold / warm, the rounds' own epoch timings)")
-    print(
-        f"cold a/b {a / b:.2f} a/c {a / c:.2f}; warm a/b {warm_a / b:.2f} a/c {warm_a / c:.2f}; "
-        f"epoch timings a/c cold {own / c:.2f} warm {warm_own / c:.2f}; "
-        f"load average {load_before:.2f} -> {load_after:.2f}"
-    )
+    return len(classes), x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
 
 if __name__ == "__main__":
