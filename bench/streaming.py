@@ -36,16 +36,21 @@ MODES = {"in memory": str(2**62), "streamed": "0"}
 def child(round_id: int, batches: int | None) -> None:
     from core.db import session_scope
     from core.models import TrainingRound
-    from core.training.rounds import run_training_round
+    from core.training.rounds import request_cancel, run_training_round
 
     def cancel_after_batches() -> None:
+        # As the dashboard's Cancel does (request_cancel), once the round is that far.
         while True:
             time.sleep(1)
-            with session_scope() as session:
-                round_ = session.get(TrainingRound, round_id)
-                if (round_.current_batch or 0) >= batches:
-                    round_.cancel_requested = True
-                    return
+            try:
+                with session_scope() as session:
+                    round_ = session.get(TrainingRound, round_id)
+                    if (round_.current_batch or 0) >= batches:
+                        request_cancel(round_.job_id, session=session, by="bench.streaming --batches")
+                        print(f"cancel requested at batch {round_.current_batch}", flush=True)
+                        return
+            except Exception as exc:
+                print(f"cancel check failed: {exc!r}", flush=True)
 
     if batches:
         threading.Thread(target=cancel_after_batches, daemon=True).start()
@@ -80,6 +85,8 @@ def measure(data_dir, params: dict, limit: str, threads: int, batches: int | Non
         [sys.executable, "-m", "bench.streaming", "--child", str(round_id), "--batches", str(batches or 0)],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
+    for said in (x for x in out.stdout.splitlines() if x.startswith("cancel ")):
+        print(f"    {said}")
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"the training process failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
