@@ -1,6 +1,5 @@
 """The training recipe: schedule, augmentation, initial weights, resume."""
 
-import copy
 import io
 import itertools
 
@@ -173,33 +172,3 @@ def test_a_checkpoint_from_before_the_recipe_resumes_its_weights_and_epoch_with_
     reference = recipe.build_optimizer(torch.nn.Linear(4, 3), 0.001)
     expected = lrs_of(reference, recipe.build_scheduler(reference, epochs=4, steps_per_epoch=5), 11)[10]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)  # step 10 of 20: where epoch 3 starts
-
-
-def test_the_optimizer_is_fused_on_the_cpu_and_takes_the_default_implementations_steps():
-    """PyTorch's fused AdamW (a sixth of the default's time a step here) moves
-    the weights as the default implementation does, weight decay groups included."""
-    torch.manual_seed(0)
-    # No bias before a BatchNorm, as in the torchvision networks (its gradient is rounding noise, which Adam amplifies).
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(288, 2)
-    )
-    twin, start = copy.deepcopy(model), copy.deepcopy(model)
-    fused = recipe.build_optimizer(model, 0.01)
-    assert all(group["fused"] for group in fused.param_groups)
-    position = {id(p): n for n, p in enumerate(model.parameters())}
-    twins = list(twin.parameters())
-    default = torch.optim.AdamW(
-        [{"params": [twins[position[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
-         for g in fused.param_groups],
-        lr=fused.param_groups[0]["lr"],
-    )  # fmt: skip
-    assert not any(group["fused"] for group in default.param_groups)
-    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,))
-    for _ in range(5):
-        for net, optimizer in ((model, fused), (twin, default)):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            optimizer.step()
-    for p, q, before in zip(model.parameters(), twin.parameters(), start.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6)
-        assert not torch.allclose(p, before)  # every tensor moved
