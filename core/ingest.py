@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import logging
 import multiprocessing
 import os
 import time
@@ -9,6 +10,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -25,6 +27,8 @@ from core.faults import crash_point
 from core.models import Category, ImageSource, ImageStatus, LookAlikeThumb, TrainingImage, utcnow
 from core.splits import KeyAssigner, assign_splits
 from core.storage import sync_files, write_atomic
+
+log = logging.getLogger(__name__)
 
 # Files checked, looked up and inserted together (`ingest_files`).
 BATCH = 256
@@ -295,19 +299,35 @@ def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Call
     main script again, and under Streamlit that is the page itself, so the
     dashboard and the API check their (small) uploads in their own process."""
     pool: ProcessPoolExecutor | None = None
+    broken = False
+
+    def here(items: list[tuple[bytes, str]]) -> list[Prepared]:
+        return [_prepare(data, name) for data, name in items]
 
     def check(items: list[tuple[bytes, str]]) -> Callable[[], list[Prepared]]:
         nonlocal pool
         workers = os.cpu_count() or 1
-        if not parallel or len(items) < PARALLEL_FROM or workers < 2:
-            return lambda: [_prepare(data, name) for data, name in items]
+        if not parallel or broken or len(items) < PARALLEL_FROM or workers < 2:
+            return lambda: here(items)
         if pool is None:
             # Spawned, not forked: the server that calls this runs threads.
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         datas, names = zip(*items, strict=True)
         chunk = max(1, len(items) // (4 * workers))
         results = pool.map(_prepare, datas, names, [True] * len(items), chunksize=chunk)
-        return lambda: list(results)
+
+        def collected() -> list[Prepared]:
+            nonlocal broken
+            try:
+                return list(results)
+            except BrokenProcessPool:
+                # A process died (e.g. its start re-ran a main script that is
+                # not guarded): the import goes on here, slower, not lost.
+                log.warning("the import's checking processes stopped; checking in this process instead")
+                broken = True
+                return here(items)
+
+        return collected
 
     try:
         yield check

@@ -195,9 +195,12 @@ def _batch_of_files(n: int) -> list:
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_files_in_several_batches_keep_their_order_outcomes_and_ids(session, data_dir, monkeypatch, parallel):
-    """Batches of 8, checked here or by a real pool of processes: every file's
-    outcome in its place, copies point at the image stored first, each image
-    has its file, its thumbnail and a split key."""
+    """Batches of 8: every file's outcome in its place, copies point at the
+    image stored first, each image has its file, its thumbnail and a split
+    key. With `parallel` in this test process, whose main module an earlier
+    AppTest may have left as a page script, the checking processes may die
+    at their start: the import then goes on in this process (the real pool
+    is driven by `python -m cli import` in the next test)."""
     from core import ingest
     from core.models import LookAlikeThumb
 
@@ -266,3 +269,30 @@ def test_the_representatives_read_before_are_read_again_when_the_database_change
     session.commit()
     assert indexed(loaded()) == in_database()
     assert np.array_equal(np.array(in_database()[0]), np.array([1, 2]))
+
+
+def test_the_command_lines_import_checks_on_every_core_with_the_same_outcomes(data_dir, session, tmp_path):
+    """`python -m cli import` (a real pool of processes: 100 files, over
+    PARALLEL_FROM): stored, duplicate and refused as a serial import says,
+    each image with its file, thumbnail and split key."""
+    from core.models import LookAlikeThumb
+    from tests.servers import run_cli
+
+    folder = tmp_path / "incoming"
+    for category in ("cat", "dog"):
+        (folder / category).mkdir(parents=True)
+    pictures = distinct_images(100)
+    for n, data in enumerate(pictures):
+        (folder / ("cat" if n % 2 else "dog") / f"{n:03}.png").write_bytes(data)
+    (folder / "cat" / "zz_again.png").write_bytes(pictures[0])
+    (folder / "cat" / "zz_notes.png").write_bytes(b"not an image")
+    result = run_cli("import", str(folder))
+    out = result.stdout
+    assert "checking in this process instead" not in result.stdout + result.stderr  # the pool did the work
+    assert "100 stored, 1 duplicates, 1 refused" in out
+    assert "zz_notes.png" in out
+    images = stored(session)
+    assert len(images) == 100
+    assert {(data_dir / image.path).read_bytes() for image in images} == set(pictures)
+    assert all(image.split_key is not None and image.phash is not None for image in images)
+    assert all(session.get(LookAlikeThumb, image.id) is not None for image in images)
