@@ -297,7 +297,9 @@ def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Call
     their rows are made. Only for callers whose `__main__` is guarded (the
     command line, the benchmarks): a spawned process imports the caller's
     main script again, and under Streamlit that is the page itself, so the
-    dashboard and the API check their (small) uploads in their own process."""
+    dashboard and the API check their (small) uploads in their own process.
+    Should the processes die all the same, the rest is checked here, with a
+    warning in the log."""
     pool: ProcessPoolExecutor | None = None
     broken = False
 
