@@ -282,7 +282,11 @@ def codes(hashes: Iterable[str]) -> np.ndarray:
     return np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes), dtype=np.uint8).reshape(-1, CODE_BYTES)
 
 
-def _index(rows: np.ndarray) -> faiss.IndexBinaryFlat:
+NO_CODES = np.zeros((0, CODE_BYTES), np.uint8)
+
+
+def _index(rows: np.ndarray = NO_CODES) -> faiss.IndexBinaryFlat:
+    """An exact binary index of these codes (none: an empty one)."""
     index = faiss.IndexBinaryFlat(HASH_SIZE * HASH_SIZE)
     if len(rows):
         index.add(rows)
@@ -325,11 +329,11 @@ class Representatives:
     # among the first `_since`, and those added since, in their own index.
     _nearest: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     _since: int = 0
-    _recent: faiss.IndexBinaryFlat = field(default_factory=lambda: _index(np.zeros((0, CODE_BYTES), np.uint8)))
+    _recent: faiss.IndexBinaryFlat = field(default_factory=_index)
 
     @classmethod
     def empty(cls, thumbs_of: Callable[[list[int]], dict[int, bytes | None]]) -> "Representatives":
-        return cls([], _index(np.zeros((0, CODE_BYTES), np.uint8)), thumbs_of)
+        return cls([], _index(), thumbs_of)
 
     @classmethod
     def load(cls, *, session: Session, thumbs_of: Callable[[list[int]], dict[int, bytes | None]]) -> "Representatives":
@@ -365,9 +369,7 @@ class Representatives:
                 last_id=new[-1][0] if new else since,
                 last_hash=new[-1][1] if new else "",
                 ids=([] if known is None else known.ids) + [row[0] for row in kept],
-                codes=np.concatenate(
-                    [np.zeros((0, CODE_BYTES), np.uint8) if known is None else known.codes, codes(r[1] for r in kept)]
-                ),
+                codes=np.concatenate([NO_CODES if known is None else known.codes, codes(r[1] for r in kept)]),
             )
             with _loaded_lock:
                 _loaded[url] = known
@@ -383,7 +385,7 @@ class Representatives:
             for image_id in list(islice(self.thumbs, len(self.thumbs) // 2)):
                 del self.thumbs[image_id]
         hashes = sorted({h for h in hashes if h is not None and not featureless(h)})
-        self._since, self._recent, self._nearest = len(self.ids), _index(np.zeros((0, CODE_BYTES), np.uint8)), {}
+        self._since, self._recent, self._nearest = len(self.ids), _index(), {}
         if not hashes or not self.ids:
             return
         found, nearest = self.index.search(codes(hashes), CANDIDATES)
