@@ -133,23 +133,25 @@ def stored_thumbs(ids: Sequence[int], *, session: Session) -> dict[int, bytes | 
     """The thumbnails of these images (None: unreadable). Images stored
     before thumbnails existed get theirs from their files now, kept for next
     time; the caller commits."""
-    found: dict[int, bytes | None] = {}
+    found: dict[int, bytes | None] = dict(saved_thumbs(ids, session=session))
+    missing = [i for i in ids if i not in found]
+    for start in range(0, len(missing), 500):  # under any database's limit on bound parameters
+        chunk = missing[start : start + 500]
+        rows = session.exec(select(TrainingImage.id, TrainingImage.path).where(col(TrainingImage.id).in_(chunk))).all()
+        for image_id, path in rows:
+            found[image_id] = file_fingerprint(get_settings().data_dir / path)[1]
+            if found[image_id] is not None:
+                session.add(LookAlikeThumb(image_id=image_id, pixels=found[image_id]))
+    return found
+
+
+def saved_thumbs(ids: Sequence[int], *, session: Session) -> dict[int, bytes]:
+    """The thumbnails saved for these images; images without one are left out."""
+    found: dict[int, bytes] = {}
     for start in range(0, len(ids), 500):  # under any database's limit on bound parameters
         chunk = list(ids[start : start + 500])
-        found |= dict(
-            session.exec(
-                select(LookAlikeThumb.image_id, LookAlikeThumb.pixels).where(col(LookAlikeThumb.image_id).in_(chunk))
-            ).all()
-        )
-        missing = [i for i in chunk if i not in found]
-        if missing:
-            rows = session.exec(
-                select(TrainingImage.id, TrainingImage.path).where(col(TrainingImage.id).in_(missing))
-            ).all()
-            for image_id, path in rows:
-                found[image_id] = file_fingerprint(get_settings().data_dir / path)[1]
-                if found[image_id] is not None:
-                    session.add(LookAlikeThumb(image_id=image_id, pixels=found[image_id]))
+        query = select(LookAlikeThumb.image_id, LookAlikeThumb.pixels).where(col(LookAlikeThumb.image_id).in_(chunk))
+        found |= dict(session.exec(query).all())
     return found
 
 
@@ -201,7 +203,8 @@ def _crop_parts(
     stacked = _crop_matrices(crops)
     k = len(crops)
     sums = stacked.reshape(k, COMPARE, THUMB).sum(axis=1)
-    return stacked, np.ascontiguousarray(stacked.T), sums, np.kron(np.eye(k), np.ones((COMPARE, 1)))
+    parts = stacked, stacked.T, sums, np.kron(np.eye(k), np.ones((COMPARE, 1)))
+    return tuple(np.ascontiguousarray(part, dtype=np.float32) for part in parts)
 
 
 def _best_crop(
@@ -269,12 +272,18 @@ def _similarity(a: bytes, b: bytes, fine_gain: float) -> float:
 
 @lru_cache(maxsize=4096)
 def _picture(thumb: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """A thumbnail as numbers, and at `COMPARE` x `COMPARE` normalised
-    (`_normalised`); kept for the next pair it is in (an import compares a
-    representative with many pictures)."""
+    """A thumbnail as numbers less their mean, and at `COMPARE` x `COMPARE`
+    normalised (`_normalised`), in float32; kept for the next pair it is in
+    (an import compares a representative with many pictures).
+
+    Correlations ignore a picture's mean, and without it float32 keeps the
+    crops' variances exact enough: scores within 3e-7 of float64's, no
+    decision changed, over 3,000 candidate pairs (BENCHMARKS.md, section 9),
+    in two thirds of the time."""
     whole = _crop_matrices(((0.0, 0.0),))
     big = np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float64)
-    return big, _normalised(whole @ big @ whole.T)
+    small = _normalised(whole @ big @ whole.T)
+    return (big - big.mean()).astype(np.float32), small.astype(np.float32)
 
 
 def codes(hashes: Iterable[str]) -> np.ndarray:
@@ -319,7 +328,12 @@ class Representatives:
     The nearest hashes are found by faiss's exhaustive binary index (the
     exact Hamming distances, as numpy gave them, with SIMD popcounts): 0.5 ms
     for a picture against 200,000 representatives, where numpy took 9 ms
-    and an import of 200,000 pictures spent most of its time there."""
+    and an import of 200,000 pictures spent most of its time there.
+
+    An import's checking processes can take the search and the scoring
+    against the representatives there were when it started off its hands
+    (`share`, `candidates`): `match` is then given their nearest and scores,
+    and itself searches and scores only those found since."""
 
     ids: list[int]
     index: faiss.IndexBinaryFlat
@@ -330,10 +344,24 @@ class Representatives:
     _nearest: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     _since: int = 0
     _recent: faiss.IndexBinaryFlat = field(default_factory=_index)
+    # Set by `share`: the first `_shared` are searched elsewhere, and those
+    # after them are also in `_local`; whether the batch `prefetch` searched
+    # was searched so.
+    _shared: int = 0
+    _local: faiss.IndexBinaryFlat | None = None
+    _batch_shared: bool = False
 
     @classmethod
     def empty(cls, thumbs_of: Callable[[list[int]], dict[int, bytes | None]]) -> "Representatives":
         return cls([], _index(), thumbs_of)
+
+    @classmethod
+    def of(
+        cls, shared: tuple[list[int], np.ndarray], thumbs_of: Callable[[list[int]], dict[int, bytes | None]]
+    ) -> "Representatives":
+        """The representatives `share` gave (ids, codes), for a checking process."""
+        ids, rows = shared
+        return cls(list(ids), _index(rows), thumbs_of)
 
     @classmethod
     def load(cls, *, session: Session, thumbs_of: Callable[[list[int]], dict[int, bytes | None]]) -> "Representatives":
@@ -375,58 +403,112 @@ class Representatives:
                 _loaded[url] = known
         return cls(list(known.ids), _index(known.codes), thumbs_of)
 
-    def prefetch(self, hashes: Sequence[str | None]) -> None:
+    def share(self) -> tuple[list[int], np.ndarray]:
+        """The representatives as they are now (ids, codes), for checking
+        processes to search and score pictures against (`of`, `candidates`);
+        `match` then searches itself only those added after."""
+        self._shared, self._local = len(self.ids), _index()
+        rows = faiss.vector_to_array(self.index.xb).reshape(-1, CODE_BYTES)
+        return list(self.ids), rows
+
+    def prefetch(self, hashes: Sequence[str | None], shared: bool = False) -> None:
         """Look up at once the nearest representatives (as they are now) of
         these pictures, about to be matched one after another, and fetch
         their thumbnails in one query: `match` then only searches the
         representatives added since. At 200,000 representatives one search
-        for a batch costs half of one search per picture."""
+        for a batch costs half of one search per picture. `shared`: the
+        pictures come with their `candidates` among the shared ones, and
+        only those after them are searched."""
         if len(self.thumbs) > KEPT_THUMBS:  # the oldest half goes (fetched again when needed)
             for image_id in list(islice(self.thumbs, len(self.thumbs) // 2)):
                 del self.thumbs[image_id]
         hashes = sorted({h for h in hashes if h is not None and not featureless(h)})
         self._since, self._recent, self._nearest = len(self.ids), _index(), {}
-        if not hashes or not self.ids:
+        self._batch_shared = shared
+        index, offset = self._searched(shared)
+        if not hashes or not index.ntotal:
             return
-        found, nearest = self.index.search(codes(hashes), CANDIDATES)
+        found, nearest = index.search(codes(hashes), CANDIDATES)
         for phash, row_found, row_nearest in zip(hashes, found, nearest, strict=True):
-            self._nearest[phash] = [(int(d), int(i)) for d, i in zip(row_found, row_nearest, strict=True) if i >= 0]
+            self._nearest[phash] = [
+                (int(d), offset + int(i)) for d, i in zip(row_found, row_nearest, strict=True) if i >= 0
+            ]
         wanted = {self.ids[i] for pairs in self._nearest.values() for d, i in pairs if d <= MAX_DISTANCE}
         missing = sorted(wanted - self.thumbs.keys())
         if missing:
             self.thumbs |= self.thumbs_of(missing)
 
-    def _near(self, phash: str) -> list[int]:
-        """Positions of the `CANDIDATES` nearest representatives within
-        `MAX_DISTANCE` bits (the nearer first, then the older)."""
-        pairs = self._nearest.get(phash)
+    def _searched(self, shared: bool) -> tuple[faiss.IndexBinaryFlat, int]:
+        """The index this process searches (and the position of its first
+        representative): all, or those after the shared ones."""
+        if not shared:
+            return self.index, 0
+        if self._local is None:
+            raise ValueError("share() first: no representatives were shared")
+        return self._local, self._shared
+
+    def _near(self, phash: str, given: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+        """(distance, position) of the `CANDIDATES` nearest representatives
+        within `MAX_DISTANCE` bits (the nearer first, then the older);
+        `given`: those found among the shared ones, by a checking process."""
+        pairs = self._nearest.get(phash) if self._batch_shared == (given is not None) else None
         if pairs is None:  # not prefetched: search them all
-            found, nearest = self.index.search(codes([phash]), CANDIDATES)
-            pairs = [(int(d), int(i)) for d, i in zip(found[0], nearest[0], strict=True) if i >= 0]
+            index, offset = self._searched(given is not None)
+            found, nearest = index.search(codes([phash]), CANDIDATES)
+            pairs = [(int(d), offset + int(i)) for d, i in zip(found[0], nearest[0], strict=True) if i >= 0]
         elif self._recent.ntotal:
             found, nearest = self._recent.search(codes([phash]), CANDIDATES)
             pairs = pairs + [
                 (int(d), self._since + int(i)) for d, i in zip(found[0], nearest[0], strict=True) if i >= 0
             ]
-        return [i for d, i in sorted(pairs)[:CANDIDATES] if d <= MAX_DISTANCE]
+        return [(d, i) for d, i in sorted([*pairs, *(given or ())])[:CANDIDATES] if d <= MAX_DISTANCE]
 
-    def match(self, phash: str | None, thumb: bytes | None) -> int | None:
-        """The id of the representative the picture with `phash` and `thumb` is a copy of, or None."""
+    def candidates(self, pictures: Sequence[tuple[str | None, bytes | None]]) -> list[tuple[tuple, ...]]:
+        """For each picture's (hash, thumbnail), its nearest representatives
+        as (distance, position, similarity or None where this process has no
+        thumbnail for it): what a checking process gives `match`."""
+        self.prefetch([phash for phash, _ in pictures])
+        out = []
+        for phash, thumb in pictures:
+            if phash is None or thumb is None or featureless(phash) or not self.ids:
+                out.append(())
+                continue
+            out.append(
+                tuple(
+                    (
+                        d,
+                        i,
+                        None if self.thumbs.get(self.ids[i]) is None else similarity(thumb, self.thumbs[self.ids[i]]),
+                    )
+                    for d, i in self._near(phash)
+                )
+            )
+        return out
+
+    def match(
+        self, phash: str | None, thumb: bytes | None, given: Sequence[tuple[int, int, float | None]] | None = None
+    ) -> int | None:
+        """The id of the representative the picture with `phash` and `thumb`
+        is a copy of, or None. `given`: its `candidates` among the shared
+        representatives (a score of None is made here)."""
         if phash is None or thumb is None or featureless(phash) or not self.ids:
             return None
-        near = self._near(phash)
-        missing = [self.ids[i] for i in near if self.ids[i] not in self.thumbs]
+        scores = {i: score for _, i, score in given or () if score is not None}
+        near = [i for _, i in self._near(phash, None if given is None else [(d, i) for d, i, _ in given])]
+        missing = [self.ids[i] for i in near if i not in scores and self.ids[i] not in self.thumbs]
         if missing:
             self.thumbs |= self.thumbs_of(missing)
-        scored = [
-            (similarity(thumb, self.thumbs[self.ids[i]]), -i) for i in near if self.thumbs.get(self.ids[i]) is not None
-        ]
-        best = max(scored, default=None)
+        for i in near:
+            if i not in scores and self.thumbs.get(self.ids[i]) is not None:
+                scores[i] = similarity(thumb, self.thumbs[self.ids[i]])
+        best = max(((scores[i], -i) for i in near if i in scores), default=None)
         return None if best is None or best[0] < MIN_SIMILARITY else self.ids[-best[1]]
 
     def add(self, image_id: int, phash: str | None, thumb: bytes | None) -> None:
         if phash is not None and not featureless(phash):
             self.index.add(codes([phash]))
+            if self._local is not None:
+                self._local.add(codes([phash]))
             self.ids.append(image_id)
             self.thumbs[image_id] = thumb
             if self._nearest:  # searched by the pictures prefetched that come after it

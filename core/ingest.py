@@ -12,16 +12,18 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlalchemy import insert, update
 from sqlmodel import Session, col, func, select
 
 from core.config import get_settings
-from core.duplicates import image_hash, image_thumb
+from core.db import make_engine
+from core.duplicates import Representatives, image_hash, image_thumb, one_blas_thread, saved_thumbs
 from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded_text
 from core.faults import crash_point
 from core.models import Category, ImageSource, ImageStatus, LookAlikeThumb, TrainingImage, utcnow
@@ -201,10 +203,17 @@ def ingest_files(
         "create_category": create_category,
     }
     remaining = iter(files)
+
     # New files are written without an fsync each and made durable batch by
     # batch in a thread while the next batch goes on, all before the caller
     # commits: one fsync per file in line was an import's largest cost.
-    with checker(parallel) as check, ThreadPoolExecutor(1, thread_name_prefix="ingest-fsync") as syncer:
+    def share() -> tuple[str, list[int], np.ndarray]:
+        """For the checking processes: the database and its representatives now."""
+        if not splits:
+            splits.append(KeyAssigner(session=session))
+        return (session.get_bind().url.render_as_string(hide_password=False), *splits[0].reps.share())
+
+    with checker(parallel, share) as check, ThreadPoolExecutor(1, thread_name_prefix="ingest-fsync") as syncer:
         synced = []
         batch = list(islice(remaining, BATCH))
         checked = check(_to_check(batch))
@@ -247,12 +256,15 @@ def ingest_bytes(data: bytes, filename: str, *, session: Session, category: str,
 class Prepared:
     """One file checked (`check_image`) or refused, with its SHA-256 and, when
     the check was made by the pool (`checker`), its stored file: written
-    there (`written`) or found there already."""
+    there (`written`) or found there already, and its nearest
+    representatives among those shared with the pool, scored
+    (`Representatives.candidates`)."""
 
     checked: CheckedImage | InvalidImageError
     sha256: str = ""
     stored: Path | None = None
     written: bool = False
+    candidates: tuple | None = None
 
 
 def _target(digest: str, checked: CheckedImage) -> Path:
@@ -282,8 +294,42 @@ def _prepare(data: bytes, filename: str, store: bool = False) -> Prepared:
     return Prepared(checked, digest, target, _keep(target, data))
 
 
+# In a checking process (`checker`): the representatives shared with it.
+_shared: Representatives | None = None
+
+
+def _start_checking(url: str, ids: list[int], rows: np.ndarray) -> None:
+    """A checking process's start: the representatives it searches and scores against."""
+    global _shared
+    # Not `read_session`: making its engine first brings the schema up to
+    # date, in a write transaction, and the import holds the write lock.
+    engine = make_engine(url, readonly=True)
+
+    def thumbs_of(image_ids: list[int]) -> dict[int, bytes | None]:
+        # Only those saved (and committed); `match` makes any other itself.
+        with Session(engine) as session:
+            return saved_thumbs(image_ids, session=session)
+
+    _shared = Representatives.of((ids, rows), thumbs_of)
+
+
+def _prepare_all(items: list[tuple[bytes, str]]) -> list[Prepared]:
+    """`_prepare` (stored) for each file, then its `candidates` among the shared representatives."""
+    prepared = [_prepare(data, name, True) for data, name in items]
+    if _shared is None:
+        return prepared
+    good = [n for n, p in enumerate(prepared) if isinstance(p.checked, CheckedImage)]
+    with one_blas_thread():
+        found = _shared.candidates([(prepared[n].checked.phash, prepared[n].checked.thumb) for n in good])
+    for n, candidates in zip(good, found, strict=True):
+        prepared[n] = replace(prepared[n], candidates=candidates)
+    return prepared
+
+
 @contextmanager
-def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Callable[[], list[Prepared]]]]:
+def checker(
+    parallel: bool, share: Callable[[], tuple[str, list[int], np.ndarray]] | None = None
+) -> Iterator[Callable[[list[tuple[bytes, str]]], Callable[[], list[Prepared]]]]:
     """A function that starts checking (`_prepare`) a list of (bytes, file
     name) and gives a function that returns each one's `Prepared`, in
     order, when they are ready.
@@ -299,7 +345,12 @@ def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Call
     main script again, and under Streamlit that is the page itself, so the
     dashboard and the API check their (small) uploads in their own process.
     Should the processes die all the same, the rest is checked here, with a
-    warning in the log."""
+    warning in the log.
+
+    `share` gives the database and its representatives (`Representatives.share`)
+    when the processes start: they then also search and score each good
+    file against those (`Prepared.candidates`), the most costly part of
+    matching once a database has many images."""
     pool: ProcessPoolExecutor | None = None
     broken = False
 
@@ -313,15 +364,19 @@ def checker(parallel: bool) -> Iterator[Callable[[list[tuple[bytes, str]]], Call
             return lambda: here(items)
         if pool is None:
             # Spawned, not forked: the server that calls this runs threads.
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        datas, names = zip(*items, strict=True)
-        chunk = max(1, len(items) // (4 * workers))
-        results = pool.map(_prepare, datas, names, [True] * len(items), chunksize=chunk)
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=None if share is None else _start_checking,
+                initargs=() if share is None else share(),
+            )
+        size = max(1, len(items) // (4 * workers))
+        results = pool.map(_prepare_all, [items[k : k + size] for k in range(0, len(items), size)])
 
         def collected() -> list[Prepared]:
             nonlocal broken
             try:
-                return list(results)
+                return [prepared for chunk in results for prepared in chunk]
             except BrokenProcessPool:
                 # A process died (e.g. its start re-ran a main script that is
                 # not guarded): the import goes on here, slower, not lost.
@@ -364,6 +419,7 @@ def _store_batch(
     )
     results: list[IngestResult | None] = [item if isinstance(item, IngestResult) else None for item in batch]
     new: dict[str, dict] = {}  # this batch's new rows by SHA-256
+    candidates: dict[str, tuple | None] = {}  # and their `Prepared.candidates`
     # Filled in once the flush has given the images their ids: (position, name, SHA-256).
     stored: list[tuple[int, str, str]] = []
     settings = get_settings()
@@ -409,6 +465,7 @@ def _store_batch(
             "phash": outcome.phash,
             "thumb": outcome.thumb,
         }
+        candidates[digest] = prepared[i].candidates
     ids: dict[str, int] = {}
     if new:
         # One INSERT for the batch, rows rather than objects: building 256
@@ -423,7 +480,10 @@ def _store_batch(
         )
         if not splits:
             splits.append(KeyAssigner(session=session))
-        placed = splits[0].place([(ids[d], row["category_id"], row["phash"], row["thumb"]) for d, row in new.items()])
+        placed = splits[0].place(
+            [(ids[d], row["category_id"], row["phash"], row["thumb"]) for d, row in new.items()],
+            [candidates[d] for d in new],
+        )
         session.execute(
             update(TrainingImage),
             [

@@ -107,14 +107,20 @@ class KeyAssigner:
             ).all()
         )
 
-    def place(self, images: list[tuple[int, int, str | None, bytes | None]]) -> list[tuple[int, float]]:
-        """(representative id, key) for each (id, category id, hash, thumbnail)."""
+    def place(
+        self, images: list[tuple[int, int, str | None, bytes | None]], candidates: list[tuple | None] | None = None
+    ) -> list[tuple[int, float]]:
+        """(representative id, key) for each (id, category id, hash,
+        thumbnail); `candidates`, when every image has them, are their
+        nearest shared representatives, scored (`Representatives.share`)."""
         out = []
+        shared = candidates is not None and all(c is not None for c in candidates)
+        given = candidates if shared else [None] * len(images)
         # No flush of the caller's changes before each read of a key or thumbnail.
         with one_blas_thread(), self.session.no_autoflush:
-            self.reps.prefetch([phash for _, _, phash, _ in images])
-            for image_id, category_id, phash, thumb in images:
-                found = self.reps.match(phash, thumb)
+            self.reps.prefetch([phash for _, _, phash, _ in images], shared=shared)
+            for (image_id, category_id, phash, thumb), scored in zip(images, given, strict=True):
+                found = self.reps.match(phash, thumb, scored)
                 if found is None:
                     position = self.used.get(category_id, 0)
                     self.used[category_id] = position + 1

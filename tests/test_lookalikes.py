@@ -186,15 +186,34 @@ def test_a_category_without_test_images_gets_them_only_from_images_no_version_le
     assert len(rows) >= MIN_FOR_TEST and ensure_test_images(session=session) == 0  # once is enough
 
 
-@pytest.mark.parametrize("kind", ["digits", "photos"])
-def test_an_import_in_batches_groups_as_the_rule_does_one_picture_at_a_time(session, monkeypatch, kind):
+@pytest.mark.parametrize(("kind", "parallel"), [("digits", False), ("photos", False), ("digits", True)])
+def test_an_import_in_batches_groups_as_the_rule_does_one_picture_at_a_time(session, monkeypatch, kind, parallel):
     """The import's batches (nearest representatives looked up per batch,
     those added since searched apart, thumbnails fetched ahead) give every
     picture the representative `group` gives it, across two imports (the
-    second starts from the representatives the first committed)."""
+    second starts from the representatives the first committed). With
+    `parallel`, the checking processes search and score against the
+    representatives there were at the start (the second import's are the
+    first's), and the import those added since."""
+    import sys
+    import types
+
     from core import ingest
 
     monkeypatch.setattr(ingest, "BATCH", 16)
+    given = []
+    if parallel:
+        monkeypatch.setattr(ingest, "PARALLEL_FROM", 8)
+        # A main module the spawned processes need not run again (an
+        # earlier AppTest in this process may have left a page script there).
+        monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+        match = duplicates.Representatives.match
+
+        def spied(self, phash, thumb, scored=None):
+            given.append(scored)
+            return match(self, phash, thumb, scored)
+
+        monkeypatch.setattr(duplicates.Representatives, "match", spied)
     images, _ = datasets.KINDS[kind]()
     images = images[:150]
     rng = random.Random(2)
@@ -204,17 +223,27 @@ def test_an_import_in_batches_groups_as_the_rule_does_one_picture_at_a_time(sess
         files.append(datasets.png(image))
         if n in copied:
             files.append(datasets.copy_bytes(image, copied[n], rng))
+    # Copies, in the second import, of pictures the first stored.
+    earlier = rng.sample([n for n in range(60) if n not in copied], 15)
+    files += [
+        datasets.copy_bytes(images[n], kind_, rng) for n, kind_ in zip(earlier, datasets.COPIES * 3, strict=False)
+    ]
     ids = []
     for part in (files[:100], files[100:]):
-        report = ingest_files([NewFile(data, f"{n}.png", kind) for n, data in enumerate(part)], session=session)
+        batch = [NewFile(data, f"{n}.png", kind) for n, data in enumerate(part)]
+        report = ingest_files(batch, session=session, parallel=parallel)
         session.commit()
         assert report.count("stored") == len(part)
         ids += [r.image_id for r in report.results]
+    imported = list(given)  # what the imports' matching was given (group() below is spied on too)
     rows = {i: session.get(TrainingImage, i) for i in ids}
     thumbs = duplicates.stored_thumbs(ids, session=session)
     expected = duplicates.group([(rows[i].phash, thumbs[i]) for i in ids])
     assert [rows[i].representative_id for i in ids] == [ids[position] for position in expected]
     assert sum(rows[i].representative_id != i for i in ids) >= 30  # the copies did join their originals
+    if parallel:  # pictures came scored (not those of a last batch under 8), some against earlier representatives
+        assert sum(scored is not None for scored in imported) >= len(imported) - 2 * 8
+        assert sum(score is not None for scored in imported if scored for _, _, score in scored) >= 10
 
 
 @pytest.mark.parametrize("kind", ["glyphs", "documents"])
