@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=2000, help="per client and route")
     parser.add_argument("--again", type=Path, help="measure steps 3 and 4 again on the data folder of an earlier run")
+    parser.add_argument("--import-only", action="store_true", help="step 1 alone (the import's rate)")
     args = parser.parse_args()
     if args.again:
         measure_again(args.again, args)
@@ -236,6 +237,8 @@ def main() -> None:
         f"per chunk {min(rates):.0f} to {max(rates):.0f}, last chunk {rates[-1]:.0f}",
         flush=True,
     )
+    if args.import_only:
+        return
     started = time.perf_counter()
     auth, job_id = write_history(args.versions, args.rounds)
     print(

@@ -221,7 +221,8 @@ def _best_crop(
     # 0/1 grouping matrices: several times faster than numpy's reductions here.
     per_crop = lambda cells: row_groups.T @ cells @ col_groups  # noqa: E731
     # The target is centred, so its product with a crop is the crop's centred product.
-    products = per_crop(cropped * np.tile(target.reshape(COMPARE, COMPARE), (k, m)))
+    tiled = (cropped.reshape(k, COMPARE, m, COMPARE) * target.reshape(1, COMPARE, 1, COMPARE)).reshape(cropped.shape)
+    products = per_crop(tiled)
     sums = row_sums @ big @ col_sums.T
     spread = np.sqrt(np.maximum(per_crop(cropped * cropped) - sums**2 / COMPARE**2, 1e-18))
     scores = products / spread
@@ -229,6 +230,7 @@ def _best_crop(
     return float(scores[i, j]), rows[i], cols[j]
 
 
+@cache
 def _around(crop: tuple[float, float]) -> tuple[tuple[float, float], ...]:
     """The crops one `CROP_STEP` or less from `crop` at each end, within [0, MAX_CROP]."""
     ends = [[round(c + d, 4) for d in (-CROP_STEP, 0.0, CROP_STEP) if 0 <= round(c + d, 4) <= MAX_CROP] for c in crop]
@@ -280,10 +282,10 @@ def _picture(thumb: bytes) -> tuple[np.ndarray, np.ndarray]:
     crops' variances exact enough: scores within 3e-7 of float64's, no
     decision changed, over 3,000 candidate pairs (BENCHMARKS.md, section 9),
     in two thirds of the time."""
-    whole = _crop_matrices(((0.0, 0.0),))
-    big = np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float64)
-    small = _normalised(whole @ big @ whole.T)
-    return (big - big.mean()).astype(np.float32), small.astype(np.float32)
+    whole = _crop_parts(((0.0, 0.0),))[0]
+    big = np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float32)
+    big -= big.mean()
+    return big, _normalised(whole @ big @ whole.T)
 
 
 def codes(hashes: Iterable[str]) -> np.ndarray:
