@@ -120,13 +120,23 @@ def image_thumb(image: Image.Image) -> bytes:
     return image.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS).tobytes()
 
 
+def fingerprint(image: Image.Image) -> tuple[str, bytes]:
+    """`image_hash` and `image_thumb` of `image` (already EXIF-transposed)
+    with one resize: pHash's first step is the very picture the thumbnail
+    is (grey, `THUMB` x `THUMB`, Lanczos), and resizing it to its own size
+    is a copy, so its hash is the same. A phone's photo is resized once,
+    not twice."""
+    thumb = image.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS)
+    return image_hash(thumb), thumb.tobytes()
+
+
 def file_fingerprint(path: Path) -> tuple[str | None, bytes | None]:
     """The hash and thumbnail of a stored image file, or (None, None) when it cannot be read."""
     try:
         upright = load_upright(path)
     except OSError:
         return None, None
-    return image_hash(upright), image_thumb(upright)
+    return fingerprint(upright)
 
 
 def stored_thumbs(ids: Sequence[int], *, session: Session) -> dict[int, bytes | None]:

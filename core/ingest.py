@@ -23,7 +23,7 @@ from sqlmodel import Session, col, func, select
 
 from core.config import get_settings
 from core.db import make_engine
-from core.duplicates import Representatives, image_hash, image_thumb, one_blas_thread, saved_thumbs
+from core.duplicates import Representatives, fingerprint, one_blas_thread, saved_thumbs
 from core.errors import FileTooLargeError, InvalidImageError, UserError, bounded_text
 from core.faults import crash_point
 from core.models import Category, ImageSource, ImageStatus, LookAlikeThumb, TrainingImage, utcnow
@@ -114,8 +114,7 @@ def check_image(data: bytes, filename: str = "file") -> CheckedImage:
             im.load()
             oriented = ImageOps.exif_transpose(im)
             width, height = oriented.size
-            phash = image_hash(oriented)
-            thumb = image_thumb(oriented)
+            phash, thumb = fingerprint(oriented)
     except InvalidImageError:
         raise
     except UnidentifiedImageError:

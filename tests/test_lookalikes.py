@@ -280,3 +280,16 @@ def test_leaving_out_the_fine_pass_far_below_the_bar_changes_no_decision(kind):
     for (a, b), score in zip(pairs, always, strict=True):
         coarse = duplicates._similarity(thumbs[a], thumbs[b], -1.0)  # the fine pass never run
         assert score - coarse <= duplicates.FINE_GAIN / 2
+
+
+def test_one_resize_gives_the_hash_and_the_thumbnail_that_two_give():
+    """`fingerprint` (what a check of an upload uses) resizes once; its hash
+    and thumbnail are those of `image_hash` and `image_thumb`, bit for bit,
+    on every kind, in every mode a file decodes to, large and not square."""
+    pictures = [
+        image for kind in ("glyphs", "documents", "photos", "digits") for image in datasets.KINDS[kind]()[0][:15]
+    ]
+    pictures += [picture.convert(mode) for picture in pictures[::6] for mode in ("RGBA", "P", "L", "CMYK", "1", "I")]
+    pictures += [picture.resize((picture.width * 7, picture.height * 4)) for picture in pictures[::6]]
+    for picture in pictures:
+        assert duplicates.fingerprint(picture) == (duplicates.image_hash(picture), duplicates.image_thumb(picture))
