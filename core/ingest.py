@@ -203,15 +203,15 @@ def ingest_files(
     }
     remaining = iter(files)
 
-    # New files are written without an fsync each and made durable batch by
-    # batch in a thread while the next batch goes on, all before the caller
-    # commits: one fsync per file in line was an import's largest cost.
     def share() -> tuple[str, list[int], np.ndarray]:
         """For the checking processes: the database and its representatives now."""
         if not splits:
             splits.append(KeyAssigner(session=session))
         return (session.get_bind().url.render_as_string(hide_password=False), *splits[0].reps.share())
 
+    # New files are written without an fsync each and made durable batch by
+    # batch in a thread while the next batch goes on, all before the caller
+    # commits: one fsync per file in line was an import's largest cost.
     with checker(parallel, share) as check, ThreadPoolExecutor(1, thread_name_prefix="ingest-fsync") as syncer:
         synced = []
         batch = list(islice(remaining, BATCH))
