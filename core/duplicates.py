@@ -126,8 +126,8 @@ def fingerprint(image: Image.Image) -> tuple[str, bytes]:
     is (grey, `THUMB` x `THUMB`, Lanczos), and resizing it to its own size
     is a copy, so its hash is the same. A phone's photo is resized once,
     not twice."""
-    thumb = image.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS)
-    return image_hash(thumb), thumb.tobytes()
+    thumb = image_thumb(image)
+    return image_hash(Image.frombytes("L", (THUMB, THUMB), thumb)), thumb
 
 
 def file_fingerprint(path: Path) -> tuple[str | None, bytes | None]:
@@ -289,9 +289,9 @@ def _picture(thumb: bytes) -> tuple[np.ndarray, np.ndarray]:
     (an import compares a representative with many pictures).
 
     Correlations ignore a picture's mean, and without it float32 keeps the
-    crops' variances exact enough: scores within 3e-7 of float64's, no
-    decision changed, over 3,000 candidate pairs (BENCHMARKS.md, section 9),
-    in two thirds of the time."""
+    crops' variances exact enough: scores within 5e-7 of float64's, no
+    decision changed, over 8,000 candidate pairs of five kinds (BENCHMARKS.md,
+    section 9), in two thirds of the time."""
     whole = _crop_parts(((0.0, 0.0),))[0]
     big = np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB, THUMB).astype(np.float32)
     big -= big.mean()
@@ -485,16 +485,9 @@ class Representatives:
             if phash is None or thumb is None or featureless(phash) or not self.ids:
                 out.append(())
                 continue
-            out.append(
-                tuple(
-                    (
-                        d,
-                        i,
-                        None if self.thumbs.get(self.ids[i]) is None else similarity(thumb, self.thumbs[self.ids[i]]),
-                    )
-                    for d, i in self._near(phash)
-                )
-            )
+            near = self._near(phash)
+            scores = self._scores(thumb, [i for _, i in near], {})
+            out.append(tuple((d, i, scores.get(i)) for d, i in near))
         return out
 
     def match(
@@ -505,16 +498,23 @@ class Representatives:
         representatives (a score of None is made here)."""
         if phash is None or thumb is None or featureless(phash) or not self.ids:
             return None
-        scores = {i: score for _, i, score in given or () if score is not None}
         near = [i for _, i in self._near(phash, None if given is None else [(d, i) for d, i, _ in given])]
-        missing = [self.ids[i] for i in near if i not in scores and self.ids[i] not in self.thumbs]
+        scores = self._scores(thumb, near, {i: score for _, i, score in given or () if score is not None})
+        best = max(((scores[i], -i) for i in near if i in scores), default=None)
+        return None if best is None or best[0] < MIN_SIMILARITY else self.ids[-best[1]]
+
+    def _scores(self, thumb: bytes, near: list[int], known: dict[int, float]) -> dict[int, float]:
+        """`similarity` of `thumb` to the representatives at the positions
+        `near` that have a thumbnail (fetched when not kept yet), beside the
+        scores `known` already."""
+        missing = [self.ids[i] for i in near if i not in known and self.ids[i] not in self.thumbs]
         if missing:
             self.thumbs |= self.thumbs_of(missing)
+        scores = dict(known)
         for i in near:
             if i not in scores and self.thumbs.get(self.ids[i]) is not None:
                 scores[i] = similarity(thumb, self.thumbs[self.ids[i]])
-        best = max(((scores[i], -i) for i in near if i in scores), default=None)
-        return None if best is None or best[0] < MIN_SIMILARITY else self.ids[-best[1]]
+        return scores
 
     def add(self, image_id: int, phash: str | None, thumb: bytes | None) -> None:
         if phash is not None and not featureless(phash):

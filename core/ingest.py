@@ -193,7 +193,7 @@ def ingest_files(
     (BENCHMARKS.md, "Scale")."""
     report = IngestReport()
     categories: dict[str, Category] = {}  # looked up once per import
-    splits: list[KeyAssigner] = []  # made at the first new image
+    made: list[KeyAssigner] = []
     options = {
         "status": status,
         "source": source,
@@ -203,11 +203,15 @@ def ingest_files(
     }
     remaining = iter(files)
 
+    def assigner() -> KeyAssigner:
+        """One for the whole import, made at the first new image (or when the checking processes start)."""
+        if not made:
+            made.append(KeyAssigner(session=session))
+        return made[0]
+
     def share() -> tuple[str, list[int], np.ndarray]:
         """For the checking processes: the database and its representatives now."""
-        if not splits:
-            splits.append(KeyAssigner(session=session))
-        return (session.get_bind().url.render_as_string(hide_password=False), *splits[0].reps.share())
+        return (session.get_bind().url.render_as_string(hide_password=False), *assigner().reps.share())
 
     # New files are written without an fsync each and made durable batch by
     # batch in a thread while the next batch goes on, all before the caller
@@ -228,7 +232,7 @@ def ingest_files(
                     session=session,
                     written=written,
                     categories=categories,
-                    splits=splits,
+                    assigner=assigner,
                     **options,
                 )
             )
@@ -305,9 +309,11 @@ def _start_checking(url: str, ids: list[int], rows: np.ndarray) -> None:
     engine = make_engine(url, readonly=True)
 
     def thumbs_of(image_ids: list[int]) -> dict[int, bytes | None]:
-        # Only those saved (and committed); `match` makes any other itself.
+        # Only those saved (and committed), the others None here (kept so, not
+        # asked for again): `match` makes them itself.
         with Session(engine) as session:
-            return saved_thumbs(image_ids, session=session)
+            saved = saved_thumbs(image_ids, session=session)
+        return {image_id: saved.get(image_id) for image_id in image_ids}
 
     _shared = Representatives.of((ids, rows), thumbs_of)
 
@@ -404,7 +410,7 @@ def _store_batch(
     create_category: bool,
     written: list[Path],
     categories: dict[str, Category],
-    splits: list[KeyAssigner],
+    assigner: Callable[[], KeyAssigner],
 ) -> list[IngestResult]:
     """The results of one batch, in its order; the new images are flushed,
     with their thumbnails, representatives and split keys."""
@@ -477,9 +483,7 @@ def _store_batch(
         session.execute(
             insert(LookAlikeThumb), [{"image_id": ids[digest], "pixels": row["thumb"]} for digest, row in new.items()]
         )
-        if not splits:
-            splits.append(KeyAssigner(session=session))
-        placed = splits[0].place(
+        placed = assigner().place(
             [(ids[d], row["category_id"], row["phash"], row["thumb"]) for d, row in new.items()],
             [candidates[d] for d in new],
         )
