@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from scipy.stats import binomtest
 from sqlmodel import select
 
 from cli import main
@@ -363,13 +364,13 @@ def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_o
     get_settings.cache_clear()
     ids = [r.image_id for r in load_demo_dataset(session=session, per_category=40, size=40).results]
     rng = random.Random(1)
-    swapped = rng.sample(ids, 10)
+    swapped = rng.sample(ids, 20)
     for n, image_id in enumerate(swapped):
         label = label_of(session, image_id)
         wrong = [c for c in DEMO_CATEGORIES if c != label][n % 4]
         review.relabel_images([image_id], wrong, session=session, actor=as_actor())
     session.commit()
-    params = {"epochs": 8, "batch_size": 16, "learning_rate": 0.003, "image_size": 40, "use_existing_model": False}
+    params = {"epochs": 8, "batch_size": 16, "image_size": 40, "use_existing_model": False}  # the default rate
     round_ = start_training(params, session=session)
     session.commit()
     assert run_training_round(round_.id, session=session) is not None, round_.error
@@ -377,13 +378,24 @@ def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_o
     top = {s.image.id for s in suspects.list_suspects(session=session, limit=2 * len(swapped))}
     found = [i for i in swapped if i in top]
     held_out = [i for i in swapped if split_of(session.get(TrainingImage, i).split_key, 0.2) != "train"]
-    recall = len(found) / len(swapped)
     held_out_found = sum(i in top for i in held_out)
-    print(f"recall in the top {2 * len(swapped)}: {recall:.2f}; held-out swaps found: {held_out_found}/{len(held_out)}")
-    # Measured 0.6 (6 of 10; the 3 validation and test images among them); other
-    # choices of swapped images gave 0.3, 0.7, 0.6 (README, "Curation"). The
-    # misses are training images the model learnt with their wrong label.
-    assert recall >= 0.5
+    # A ranking blind to the labels puts each swap in the top 40 of 200 with
+    # chance 0.2: 9 or more of 20 happens once in a hundred rounds that way.
+    chance = binomtest(len(found), len(swapped), 2 * len(swapped) / len(ids), alternative="greater").pvalue
+    print(
+        f"found {len(found)} of {len(swapped)} in the top {2 * len(swapped)} (p {chance:.1g} against a blind "
+        f"ranking); held-out swaps found: {held_out_found}/{len(held_out)}"
+    )
+    # A from-scratch model on 160 training pictures is unsteady: which swaps it
+    # learns with their wrong label changes with the float rounding of its
+    # optimizer. Over 16 choices of swaps, each trained with the default and
+    # with the fused AdamW, 10 - 19 of 20 were found (median 15), and at least
+    # 3 of 5 held-out ones (BENCHMARKS.md, session 9). The earlier form of
+    # this test (10 swaps, three times the default rate, a bar of 5) failed
+    # for 8 of 33 choices with the default AdamW and 15 of 33 with the fused
+    # one. The product trains with the default. The misses are training images
+    # the model learnt with their wrong label.
+    assert chance < 0.01
     assert held_out_found >= len(held_out) / 2
 
 
