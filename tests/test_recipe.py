@@ -172,3 +172,46 @@ def test_a_checkpoint_from_before_the_recipe_resumes_its_weights_and_epoch_with_
     reference = recipe.build_optimizer(torch.nn.Linear(4, 3), 0.001)
     expected = lrs_of(reference, recipe.build_scheduler(reference, epochs=4, steps_per_epoch=5), 11)[10]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)  # step 10 of 20: where epoch 3 starts
+
+
+def test_a_checkpoint_of_the_default_optimizer_resumes_into_the_fused_one_and_steps_as_the_default_would(tmp_path):
+    from core.training.loop import TrainState, checkpoint_payload, resume_from
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        optimizer = recipe.build_optimizer(model, 0.001)
+        return model, optimizer, recipe.build_scheduler(optimizer, epochs=2, steps_per_epoch=3)
+
+    def step(model, optimizer, scheduler, seed):
+        optimizer.zero_grad()
+        x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+        model(x).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+
+    # A checkpoint written by an optimizer of PyTorch's default kernel (as
+    # before the fused one, or on a device without it).
+    model, optimizer, scheduler = fresh()
+    assert optimizer.param_groups[0]["fused"]  # the product's kernel on the CPU
+    for group in optimizer.param_groups:
+        group["fused"] = None
+    for seed in range(3):
+        step(model, optimizer, scheduler, seed)
+    state = TrainState(1, 50.0, 1, None)
+    path = tmp_path / "checkpoint.pt"
+    torch.save(checkpoint_payload(_Config(), ["a", "b"], state, model, optimizer, scheduler), path)
+    step(model, optimizer, scheduler, 3)  # the default's next step, the reference
+
+    resumed, fused, fused_scheduler = fresh()
+    resume_from(path, resumed, fused, fused_scheduler, steps_per_epoch=3)
+    # PyTorch's load_state_dict would have taken the saved kernel setting.
+    assert all(group["fused"] for group in fused.param_groups)
+    step(resumed, fused, fused_scheduler, 3)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+class _Config:
+    def to_dict(self) -> dict:
+        return {}

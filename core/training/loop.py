@@ -32,6 +32,10 @@ from core.training.progress import RoundReporter, SilentReporter, round_dir, sav
 from core.training.register import Trained, register
 from core.training.trainers import FullTrainer, HeadTrainer, Split, load_split
 
+# How old the cancel and stop answers the epoch loop acts on may be: a
+# request is heard within a quarter of a second, without a read every batch.
+REQUESTS_MAX_AGE = 0.25
+
 
 @dataclass
 class TrainState:
@@ -198,7 +202,7 @@ def train_epoch(run: Run, epoch: int, can_stop: bool) -> tuple[torch.Tensor, tor
     seen = 0
     for b, idx in enumerate(run.batches.epoch(epoch)):
         reporter.batch(epoch, b + 1, run.batches.count, config.epochs)
-        cancel, stop = reporter.requests()
+        cancel, stop = reporter.requests(max_age=REQUESTS_MAX_AGE)
         if placement.agree(cancel):
             raise TrainingCancelled()
         if placement.agree(stop and can_stop):
@@ -314,7 +318,7 @@ def resume_from(path: Path, model, optimizer, scheduler, steps_per_epoch: int) -
     payload = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(payload["state_dict"])
     try:
-        optimizer.load_state_dict(payload["optimizer"])
+        recipe.load_optimizer_state(optimizer, payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
     except (KeyError, ValueError):
         # A checkpoint written before the training recipe (one parameter
