@@ -306,8 +306,8 @@ class TrialReporter(SilentReporter):
         super().__init__(search.round)
         self.search = search
 
-    def requests(self) -> tuple[bool, bool]:
-        return self.search.requests()
+    def requests(self, max_age: float = 0.0) -> tuple[bool, bool]:
+        return self.search.requests(max_age)
 
 
 def _train_trial(

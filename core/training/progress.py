@@ -50,15 +50,23 @@ class RoundReporter:
         # Cancel checks read through their own deferred transactions, so the
         # per-batch check never holds the database's write lock.
         self._reader = read_engine(str(session.get_bind().url))
+        self._requests: tuple[bool, bool] | None = None
+        self._requests_at = 0.0
 
-    def requests(self) -> tuple[bool, bool]:
-        """Whether someone asked to cancel, and to stop keeping the best epoch."""
-        query = select(TrainingRound.cancel_requested, TrainingRound.stop_requested).where(
-            TrainingRound.id == self.round.id
-        )
-        with Session(self._reader) as reader:
-            cancel, stop = reader.exec(query).one()
-        return cancel, stop
+    def requests(self, max_age: float = 0.0) -> tuple[bool, bool]:
+        """Whether someone asked to cancel, and to stop keeping the best epoch;
+        the answer read less than `max_age` seconds ago when there is one
+        (a read takes about 1.4 ms: every batch, that was 0.9 % of a round's
+        time on this 2-core machine)."""
+        now = time.monotonic()
+        if self._requests is None or now - self._requests_at >= max_age:
+            query = select(TrainingRound.cancel_requested, TrainingRound.stop_requested).where(
+                TrainingRound.id == self.round.id
+            )
+            with Session(self._reader) as reader:
+                self._requests = tuple(reader.exec(query).one())
+            self._requests_at = now
+        return self._requests
 
     def cancel_requested(self) -> bool:
         return self.requests()[0]
@@ -104,7 +112,7 @@ class SilentReporter(RoundReporter):
     def __init__(self, round_: TrainingRound):
         self.round = round_
 
-    def requests(self) -> tuple[bool, bool]:
+    def requests(self, max_age: float = 0.0) -> tuple[bool, bool]:
         return False, False
 
     def batch(self, epoch: int, batch: int, total_batches: int, epochs: int) -> None:
