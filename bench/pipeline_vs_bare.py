@@ -26,8 +26,8 @@ from bench.common import fresh_data_dir, load_average, start_worker, stop, wait_
 # How often this script looks at the round it times. Its looks take CPU from
 # the round on a 2-core machine: every 20 ms, reading the round's whole row
 # (6 ms of CPU each, a quarter of a core) held the rounds' epochs to a median
-# 0.83x of the best loop; at 0.25 s they ran at 0.98x (both with a fused
-# AdamW, since reverted: BENCHMARKS.md section 9, session 9).
+# 0.83x of the best loop; at 0.25 s they ran at 0.98x (both with the fused
+# AdamW the product uses: BENCHMARKS.md section 9, sessions 9 and 10).
 POLL = 0.25
 
 

@@ -393,8 +393,8 @@ def test_most_deliberately_swapped_labels_are_at_the_top_of_the_suspects_after_o
     # 3 of 5 held-out ones (BENCHMARKS.md, session 9). The earlier form of
     # this test (10 swaps, three times the default rate, a bar of 5) failed
     # for 8 of 33 choices with the default AdamW and 15 of 33 with the fused
-    # one. The product trains with the default. The misses are training images
-    # the model learnt with their wrong label.
+    # one. The product trains with the fused one (session 10). The misses are
+    # training images the model learnt with their wrong label.
     assert chance < 0.01
     assert held_out_found >= len(held_out) / 2
 
