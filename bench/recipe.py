@@ -3,7 +3,7 @@ change on its own, and all kept changes together, from scratch, per kind of
 real-looking data; prints held-out accuracy.
 
     TORCH_THREADS=1 .venv/bin/python -m bench.recipe [--kinds digits,glyphs,documents]
-        [--size 48 --epochs 10 --processes 2]
+        [--size 48 --epochs 10 --processes 2] [--architecture resnet18 --bf16]
 
 With `--click`, instead the "default manual click" per kind: the pictures
 ingested into a fresh DATA_DIR, one round with the seed defaults (epochs 20,
@@ -19,6 +19,7 @@ model of the last epoch. One seed per cell: differences of 1-2 points are noise.
 """
 
 import argparse
+import contextlib
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -90,7 +91,12 @@ def run(kind: str, name: str, recipe: Recipe, args) -> tuple[str, str, float, fl
                 continue
             batch = placement.prepare_batch(recipes.augment_batch(x[idx], generator, recipe))
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(batch), y[idx]).backward()
+            # --bf16: the training steps in bfloat16 autocast, as the product
+            # trains CPU_BF16_ARCHITECTURES; evaluation stays float32.
+            amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+            with amp:
+                loss = loss_fn(model(batch), y[idx])
+            loss.backward()
             optimizer.step()
             scheduler.step()
     evaluation.recalibrate_batchnorm(model, x[train])
@@ -151,6 +157,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="training steps in bfloat16 autocast (evaluation float32)")
     parser.add_argument("--click", action="store_true", help="the default manual click per kind instead")
     parser.add_argument("--before", action="store_true", help="with --click: the previous recipe")
     args = parser.parse_args()
@@ -168,6 +175,7 @@ def main() -> None:
     print(
         f"{args.architecture}, {args.size} px, {args.count} pictures per kind (80 % train, 20 % held out), "
         f"{args.epochs} epochs, batch {args.batch_size}, lr {args.learning_rate}, seed {args.seed}, "
+        f"{'bfloat16 autocast' if args.bf16 else 'float32'}, "
         f"load {os.getloadavg()[0]:.1f}",
         flush=True,
     )

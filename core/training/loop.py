@@ -117,11 +117,12 @@ def set_up(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     reporter.phase("preparing")
+    trainer_class = HeadTrainer if config.training_mode == "head" else FullTrainer
     if placement.leader:  # another rank's change would be flushed: its session only reads
-        round_.device = placement.describe()
+        round_.device = placement.describe(trainer_class.amp_architecture(config))
         reporter.note(f"training on {round_.device}")
     data = load_split(round_, config, classes, reporter, session=session)
-    trainer = (HeadTrainer if config.training_mode == "head" else FullTrainer)(config, classes, data, placement)
+    trainer = trainer_class(config, classes, data, placement)
     checkpoint = round_dir(round_) / "checkpoint.pt"
     resume = checkpoint.is_file()
     trainer.setup(round_, reporter, resume, session=session)
@@ -162,7 +163,7 @@ def make_run(
         optimizer=optimizer,
         scheduler=recipe.build_scheduler(optimizer, config.epochs, batches.count),
         loss_fn=recipe.build_loss(),
-        scaler=placement.grad_scaler(),
+        scaler=placement.grad_scaler(trainer.amp_architecture(config)),
         batches=batches,
         placement=placement,
         reporter=reporter,
@@ -212,7 +213,7 @@ def train_epoch(run: Run, epoch: int, can_stop: bool) -> tuple[torch.Tensor, tor
         x = run.trainer.batch(idx, generator)
         y = run.data.y_train[idx].to(placement.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
-        with placement.autocast():
+        with placement.autocast(run.trainer.amp_architecture(config)):
             logits = run.net(x)
             loss = run.loss_fn(logits, y)
         run.scaler.scale(loss).backward()

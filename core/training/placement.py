@@ -10,6 +10,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 
 import torch
 import torch.distributed as dist
@@ -47,11 +48,31 @@ def choose_device(local_rank: int = 0, world_size: int = 1) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); none on the CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+# Architectures whose training steps run faster in bfloat16 autocast on a CPU
+# that computes bfloat16 natively (AVX-512 BF16 or AMX), measured on this
+# project's 2-core machine, 2 threads, batch 32 (BENCHMARKS.md section 9,
+# session 11): resnet18 at 64 px 1.4 - 1.8x the images/s of float32, at 128
+# px 1.8x; mobilenet_v3_small and efficientnet_b0 (depthwise convolutions)
+# about half as fast, so they stay in float32.
+CPU_BF16_ARCHITECTURES = ("resnet18",)
+
+
+@cache
+def cpu_computes_bf16() -> bool:
+    """Whether oneDNN has native bfloat16 kernels on this CPU (else emulated: slower)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def amp_dtype(device: torch.device, architecture: str | None = None) -> torch.dtype | None:
+    """The training steps' mixed precision: on CUDA bfloat16 where supported,
+    else float16; on the CPU bfloat16 for `architecture`s it speeds up on a
+    CPU that computes it natively (CPU_BF16_ARCHITECTURES, TRAINING_CPU_BF16),
+    else none. Evaluation always runs in float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if architecture in CPU_BF16_ARCHITECTURES and get_settings().training_cpu_bf16 and cpu_computes_bf16():
+        return torch.bfloat16
+    return None
 
 
 @dataclass(frozen=True)
@@ -76,13 +97,15 @@ class Placement:
     def backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
-    def describe(self) -> str:
-        """What the round records as its device, e.g. "cpu x2 (gloo)" or
-        "cuda:0 NVIDIA H100 80GB HBM3 (bf16)"."""
+    def describe(self, architecture: str | None = None) -> str:
+        """What the round records as its device, e.g. "cpu x2 (gloo)", "cpu
+        (bf16)" or "cuda:0 NVIDIA H100 80GB HBM3 (bf16)"."""
         text = str(self.device)
         if self.device.type == "cuda":
-            precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(self.device)]
-            text += f" {torch.cuda.get_device_name(self.device)} ({precision})"
+            text += f" {torch.cuda.get_device_name(self.device)}"
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: None}[amp_dtype(self.device, architecture)]
+        if precision:
+            text += f" ({precision})"
         if self.world_size > 1:
             text += f" x{self.world_size} ({self.backend})"
         return text
@@ -98,15 +121,16 @@ class Placement:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def autocast(self):
-        dtype = amp_dtype(self.device)
+    def autocast(self, architecture: str | None = None):
+        """The training step's precision context (`amp_dtype`)."""
+        dtype = amp_dtype(self.device, architecture)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
+    def grad_scaler(self, architecture: str | None = None) -> torch.amp.GradScaler:
         """Loss scaling for float16 (bfloat16 and float32 need none: then a no-op)."""
-        return torch.amp.GradScaler(self.device.type, enabled=amp_dtype(self.device) == torch.float16)
+        return torch.amp.GradScaler(self.device.type, enabled=amp_dtype(self.device, architecture) == torch.float16)
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's `flag`, on every rank (e.g. whether to stop for a cancel)."""

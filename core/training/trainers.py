@@ -118,6 +118,12 @@ class FullTrainer:
     def __init__(self, config: TrainingConfig, classes: list[str], data: Split, placement: Placement):
         self.config, self.classes, self.data, self.placement = config, classes, data, placement
 
+    @staticmethod
+    def amp_architecture(config: TrainingConfig) -> str | None:
+        """The architecture whose mixed precision the training steps take
+        (`placement.amp_dtype`): the whole network trains."""
+        return config.architecture
+
     def setup(self, round_: TrainingRound, reporter: RoundReporter, resume: bool, *, session: Session) -> None:
         # Ranks other than 0 start from any weights: DDP copies rank 0's to them.
         if resume or not self.placement.leader:
@@ -148,6 +154,11 @@ class HeadTrainer(FullTrainer):
     """`head` mode: a frozen backbone's features, computed once per image and
     cached, feed the only layer that trains (the classifier head). One
     process only (`TrainingConfig` refuses more)."""
+
+    @staticmethod
+    def amp_architecture(config: TrainingConfig) -> str | None:
+        # One linear layer on cached features: no CPU bfloat16 (nothing to gain).
+        return None
 
     def setup(self, round_: TrainingRound, reporter: RoundReporter, resume: bool, *, session: Session) -> None:
         saved = round_dir(round_) / "backbone.pt"
