@@ -265,9 +265,14 @@ def test_operator_opens_a_link_trains_and_follows_the_round_across_a_reload(site
 
     # Auto is the recommended default; this walk-through trains one epoch by hand.
     page.get_by_text("Full: train every layer").click()
-    settle(page)  # the rerun redraws the form: only then is "Manual parameters" open or not
+    # The rerun redraws the form without Auto's budget; until it has ended, the
+    # old "Manual parameters" stands beside the new one (a slow machine may
+    # start the rerun after settle's first look, so wait for its own signs).
+    expect(page.get_by_label("Time budget (minutes)", exact=True)).to_have_count(0, timeout=60_000)
+    expect(page.get_by_text("Manual parameters", exact=True)).to_have_count(1, timeout=60_000)
+    settle(page)
     if not page.get_by_label("Epochs", exact=True).is_visible():
-        page.get_by_text("Manual parameters").click()
+        page.get_by_text("Manual parameters", exact=True).click()
     page.get_by_label("Epochs", exact=True).wait_for(state="visible")
     fill_number(page, "Epochs", "1")
     fill_number(page, "Batch size", "16")
