@@ -94,6 +94,21 @@ def test_affine_augmentation_moves_the_picture_repeatably_and_keeps_its_backgrou
     assert ((dark > 40) & (dark < 90)).all(), dark
 
 
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40), (224, 160)])
+def test_the_broadcast_grid_is_pytorchs_affine_grid(height, width):
+    # Turned, zoomed and shifted rows, as the affine augmentation draws them,
+    # on square and oblong pictures (x along the width, y along the height).
+    g = torch.Generator().manual_seed(3)
+    turn, scale = torch.rand(6, generator=g) * 6 - 3, 0.8 + torch.rand(6, generator=g) * 0.4
+    tx, ty = torch.rand(6, generator=g) - 0.5, torch.rand(6, generator=g) - 0.5
+    cos, sin = torch.cos(turn) * scale, torch.sin(turn) * scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    expected = torch.nn.functional.affine_grid(theta, [6, 3, height, width], align_corners=False)
+    got = recipe.affine_grid(cos, sin, tx, ty, height, width)
+    assert got.shape == expected.shape == (6, height, width, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_unknown_augmentation_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown augment 'mirror'"):
         recipe.augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.Generator(), Recipe(augment="mirror"))
